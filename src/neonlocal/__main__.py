@@ -1,0 +1,3 @@
+from neonlocal.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Running the daemon from the command line: logging, event loop, one-line fatal errors."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from neonlocal import logging as nl_logging
+
+
+def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (the `fast` extra); the standard loop is fully supported."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    loop_class: type[asyncio.AbstractEventLoop] = uvloop.Loop
+    return loop_class
+
+
+def run_daemon(
+    config_path: Path,
+    env: Mapping[str, str],
+    *,
+    log_level: str | None = None,
+    json_logs: bool | None = None,
+) -> int:
+    from neonlocal.config import ConfigError, load_settings
+    from neonlocal.daemon import Daemon, StartupError
+    from neonlocal.proxy.server import ListenError
+
+    level = log_level
+    if level is None:
+        try:
+            level = load_settings(config_path, env).log_level
+        except ConfigError:
+            level = "info"  # the daemon reports the problem itself, in one line
+    nl_logging.configure(level, json=json_logs)
+
+    async def main() -> None:
+        await Daemon(config_path, env).run()
+
+    loop_class = _loop_factory()
+    try:
+        if loop_class is not None and env.get("NEONLOCAL_LOOP", "auto") != "asyncio":
+            with asyncio.Runner(loop_factory=loop_class) as runner:
+                runner.run(main())
+        else:
+            asyncio.run(main())
+    except (StartupError, ListenError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,241 @@
+"""The ``neonlocal`` command: thin wrappers that call one function each and map errors to
+one plain line and an exit status.
+
+Heavy modules (pydantic, the proxy, the API client) are imported inside the commands, so
+``neonlocal --help`` starts quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+import click
+
+from neonlocal import __version__
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(message if message.startswith("neonlocal") else f"neonlocal: {message}", err=True)
+    sys.exit(code)
+
+
+class LazyGroup(click.Group):
+    """Subcommand groups from other modules, imported only when used."""
+
+    lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
+        "service": ("neonlocal.service", "service", "Run neonlocal as a login service."),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module_name, attr, _help = self.lazy[cmd_name]
+            import importlib
+
+            command = getattr(importlib.import_module(module_name), attr)
+            assert isinstance(command, click.Command)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy:
+                rows.append((name, self.lazy[name][2]))
+            else:
+                cmd = super().get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(60)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class Context:
+    def __init__(self, config: Path | None, env: dict[str, str]) -> None:
+        self.env = env
+        if config is None:
+            from neonlocal.paths import default_config_path
+
+            config = default_config_path(env)
+        self.config_path = config.expanduser()
+
+    def settings(self, *, missing_ok: bool = False) -> Any:
+        from neonlocal.config import ConfigError, load_settings
+
+        try:
+            return load_settings(self.config_path, self.env, missing_ok=missing_ok)
+        except ConfigError as exc:
+            fail(str(exc), EXIT_USAGE)
+
+    def control_path(self, settings: Any) -> Path:
+        from neonlocal.paths import control_socket_path
+
+        if settings.control.socket:
+            return Path(settings.control.socket)
+        return control_socket_path(self.config_path, self.env)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file (default: $NEONLOCAL_CONFIG or ~/.config/neonlocal/config.toml).",
+)
+@click.version_option(__version__, prog_name="neonlocal")
+@click.pass_context
+def main(ctx: click.Context, config: Path | None) -> None:
+    """One fixed local Postgres address for your Neon branches, switched live."""
+    ctx.obj = Context(config, dict(os.environ))
+
+
+@main.command()
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--json-logs/--console-logs", default=None, help="Log format (default: by TTY).")
+@pass_ctx
+def up(obj: Context, log_level: str | None, json_logs: bool | None) -> None:
+    """Run the daemon in the foreground."""
+    from neonlocal.app import run_daemon
+
+    sys.exit(run_daemon(obj.config_path, obj.env, log_level=log_level, json_logs=json_logs))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--terminate", is_flag=True, help="Also end open sessions on other branches.")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the daemon.")
+@pass_ctx
+def use(obj: Context, name: str, terminate: bool, timeout: float) -> None:
+    """Select branch NAME: new connections go there from now on."""
+    from neonlocal.control import DaemonNotRunning, request
+    from neonlocal.selection import switch_branch
+    from neonlocal.targets import TargetError, UnknownBranch, resolve_target
+
+    settings = obj.settings(missing_ok=True)
+    try:
+        target = resolve_target(settings, name)
+    except UnknownBranch as exc:
+        fail(str(exc))
+    except TargetError as exc:
+        fail(str(exc), EXIT_USAGE)
+    if os.environ.get("NEONLOCAL_BRANCH"):
+        click.echo(
+            "neonlocal: warning: NEONLOCAL_BRANCH is set and overrides the config file", err=True
+        )
+    try:
+        switch_branch(obj.config_path, name)
+    except OSError as exc:
+        fail(f"cannot write {obj.config_path}: {exc.strerror or exc}")
+    port = settings.listen.port
+    try:
+        reply = request(
+            obj.control_path(settings),
+            {"op": "reload", "branch": name, "terminate": terminate},
+            timeout=timeout,
+        )
+    except DaemonNotRunning:
+        click.echo(f"{obj.config_path}: branch = {name}; the daemon is not running")
+        return
+    except OSError as exc:
+        fail(f"the daemon did not confirm the switch: {exc}")
+    if not reply.get("ok"):
+        fail(f"the daemon did not switch: {reply.get('error')}")
+    listen = reply.get("listen") or [f"localhost:{port}"]
+    line = f"{_local_name(listen[0])} -> {name} ({target.describe()})"
+    if terminate:
+        line += f"; ended {reply.get('terminated', 0)} session(s) on other branches"
+    click.echo(line)
+
+
+def _local_name(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"localhost:{port}" if host in ("127.0.0.1", "[::1]", "localhost") else address
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_ctx
+def status(obj: Context, as_json: bool) -> None:
+    """Show the branch served, sessions per branch and the last error."""
+    from neonlocal.control import DaemonNotRunning, request
+
+    settings = obj.settings(missing_ok=True)
+    try:
+        reply = request(obj.control_path(settings), {"op": "status"}, timeout=5.0)
+    except DaemonNotRunning:
+        if as_json:
+            click.echo(json.dumps({"running": False, "branch": settings.branch}))
+        else:
+            click.echo(f"not running (config selects {settings.branch or 'no branch'})")
+        sys.exit(3)
+    reply.pop("ok", None)
+    reply["running"] = True
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    sessions = reply.get("sessions") or {}
+    lines = [
+        f"branch:     {reply.get('branch') or '(none selected)'}",
+        f"upstream:   {reply.get('upstream_host') or '-'}",
+        f"listening:  {', '.join(reply.get('listen', []))}",
+        "sessions:   "
+        + (", ".join(f"{b}: {n}" for b, n in sorted(sessions.items())) if sessions else "none"),
+        f"last error: {reply.get('last_error') or 'none'}",
+    ]
+    if reply.get("config_error"):
+        lines.append(
+            f"config:     REJECTED, still serving the last good one: {reply['config_error']}"
+        )
+    for warning in reply.get("warnings") or []:
+        lines.append(f"warning:    {warning}")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@pass_ctx
+def url(obj: Context) -> None:
+    """Print the local DATABASE_URL to paste into .env (no password in it)."""
+    from neonlocal.targets import TargetError, UnknownBranch, resolve_target
+
+    settings = obj.settings(missing_ok=True)
+    user, database = "neondb_owner", "neondb"
+    if settings.branch:
+        try:
+            target = resolve_target(settings, settings.branch)
+        except (UnknownBranch, TargetError) as exc:
+            fail(str(exc))
+        user = target.user or user
+        database = target.database or database
+    from urllib.parse import quote
+
+    click.echo(
+        f"postgresql://{quote(user, safe='')}@localhost:{settings.listen.port}/"
+        f"{quote(database, safe='')}"
+    )
+
+
+@main.command()
+@click.option("--seconds", default=12.0, show_default=True, help="How long the demo app runs.")
+@click.option("--port", default=0, help="Local port for the demo daemon (default: any free one).")
+def demo(seconds: float, port: int) -> None:
+    """Offline demo: two local TLS+SCRAM PostgreSQL 'branches', a live app, `use` switching."""
+    from neonlocal.demo import run_demo
+
+    sys.exit(run_demo(seconds=seconds, port=port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The Neon HTTP API: a typed async client, branch resolution by name, and its errors.
+
+    async with NeonApi(api_key) as api:
+        target = await resolve_branch(api, project_id, "dev-maria")
+
+Everything public is exported here; the modules behind it are private to this package.
+"""
+
+from __future__ import annotations
+
+from neonlocal.neon.client import (
+    DEFAULT_ANNOTATION,
+    DEFAULT_API_URL,
+    DEFAULT_TIMEOUT,
+    NeonApi,
+    RetryPolicy,
+    format_timestamp,
+)
+from neonlocal.neon.durations import InvalidDuration, parse_duration
+from neonlocal.neon.errors import (
+    ApiUnreachable,
+    AuthenticationError,
+    BranchLimit,
+    BranchNotFound,
+    NeonApiError,
+    OperationFailed,
+    OperationTimeout,
+    PasswordNotStored,
+    ProjectNotFound,
+    ProtectedBranch,
+    ResolutionError,
+)
+from neonlocal.neon.models import (
+    Branch,
+    BranchOperations,
+    BranchState,
+    CreatedBranch,
+    Database,
+    DeletedBranch,
+    Endpoint,
+    EndpointState,
+    EndpointType,
+    Operation,
+    OperationStatus,
+    Project,
+    Role,
+    User,
+)
+from neonlocal.neon.resolve import ResolvedBranch, find_branch, pooler_host, resolve_branch
+
+__all__ = [
+    "DEFAULT_ANNOTATION",
+    "DEFAULT_API_URL",
+    "DEFAULT_TIMEOUT",
+    "ApiUnreachable",
+    "AuthenticationError",
+    "Branch",
+    "BranchLimit",
+    "BranchNotFound",
+    "BranchOperations",
+    "BranchState",
+    "CreatedBranch",
+    "Database",
+    "DeletedBranch",
+    "Endpoint",
+    "EndpointState",
+    "EndpointType",
+    "InvalidDuration",
+    "NeonApi",
+    "NeonApiError",
+    "Operation",
+    "OperationFailed",
+    "OperationStatus",
+    "OperationTimeout",
+    "PasswordNotStored",
+    "Project",
+    "ProjectNotFound",
+    "ProtectedBranch",
+    "ResolutionError",
+    "ResolvedBranch",
+    "RetryPolicy",
+    "Role",
+    "User",
+    "find_branch",
+    "format_timestamp",
+    "parse_duration",
+    "pooler_host",
+    "resolve_branch",
+]

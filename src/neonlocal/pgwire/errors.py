@@ -1,0 +1,43 @@
+"""Errors raised by the protocol layer.
+
+``ProtocolError`` means the peer broke the protocol; it carries the SQLSTATE and message that
+the proxy sends back in an ErrorResponse before closing. Programming errors (calling a state
+machine out of order) raise ``RuntimeError`` instead, as h11 does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from neonlocal.pgwire import sqlstate
+
+
+class ProtocolError(Exception):
+    """The peer sent something we cannot accept; answer with ``sqlstate`` and close."""
+
+    def __init__(self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION) -> None:
+        super().__init__(message)
+        self.message = message
+        self.sqlstate = code
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """The fields of an ErrorResponse or NoticeResponse, keyed by their one-letter codes."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def severity(self) -> str:
+        return self.fields.get("V") or self.fields.get("S") or "ERROR"
+
+    @property
+    def sqlstate(self) -> str:
+        return self.fields.get("C", sqlstate.INTERNAL_ERROR)
+
+    @property
+    def message(self) -> str:
+        return self.fields.get("M", "")
+
+    def __str__(self) -> str:
+        return f"{self.severity} {self.sqlstate}: {self.message}"

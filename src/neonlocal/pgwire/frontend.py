@@ -1,0 +1,153 @@
+"""The client-facing side of a session, up to the point where the proxy connects upstream.
+
+``StartupPhase`` reads what a client sends first: at most one SSLRequest and one
+GSSENCRequest, then a StartupMessage, or a CancelRequest instead. ``LocalPasswordAuth`` checks
+the optional local password with SCRAM. Both are pure state machines: bytes in, events out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from neonlocal.pgwire import codec, sqlstate
+from neonlocal.pgwire.codec import (
+    CancelRequest,
+    GSSENCRequest,
+    Request,
+    SSLRequest,
+    StartupMessage,
+)
+from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.framing import MessageFramer, StartupFramer
+from neonlocal.pgwire.scram import ScramSecret, ScramServerExchange
+
+
+class Phase(Enum):
+    NEGOTIATING = "negotiating"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What the proxy must tell a client whose protocol version we step down from."""
+
+    minor: int
+    unsupported_options: tuple[str, ...]
+
+    def encode(self) -> bytes:
+        return codec.negotiate_protocol_version(self.minor, self.unsupported_options)
+
+
+class StartupPhase:
+    """Events from a client's first bytes. Feed with ``receive_data``, drain ``next_event``."""
+
+    def __init__(self) -> None:
+        self._framer = StartupFramer()
+        self._seen_ssl = False
+        self._seen_gss = False
+        self.phase = Phase.NEGOTIATING
+
+    def receive_data(self, data: bytes) -> None:
+        if self.phase is Phase.DONE:
+            raise RuntimeError("startup phase is over")
+        self._framer.feed(data)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes waiting after the last event. Must be 0 before a TLS handshake starts:
+        plaintext sent ahead of it could otherwise be taken as if it came over TLS."""
+        return self._framer.buffered
+
+    def next_event(self) -> Request | None:
+        if self.phase is Phase.DONE:
+            return None
+        body = self._framer.next_packet()
+        if body is None:
+            return None
+        request = codec.parse_request(body)
+        if isinstance(request, SSLRequest):
+            if self._seen_ssl or self._seen_gss:
+                raise ProtocolError("unexpected SSLRequest after encryption negotiation")
+            self._seen_ssl = True
+        elif isinstance(request, GSSENCRequest):
+            if self._seen_gss:
+                raise ProtocolError("unexpected GSSENCRequest after encryption negotiation")
+            self._seen_gss = True
+        elif isinstance(request, CancelRequest | StartupMessage):
+            self.phase = Phase.DONE
+            if isinstance(request, StartupMessage):
+                _check_startup(request)
+        return request
+
+    def take_rest(self) -> bytes:
+        return self._framer.take_rest()
+
+
+def _check_startup(startup: StartupMessage) -> None:
+    if not startup.parameters.get("user"):
+        raise ProtocolError(
+            "no PostgreSQL user name specified in startup packet", sqlstate.INVALID_AUTHORIZATION
+        )
+
+
+def negotiate(startup: StartupMessage) -> tuple[dict[str, str], Negotiated | None]:
+    """Split a client's parameters into those we forward and a protocol step-down, if any.
+
+    We speak 3.0 and support no ``_pq_.`` protocol options: a newer client (3.2 from
+    PostgreSQL 18) is told so with NegotiateProtocolVersion and carries on with 3.0.
+    """
+    params = {k: v for k, v in startup.parameters.items() if not k.startswith("_pq_.")}
+    unsupported = tuple(k for k in startup.parameters if k.startswith("_pq_."))
+    if startup.minor > 0 or unsupported:
+        return params, Negotiated(0, unsupported)
+    return params, None
+
+
+class AuthState(Enum):
+    AWAIT_INITIAL = "await-initial"
+    AWAIT_FINAL = "await-final"
+    DONE = "done"
+
+
+class LocalPasswordAuth:
+    """Check the configured local password with SCRAM-SHA-256 (and -PLUS over local TLS)."""
+
+    def __init__(self, secret: ScramSecret, *, certificate_der: bytes | None = None) -> None:
+        self._scram = ScramServerExchange(secret, certificate_der=certificate_der)
+        self._framer = MessageFramer()
+        self.state = AuthState.AWAIT_INITIAL
+
+    def start(self) -> bytes:
+        """The AuthenticationSASL request to send the client."""
+        return codec.auth_sasl(self._scram.mechanisms)
+
+    def receive_data(self, data: bytes) -> bytes:
+        """Feed client bytes; returns bytes to send back (possibly empty).
+
+        Raises ProtocolError (28P01 for a wrong password) when the client must be refused.
+        """
+        self._framer.feed(data)
+        out = b""
+        while self.state is not AuthState.DONE:
+            msg = self._framer.next_message()
+            if msg is None:
+                break
+            if msg.kind != b"p":
+                raise ProtocolError(
+                    f"expected SASL response, got message type {msg.kind!r}",
+                )
+            if self.state is AuthState.AWAIT_INITIAL:
+                mechanism, data_in = codec.parse_sasl_initial_response(msg.payload)
+                out += codec.auth_sasl_continue(self._scram.server_first(mechanism, data_in))
+                self.state = AuthState.AWAIT_FINAL
+            else:
+                out += codec.auth_sasl_final(self._scram.server_final(msg.payload))
+                self.state = AuthState.DONE
+        if self.state is AuthState.DONE and self._framer.buffered:
+            raise ProtocolError("unexpected data after authentication")
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.state is AuthState.DONE

@@ -1,0 +1,260 @@
+"""Logging in to the upstream server, from StartupMessage to the first ReadyForQuery.
+
+Two modes, chosen by whether we hold the role's password:
+
+* credentials: we answer the server's authentication requests ourselves (SCRAM-SHA-256-PLUS
+  with channel binding when offered, SCRAM-SHA-256, md5 or cleartext);
+* relay: the client answers them. Requests pass through to the client with
+  SCRAM-SHA-256-PLUS removed from the offer (a plaintext client cannot bind, and libpq aborts
+  when it sees PLUS on a non-TLS connection); the client's answers pass through upstream.
+
+Either way everything the server sends after AuthenticationOk is held back until
+ReadyForQuery and then handed to the client in one piece, with the server's cancel key
+replaced by ours and our own ParameterStatus added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from neonlocal.pgwire import codec, sqlstate
+from neonlocal.pgwire.codec import SCRAM_SHA_256_PLUS
+from neonlocal.pgwire.errors import ProtocolError, ServerError
+from neonlocal.pgwire.framing import MessageFramer
+from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramClientExchange
+
+
+class UpstreamRejected(Exception):
+    """The server answered with an ErrorResponse before the session was ready."""
+
+    def __init__(self, error: ServerError, *, during_auth: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.during_auth = during_auth
+
+
+class LoginState(Enum):
+    AUTHENTICATING = "authenticating"
+    STARTING = "starting"  # authenticated; the server is sending parameters
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str = field(repr=False)
+    channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER
+
+
+@dataclass
+class Output:
+    """What one step produced: bytes for each side."""
+
+    to_upstream: bytes = b""
+    to_client: bytes = b""
+
+
+class UpstreamLogin:
+    def __init__(
+        self,
+        parameters: Mapping[str, str],
+        *,
+        credentials: Credentials | None,
+        certificate_der: bytes | None,
+        client_key: tuple[int, bytes],
+        extra_status: Mapping[str, str],
+    ) -> None:
+        self._params = dict(parameters)
+        self._creds = credentials
+        self._cert = certificate_der
+        self._client_key = client_key
+        self._extra_status = dict(extra_status)
+        self._upstream = MessageFramer()
+        self._client = MessageFramer()
+        self._scram: ScramClientExchange | None = None
+        self._scram_verified = False
+        self._held: list[bytes] = []
+        self.state = LoginState.AUTHENTICATING
+        self.server_key: tuple[int, bytes] | None = None
+        self.server_parameters: dict[str, str] = {}
+        self.channel_bound = False
+        self.auth_method: str | None = None
+        # Relay mode: the client owes the server an answer to the request we forwarded.
+        self.awaiting_client = False
+
+    @property
+    def relaying_auth(self) -> bool:
+        return self._creds is None
+
+    def start(self) -> bytes:
+        return codec.startup_message(self._params)
+
+    def receive_upstream(self, data: bytes) -> Output:
+        self._upstream.feed(data)
+        out = Output()
+        while self.state is not LoginState.READY:
+            msg = self._upstream.next_message()
+            if msg is None:
+                break
+            self._on_message(msg.kind, msg.payload, out)
+        if self.state is LoginState.READY and self._upstream.buffered:
+            raise ProtocolError(
+                "server sent data after ReadyForQuery before any query", sqlstate.CONNECTION_FAILURE
+            )
+        return out
+
+    def receive_client(self, data: bytes) -> bytes:
+        """Client bytes during login; only SASL/password answers in relay mode are valid."""
+        if not self.relaying_auth or self.state is not LoginState.AUTHENTICATING:
+            raise ProtocolError("unexpected message from client during authentication")
+        self._client.feed(data)
+        out = b""
+        while (msg := self._client.next_message()) is not None:
+            if msg.kind != b"p":
+                raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
+            out += msg.encode()
+            self.awaiting_client = False
+        return out
+
+    # --- server messages ----------------------------------------------------------------------
+
+    def _on_message(self, kind: bytes, payload: bytes, out: Output) -> None:
+        if kind == b"E":
+            raise UpstreamRejected(
+                codec.parse_error_fields(payload),
+                during_auth=self.state is LoginState.AUTHENTICATING,
+            )
+        if self.state is LoginState.AUTHENTICATING:
+            if kind == b"R":
+                self._on_auth(codec.parse_auth_request(payload), payload, out)
+            elif kind == b"N":
+                self._held.append(codec.message(kind, payload))
+            elif kind == b"v":
+                pass  # we asked for plain 3.0; nothing to adjust
+            else:
+                raise ProtocolError(
+                    f"unexpected message type {kind!r} from server during authentication",
+                    sqlstate.CONNECTION_FAILURE,
+                )
+            return
+        # STARTING: parameters, notices, the cancel key, then ReadyForQuery.
+        if kind == b"S":
+            name, _, rest = payload.partition(b"\0")
+            self.server_parameters[name.decode(errors="replace")] = rest.rstrip(b"\0").decode(
+                errors="replace"
+            )
+            self._held.append(codec.message(kind, payload))
+        elif kind == b"K":
+            self.server_key = codec.parse_backend_key_data(payload)
+        elif kind == b"N":
+            self._held.append(codec.message(kind, payload))
+        elif kind == b"Z":
+            status = [codec.parameter_status(k, v) for k, v in self._extra_status.items()]
+            pid, secret = self._client_key
+            out.to_client += (
+                codec.auth_ok()
+                + b"".join(self._held)
+                + b"".join(status)
+                + codec.backend_key_data(pid, secret)
+                + codec.message(kind, payload)
+            )
+            self._held.clear()
+            self.state = LoginState.READY
+        else:
+            raise ProtocolError(
+                f"unexpected message type {kind!r} from server during startup",
+                sqlstate.CONNECTION_FAILURE,
+            )
+
+    def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
+        if request.code == codec.AUTH_OK:
+            if self._scram is not None and not self._scram_verified:
+                raise ProtocolError(
+                    "server accepted the login without proving it knows the password",
+                    sqlstate.CONNECTION_FAILURE,
+                )
+            self.state = LoginState.STARTING
+            return
+        if self._creds is None:
+            self._relay_auth(request, payload, out)
+            return
+        if request.code == codec.AUTH_SASL:
+            offered = request.sasl_mechanisms()
+            self._scram = ScramClientExchange(
+                offered,
+                self._creds.user,
+                self._creds.password,
+                certificate_der=self._cert,
+                policy=self._creds.channel_binding,
+            )
+            self.channel_bound = self._scram.channel_bound
+            self.auth_method = self._scram.mechanism
+            out.to_upstream += codec.sasl_initial_response(
+                self._scram.mechanism, self._scram.client_first()
+            )
+        elif request.code == codec.AUTH_SASL_CONTINUE and self._scram is not None:
+            out.to_upstream += codec.sasl_response(self._scram.client_final(request.data))
+        elif request.code == codec.AUTH_SASL_FINAL and self._scram is not None:
+            self._scram.verify_server_final(request.data)
+            self._scram_verified = True
+        elif self._creds.channel_binding is ChannelBindingPolicy.REQUIRE:
+            raise ProtocolError(
+                "channel binding is required, but the server asked for a password without SCRAM",
+                sqlstate.UNABLE_TO_CONNECT,
+            )
+        elif request.code == codec.AUTH_MD5 and len(request.data) == 4:
+            self.auth_method = "md5"
+            out.to_upstream += codec.password_message(
+                _md5_password(self._creds.user, self._creds.password, request.data)
+            )
+        elif request.code == codec.AUTH_CLEARTEXT:
+            self.auth_method = "password"
+            out.to_upstream += codec.password_message(self._creds.password)
+        else:
+            raise ProtocolError(
+                f"the server asked for an authentication method neonlocal does not support "
+                f"(code {request.code})",
+                sqlstate.UNABLE_TO_CONNECT,
+            )
+
+    def _relay_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
+        if request.code == codec.AUTH_SASL:
+            offered = [m for m in request.sasl_mechanisms() if m != SCRAM_SHA_256_PLUS]
+            if not offered:
+                raise ProtocolError(
+                    "the server only offers channel-bound SCRAM, which a plaintext local client "
+                    "cannot use; put the role's password in the branch URL",
+                    sqlstate.UNABLE_TO_CONNECT,
+                )
+            self.auth_method = "relayed " + offered[0]
+            out.to_client += codec.auth_sasl(offered)
+            self.awaiting_client = True
+        elif request.code in (
+            codec.AUTH_SASL_CONTINUE,
+            codec.AUTH_SASL_FINAL,
+            codec.AUTH_MD5,
+            codec.AUTH_CLEARTEXT,
+        ):
+            if self.auth_method is None:
+                self.auth_method = {codec.AUTH_MD5: "relayed md5"}.get(
+                    request.code, "relayed password"
+                )
+            out.to_client += codec.message(b"R", payload)
+            # SASLFinal is followed by AuthenticationOk without an answer from the client.
+            self.awaiting_client = request.code != codec.AUTH_SASL_FINAL
+        else:
+            raise ProtocolError(
+                f"the server asked for an authentication method neonlocal does not support "
+                f"(code {request.code})",
+                sqlstate.UNABLE_TO_CONNECT,
+            )
+
+
+def _md5_password(user: str, password: str, salt: bytes) -> str:
+    # PostgreSQL's md5 scheme; the server chose it, so we must speak it.
+    inner = hashlib.md5((password + user).encode(), usedforsecurity=False).hexdigest()
+    outer = hashlib.md5(inner.encode() + salt, usedforsecurity=False).hexdigest()
+    return "md5" + outer

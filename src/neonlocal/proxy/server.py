@@ -1,0 +1,261 @@
+"""The listeners and the set of live sessions.
+
+The server owns every listening socket and every session task. It knows the currently
+selected target (set by the daemon on start and on each reload) and counts sessions per
+branch for ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from neonlocal.config import Settings
+from neonlocal.pgwire import sqlstate
+from neonlocal.pgwire.codec import CancelRequest
+from neonlocal.pgwire.scram import ScramSecret
+from neonlocal.proxy.cancel import CancelRegistry
+from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.session import Session, SessionRefused
+from neonlocal.proxy.upstream import UpstreamError, send_cancel
+from neonlocal.targets import Target
+
+log = structlog.get_logger("neonlocal.server")
+
+
+class ListenError(Exception):
+    """A listening address could not be bound; one line for the user."""
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Server:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cancels = CancelRegistry()
+        self.sessions: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._servers: list[asyncio.Server] = []
+        self._selected: tuple[str, Target] | None = None
+        self._selection_error: str | None = None
+        self.local_secret: ScramSecret | None = None
+        self.listening: list[str] = []
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.sessions_total = 0
+        self.accepting = False
+        self._set_local_password()
+
+    # --- configuration ---------------------------------------------------------------------------
+
+    def _set_local_password(self) -> None:
+        password = self.settings.local.password
+        self.local_secret = (
+            ScramSecret.from_password(password.get_secret_value()) if password else None
+        )
+
+    def update_settings(self, settings: Settings) -> None:
+        old = self.settings.local.password
+        self.settings = settings
+        new = settings.local.password
+        if (old and old.get_secret_value()) != (new and new.get_secret_value()):
+            self._set_local_password()
+
+    def select(self, branch: str, target: Target) -> None:
+        self._selected = (branch, target)
+        self._selection_error = None
+
+    def unselect(self, reason: str) -> None:
+        """No usable target: new sessions are refused with ``reason``."""
+        self._selected = None
+        self._selection_error = reason
+
+    @property
+    def selected(self) -> tuple[str, Target] | None:
+        return self._selected
+
+    def current_target(self) -> tuple[str, Target]:
+        if self._selected is None:
+            raise SessionRefused(
+                self._selection_error
+                or "neonlocal: no branch is selected; run `neonlocal use NAME`",
+                sqlstate.UNABLE_TO_CONNECT,
+            )
+        return self._selected
+
+    # --- listening -----------------------------------------------------------------------------
+
+    async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
+        loop = asyncio.get_running_loop()
+        if sockets:
+            for sock in sockets:
+                srv = await loop.create_server(self._protocol, sock=sock)
+                self._servers.append(srv)
+                name = sock.getsockname()
+                self.listening.append(
+                    format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
+                )
+            self.accepting = True
+            return
+        listen = self.settings.listen
+        port = listen.port
+        for host in listen.host:
+            try:
+                srv = await loop.create_server(
+                    self._protocol, host=host, port=port, reuse_address=True
+                )
+            except OSError as exc:
+                if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    log.info("listen_skipped", address=format_address(host, port), reason=str(exc))
+                    continue
+                await self.close_listeners()
+                raise ListenError(_listen_problem(host, port, exc)) from None
+            self._servers.append(srv)
+            bound = srv.sockets[0].getsockname()
+            if port == 0:
+                port = bound[1]  # tests ask for any free port; keep the same one on every host
+            self.listening.append(format_address(host, bound[1]))
+        if not self._servers:
+            raise ListenError("neonlocal: no address to listen on; check [listen] host")
+        self.accepting = True
+
+    @property
+    def port(self) -> int:
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    def _protocol(self) -> Endpoint:
+        endpoint = Endpoint()
+        endpoint.on_connect = self._accept
+        return endpoint
+
+    def _accept(self, endpoint: Endpoint) -> None:
+        session = Session(self, endpoint)
+        task = asyncio.get_running_loop().create_task(session.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close_listeners(self) -> None:
+        self.accepting = False
+        for srv in self._servers:
+            srv.close()
+        for srv in self._servers:
+            await srv.wait_closed()
+        self._servers.clear()
+
+    # --- sessions ------------------------------------------------------------------------------
+
+    def admit(self, session: Session) -> None:
+        limit = self.settings.listen.max_sessions
+        if len(self.sessions) >= limit:
+            raise SessionRefused(
+                f"sorry, too many clients already: neonlocal serves at most {limit} sessions "
+                "([listen] max_sessions)",
+                sqlstate.TOO_MANY_CONNECTIONS,
+            )
+        self.sessions.add(session)
+
+    def session_started(self, session: Session) -> None:
+        self.sessions_total += 1
+        self.log_session("session_opened", session)
+
+    def session_ended(self, session: Session) -> None:
+        if session not in self.sessions:
+            return
+        self.sessions.discard(session)
+        fields: dict[str, Any] = {
+            "duration_s": round(time.monotonic() - session.started, 3),
+            "reason": session.close_reason,
+        }
+        if session.relay is not None:
+            fields["bytes_from_client"] = session.client.bytes_in
+            fields["bytes_from_server"] = session.relay.upstream.bytes_in
+        if session.branch is not None:
+            self.log_session("session_closed", session, **fields)
+
+    def log_session(self, event: str, session: Session, **fields: Any) -> None:
+        log.info(event, **session.log_fields(), **fields)
+
+    def sessions_by_branch(self) -> dict[str, int]:
+        return dict(Counter(s.branch for s in self.sessions if s.branch is not None))
+
+    def terminate_sessions(self, *, keep_branch: str | None, message: str, reason: str) -> int:
+        """End every session not on ``keep_branch`` with 57P01; returns how many."""
+        count = 0
+        for session in list(self.sessions):
+            if keep_branch is not None and session.branch == keep_branch:
+                continue
+            session.terminate(message, reason)
+            count += 1
+        return count
+
+    def record_error(self, message: str) -> None:
+        self.last_error = message
+        self.last_error_at = time.time()
+
+    def observe_connect(self, seconds: float) -> None:
+        if seconds > 2.0:
+            log.info("upstream_slow_connect", seconds=round(seconds, 2))
+
+    async def forward_cancel(self, request: CancelRequest) -> None:
+        route = self.cancels.lookup(request.process_id, request.secret)
+        if route is None:
+            log.debug("cancel_dropped", reason="unknown key or idle session")
+            return
+        try:
+            await send_cancel(
+                route.target,
+                route.process_id,
+                route.secret,
+                timeout=self.settings.upstream.connect_timeout,
+            )
+        except UpstreamError as exc:
+            log.warning("cancel_failed", upstream=route.target.describe(), cause=exc.cause)
+            return
+        log.info("cancel_forwarded", upstream=route.target.describe())
+
+    async def drain(self, deadline: float, message: str) -> None:
+        """Wait up to ``deadline`` seconds for sessions to end, then end the rest."""
+        if self._tasks:
+            _done, pending = await asyncio.wait(set(self._tasks), timeout=deadline)
+            if pending:
+                self.terminate_sessions(keep_branch=None, message=message, reason="shutdown")
+                _done, pending = await asyncio.wait(pending, timeout=2.0)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=1.0)
+
+    async def close(self, deadline: float = 0.0) -> None:
+        await self.close_listeners()
+        await self.drain(deadline, "neonlocal is shutting down")
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    address = format_address(host, port)
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"neonlocal: cannot listen on {address}: address already in use "
+            "(a local PostgreSQL?); choose another port with [listen] port in the config"
+        )
+    if exc.errno == errno.EACCES:
+        return f"neonlocal: cannot listen on {address}: permission denied"
+    return f"neonlocal: cannot listen on {address}: {exc.strerror or exc}"

@@ -1,0 +1,131 @@
+"""Opening a connection to a branch: TCP, SSLRequest, TLS with SNI, verified certificate.
+
+Every way this can fail becomes an ``UpstreamError`` with a SQLSTATE and a one-line cause
+that the session turns into the client's ErrorResponse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+
+from neonlocal.pgwire import codec, sqlstate
+from neonlocal.proxy import tls
+from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.targets import Target, TlsMode
+
+
+class UpstreamError(Exception):
+    def __init__(self, cause: str, code: str = sqlstate.UNABLE_TO_CONNECT) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.sqlstate = code
+
+
+@dataclass
+class Upstream:
+    endpoint: Endpoint
+    certificate_der: bytes | None
+    tls_version: str | None
+    address: str
+
+
+def _keepalive(sock: socket.socket | None) -> None:
+    """Notice a peer that vanished (laptop suspend, NAT timeout) within a few minutes."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
+def describe_tls_error(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or "certificate verify failed"
+        return f"certificate verify failed: {reason}"
+    return f"TLS handshake failed: {exc.reason or exc}"
+
+
+async def open_upstream(target: Target, *, timeout: float, keepalive: bool = True) -> Upstream:
+    try:
+        async with asyncio.timeout(timeout):
+            return await _open(target, keepalive)
+    except TimeoutError:
+        raise UpstreamError(f"timed out after {timeout:g} s (is the compute waking up?)") from None
+
+
+async def _open(target: Target, keepalive: bool) -> Upstream:
+    loop = asyncio.get_running_loop()
+    try:
+        transport, endpoint = await loop.create_connection(
+            Endpoint, host=target.connect_host, port=target.port
+        )
+    except socket.gaierror as exc:
+        raise UpstreamError(f"cannot resolve host {target.connect_host}: {exc.strerror}") from None
+    except ConnectionRefusedError:
+        raise UpstreamError("connection refused") from None
+    except OSError as exc:
+        raise UpstreamError(exc.strerror or str(exc)) from None
+    if keepalive:
+        _keepalive(transport.get_extra_info("socket"))
+    peer = transport.get_extra_info("peername")
+    address = f"{peer[0]}:{peer[1]}" if peer else target.connect_host
+    if target.tls is TlsMode.DISABLE:
+        return Upstream(endpoint, None, None, address)
+    try:
+        endpoint.write(codec.ssl_request())
+        answer = await endpoint.recv()
+    except PeerClosed:
+        transport.abort()
+        raise UpstreamError(
+            "the server closed the connection during TLS negotiation", sqlstate.CONNECTION_FAILURE
+        ) from None
+    if answer[:1] != b"S":
+        transport.abort()
+        if answer[:1] == b"N":
+            raise UpstreamError("the server does not support TLS")
+        raise UpstreamError("unexpected answer to SSLRequest", sqlstate.CONNECTION_FAILURE)
+    if len(answer) > 1:
+        # Bytes after 'S' but before the TLS handshake were not protected by TLS.
+        transport.abort()
+        raise UpstreamError("the server sent unencrypted data after accepting TLS")
+    try:
+        tls_transport = await loop.start_tls(
+            transport,
+            endpoint,
+            tls.client_context(target),
+            server_hostname=target.host,
+        )
+    except ssl.SSLError as exc:
+        transport.abort()
+        raise UpstreamError(describe_tls_error(exc)) from None
+    except (ConnectionError, OSError) as exc:
+        transport.abort()
+        raise UpstreamError(
+            f"connection lost during TLS handshake: {exc}", sqlstate.CONNECTION_FAILURE
+        ) from None
+    if tls_transport is None:
+        transport.abort()
+        raise UpstreamError("TLS handshake failed", sqlstate.CONNECTION_FAILURE)
+    endpoint.set_transport(tls_transport)
+    ssl_object = tls_transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    version = ssl_object.version() if ssl_object is not None else None
+    return Upstream(endpoint, der, version, address)
+
+
+async def send_cancel(target: Target, process_id: int, secret: bytes, *, timeout: float) -> None:
+    """Deliver a CancelRequest to the server a session is pinned to, over TLS with its SNI."""
+    upstream = await open_upstream(target, timeout=timeout, keepalive=False)
+    try:
+        upstream.endpoint.write(codec.cancel_request(process_id, secret))
+        # The server closes without answering once it has read the request.
+        async with asyncio.timeout(timeout):
+            await upstream.endpoint.closed
+    except TimeoutError:
+        pass
+    finally:
+        upstream.endpoint.close()

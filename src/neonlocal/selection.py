@@ -1,0 +1,203 @@
+"""The selected branch in the config file: read it, rewrite it in place, watch for changes.
+
+``switch_branch`` touches only the top-level ``branch`` key and leaves every other byte
+as the user wrote it; it does not judge the name (the CLI checks it first). The file is
+replaced atomically, so the daemon never reads half a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import tempfile
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+import tomlkit.exceptions
+import watchfiles
+from tomlkit.items import AoT, Table
+
+from neonlocal.config import ConfigError
+
+__all__ = ["read_selected", "switch_branch", "watch_file"]
+
+_KEY = "branch"
+
+
+def read_selected(path: Path) -> str | None:
+    """The file's ``branch`` value; None when the file or the key is absent."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    text = _decode(path, data)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, _error_line(exc), f"invalid TOML: {exc}") from None
+    value = document.get(_KEY)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(path, None, f"{_KEY}: expected a branch name (a string)")
+    return value
+
+
+def switch_branch(path: Path, name: str) -> None:
+    """Set the top-level ``branch = name`` in ``path``, keeping everything else as is.
+
+    Creates the file (0600, in a 0700 directory) when it does not exist. A symlinked
+    config is updated at its target, so dotfile setups keep their link.
+    """
+    target = path.resolve() if path.is_symlink() else path
+    try:
+        original = target.read_bytes()
+    except FileNotFoundError:
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _atomic_write(target, f"{_KEY} = {tomlkit.string(name).as_string()}\n".encode(), None)
+        return
+    text = _decode(path, original)
+    updated = _with_branch(path, text, name)
+    _atomic_write(target, updated.encode("utf-8"), target.stat())
+
+
+def _with_branch(path: Path, text: str, name: str) -> str:
+    try:
+        document = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:
+        raise ConfigError(path, exc.line, f"invalid TOML: {exc}") from None
+    if _KEY in document:
+        if isinstance(document[_KEY], Table | AoT):
+            # Replacing a table would silently delete what the user wrote in it.
+            raise ConfigError(path, None, f"{_KEY}: is a table; expected a branch name")
+        document[_KEY] = name
+        return document.as_string()
+    document.add(_KEY, name)
+    return _match_newlines(text, document.as_string())
+
+
+def _match_newlines(before: str, after: str) -> str:
+    """Give the text tomlkit inserted the file's own line ending (CRLF files stay CRLF)."""
+    if "\r\n" not in before:
+        return after
+    head = 0
+    while head < len(before) and before[head] == after[head]:
+        head += 1
+    tail = 0
+    while tail < len(before) - head and before[-1 - tail] == after[-1 - tail]:
+        tail += 1
+    inserted = after[head : len(after) - tail].replace("\r\n", "\n").replace("\n", "\r\n")
+    return after[:head] + inserted + after[len(after) - tail :]
+
+
+def _atomic_write(path: Path, data: bytes, previous: os.stat_result | None) -> None:
+    """Write via a temp file in the same directory and rename it over ``path``."""
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if previous is not None:
+                os.fchmod(handle.fileno(), stat.S_IMODE(previous.st_mode))
+                if os.geteuid() == 0:
+                    os.fchown(handle.fileno(), previous.st_uid, previous.st_gid)
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; some filesystems cannot fsync a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, "is not valid UTF-8 text") from None
+
+
+def _error_line(exc: tomllib.TOMLDecodeError) -> int | None:
+    line = getattr(exc, "lineno", None)
+    return line if isinstance(line, int) else None
+
+
+async def watch_file(path: Path, stop: asyncio.Event, debounce_ms: int = 30) -> AsyncIterator[None]:
+    """Yield whenever ``path`` may have changed, until ``stop`` is set.
+
+    Yields once as soon as the watch is in place (the file may have changed between the
+    caller's last read and then), and after that for each burst of changes: edits,
+    creation, deletion, and replacement by rename. The directory is watched, not the
+    file, because an atomic rename puts a new inode at the same name.
+    """
+    watched = _watched_names(path)
+    for directory in {os.path.dirname(name) for name in watched}:
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"cannot watch {path}: directory {directory} does not exist")
+
+    def only_our_file(_change: Any, changed: str) -> bool:
+        return changed in watched
+
+    # awatch sets its stop event when cancelled; give it our own, not the caller's.
+    halt = asyncio.Event()
+    changes = watchfiles.awatch(
+        *sorted({os.path.dirname(name) for name in watched}),
+        watch_filter=only_our_file,
+        debounce=debounce_ms,
+        step=10,
+        stop_event=halt,
+        recursive=False,
+    )
+    next_change: asyncio.Future[Any] = asyncio.ensure_future(anext(changes))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        # awatch creates its inotify watch before its first suspension point; one turn of
+        # the loop runs it that far, so nothing after this yield goes unseen.
+        await asyncio.sleep(0)
+        if next_change.done():
+            next_change.result()  # the watch failed to start: raise why
+        yield None
+        while True:
+            await asyncio.wait({next_change, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                return
+            try:
+                next_change.result()
+            except StopAsyncIteration:
+                return
+            yield None
+            next_change = asyncio.ensure_future(anext(changes))
+    finally:
+        halt.set()
+        stopped.cancel()
+        with contextlib.suppress(StopAsyncIteration, asyncio.CancelledError):
+            await next_change
+        await changes.aclose()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopped
+
+
+def _watched_names(path: Path) -> set[str]:
+    """The path itself and, for a symlink, its target: both are where edits can land."""
+    absolute = os.path.abspath(path)
+    names = {absolute}
+    if os.path.islink(absolute):
+        names.add(os.path.realpath(absolute))
+    return names

@@ -1,0 +1,150 @@
+"""A branch name becomes an upstream Target: where to connect, how to verify, who to be.
+
+TLS policy lives here and nowhere else: a pasted URL's ``sslmode`` never weakens
+verification (Neon's own strings say ``sslmode=require``, which in libpq would skip the
+certificate check). Only the ``tls`` key of a ``[branches.NAME]`` table can opt out.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from neonlocal.conninfo import ConnInfo, ConnInfoError, parse_conninfo
+
+if TYPE_CHECKING:
+    from neonlocal.config import BranchSettings, Settings
+
+__all__ = [
+    "Target",
+    "TargetError",
+    "TlsMode",
+    "UnknownBranch",
+    "build_target",
+    "resolve_target",
+    "validate_upstream",
+]
+
+
+class TlsMode(Enum):
+    """How the upstream connection is protected; anything but VERIFY_FULL is an opt-out."""
+
+    VERIFY_FULL = "verify-full"
+    VERIFY_CA = "verify-ca"
+    NO_VERIFY = "no-verify"
+    DISABLE = "disable"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Everything needed to open one upstream session for a branch."""
+
+    branch: str
+    host: str
+    port: int
+    # Connect to hostaddr when set, but `host` still drives SNI and the certificate check.
+    hostaddr: str | None
+    user: str | None
+    password: str | None = field(repr=False)
+    database: str | None
+    pin_user: bool
+    pin_database: bool
+    options: str | None
+    tls: TlsMode
+    # None means the system trust store; otherwise a CA bundle file.
+    sslrootcert: str | None
+    channel_binding: str
+    application_name: str | None
+
+    @property
+    def connect_host(self) -> str:
+        """The address the TCP connection goes to."""
+        return self.hostaddr or self.host
+
+    @property
+    def insecure(self) -> bool:
+        """True when the target opted out of full certificate verification."""
+        return self.tls is not TlsMode.VERIFY_FULL
+
+    def describe(self) -> str:
+        """``host:port`` for messages and status; never carries a secret."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class TargetError(ConnInfoError):
+    """A branch's connection settings cannot make a Target; names the branch."""
+
+    def __init__(self, branch: str, reason: str) -> None:
+        super().__init__(f'branch "{branch}": {reason}')
+        self.branch = branch
+        self.reason = reason
+
+
+class UnknownBranch(Exception):
+    """A branch name that is not configured."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        if not self.known:
+            return f'unknown branch "{self.name}"; no branches are configured'
+        text = f'unknown branch "{self.name}"; known: {", ".join(self.known)}'
+        close = difflib.get_close_matches(self.name, self.known, n=1, cutoff=0.6)
+        if close:
+            text += f' (did you mean "{close[0]}"?)'
+        return text
+
+
+def validate_upstream(info: ConnInfo) -> None:
+    """Refuse connection strings neonlocal cannot serve; raises ConnInfoError."""
+    if info.host is None:
+        raise ConnInfoError("the connection string has no host")
+    if info.host.startswith("/") or info.host.startswith("@"):
+        raise ConnInfoError("Unix-domain socket hosts are not supported; give a TCP host name")
+    if info.hostaddr is not None:
+        try:
+            ipaddress.ip_address(info.hostaddr)
+        except ValueError:
+            raise ConnInfoError("hostaddr must be a numeric IP address") from None
+
+
+def build_target(name: str, branch: BranchSettings) -> Target:
+    """Turn one ``[branches.NAME]`` table into a Target; raises TargetError."""
+    try:
+        info = parse_conninfo(branch.url.get_secret_value())
+        validate_upstream(info)
+    except ConnInfoError as exc:
+        raise TargetError(name, exc.message) from None
+    assert info.host is not None  # validate_upstream guarantees it
+    sslrootcert = info.sslrootcert if info.sslrootcert != "system" else None
+    return Target(
+        branch=name,
+        host=info.host,
+        port=info.port,
+        hostaddr=info.hostaddr,
+        user=branch.user if branch.user is not None else info.user,
+        password=info.password,
+        database=branch.database if branch.database is not None else info.dbname,
+        pin_user=branch.user is not None,
+        pin_database=branch.database is not None,
+        options=info.options,
+        tls=branch.tls,
+        sslrootcert=sslrootcert,
+        channel_binding=info.channel_binding or "prefer",
+        application_name=info.application_name,
+    )
+
+
+def resolve_target(settings: Settings, name: str) -> Target:
+    """The Target for a configured branch name; raises UnknownBranch or TargetError."""
+    branch = settings.branches.get(name)
+    if branch is None:
+        raise UnknownBranch(name, list(settings.branches))
+    return build_target(name, branch)
