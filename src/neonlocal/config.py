@@ -60,6 +60,7 @@ __all__ = [
     "UpstreamSettings",
     "check_selected_branch",
     "load_settings",
+    "toml_syntax_error",
 ]
 
 ENV_PREFIX: Final = "NEONLOCAL_"
@@ -255,7 +256,10 @@ class _Provenance:
     __slots__ = ("branch_env", "branch_line", "path")
 
     def __init__(
-        self, path: Path | None = None, branch_line: int | None = None, branch_env: str | None = None
+        self,
+        path: Path | None = None,
+        branch_line: int | None = None,
+        branch_env: str | None = None,
     ) -> None:
         self.path = path
         self.branch_line = branch_line
@@ -386,7 +390,7 @@ def load_settings(
     try:
         toml_source = _TomlFileSource(Settings, path)
     except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(path, exc) from None
+        raise toml_syntax_error(path, exc) from None
     except UnicodeDecodeError:
         raise ConfigError(path, None, "is not valid UTF-8 text") from None
     except OSError as exc:
@@ -429,7 +433,8 @@ def check_selected_branch(settings: Settings) -> None:
     )
 
 
-def _toml_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+def toml_syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """A ConfigError at the line and column tomllib reported."""
     match = _TOML_POSITION.match(str(exc))
     if match is None:
         return ConfigError(path, None, f"invalid TOML: {exc}")

@@ -110,7 +110,9 @@ _CHANNEL_BINDINGS: Final = ("disable", "prefer", "require")
 _URI_PREFIXES: Final = ("postgresql://", "postgres://")
 # libpq splits the keyword form on C isspace(), not on Unicode whitespace.
 _SPACE: Final = frozenset(" \t\n\v\f\r")
-_SHOWABLE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,40}")
+# Tokens are quoted in messages only when they look like libpq keywords or values
+# (lowercase, no digits); anything else might be a password in the wrong place.
+_SHOWABLE: Final = re.compile(r"[a-z_][a-z_-]{0,39}")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 
 
@@ -187,10 +189,7 @@ def parse_conninfo(text: str) -> ConnInfo:
     """
     if "\0" in text:
         raise ConnInfoError("the connection string contains a NUL character")
-    if text.startswith(_URI_PREFIXES):
-        values = _parse_uri(text)
-    else:
-        values = _parse_keywords(text)
+    values = _parse_uri(text) if text.startswith(_URI_PREFIXES) else _parse_keywords(text)
     return _build(values)
 
 
@@ -202,11 +201,11 @@ def _build(values: dict[str, str]) -> ConnInfo:
             raise ConnInfoError("multiple hosts are not supported; give a single host")
     sslmode = present.get("sslmode")
     if sslmode is not None and sslmode not in _SSLMODES:
-        raise ConnInfoError(f"invalid sslmode {_show(sslmode)}; expected one of {_SSLMODES}")
+        raise ConnInfoError(f"invalid sslmode {_show(sslmode, present)}; expected one of {_SSLMODES}")
     binding = present.get("channel_binding")
     if binding is not None and binding not in _CHANNEL_BINDINGS:
         raise ConnInfoError(
-            f"invalid channel_binding {_show(binding)}; expected one of {_CHANNEL_BINDINGS}"
+            f"invalid channel_binding {_show(binding, present)}; expected one of {_CHANNEL_BINDINGS}"
         )
     return ConnInfo(
         host=present.get("host"),
@@ -240,7 +239,7 @@ def _parse_port(text: str) -> int:
 
 def _store(values: dict[str, str], keyword: str, value: str, *, what: str) -> None:
     if keyword not in KNOWN_KEYWORDS:
-        raise ConnInfoError(f"invalid {what} {_show(keyword)}")
+        raise ConnInfoError(f"invalid {what} {_show(keyword, values)}")
     values[keyword] = value
 
 
@@ -260,7 +259,8 @@ def _parse_keywords(text: str) -> dict[str, str]:
         while pos < end and text[pos] in _SPACE:
             pos += 1
         if pos == end or text[pos] != "=":
-            after = f" after {_show(keyword)}" if _SHOWABLE.fullmatch(keyword) else ""
+            shown = _show(keyword, values)
+            after = f" after {shown}" if shown.startswith('"') else ""
             raise ConnInfoError(
                 f'missing "="{after} in the connection string '
                 "(expected key=value pairs or a postgresql:// URI)"
@@ -397,9 +397,12 @@ def _decode(text: str) -> str:
         raise ConnInfoError("a percent-encoded URI value is not valid UTF-8") from None
 
 
-def _show(token: str) -> str:
+def _show(token: str, values: Mapping[str, str]) -> str:
     """Quote ``token`` for a message only when it looks like a keyword, never a secret."""
-    return f'"{token}"' if _SHOWABLE.fullmatch(token) else "(not shown)"
+    secrets = [values[key] for key in ("password", *_SECRET_EXTRAS) if values.get(key)]
+    if _SHOWABLE.fullmatch(token) and not any(token in s or s in token for s in secrets):
+        return f'"{token}"'
+    return "(not shown)"
 
 
 def _redacted_extra(extra: Mapping[str, str]) -> dict[str, str]:

@@ -22,7 +22,7 @@ import tomlkit.exceptions
 import watchfiles
 from tomlkit.items import AoT, Table
 
-from neonlocal.config import ConfigError
+from neonlocal.config import ConfigError, toml_syntax_error
 
 __all__ = ["read_selected", "switch_branch", "watch_file"]
 
@@ -39,7 +39,7 @@ def read_selected(path: Path) -> str | None:
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, _error_line(exc), f"invalid TOML: {exc}") from None
+        raise toml_syntax_error(path, exc) from None
     value = document.get(_KEY)
     if value is not None and not isinstance(value, str):
         raise ConfigError(path, None, f"{_KEY}: expected a branch name (a string)")
@@ -134,11 +134,6 @@ def _decode(path: Path, data: bytes) -> str:
         raise ConfigError(path, None, "is not valid UTF-8 text") from None
 
 
-def _error_line(exc: tomllib.TOMLDecodeError) -> int | None:
-    line = getattr(exc, "lineno", None)
-    return line if isinstance(line, int) else None
-
-
 async def watch_file(path: Path, stop: asyncio.Event, debounce_ms: int = 30) -> AsyncIterator[None]:
     """Yield whenever ``path`` may have changed, until ``stop`` is set.
 
@@ -147,18 +142,17 @@ async def watch_file(path: Path, stop: asyncio.Event, debounce_ms: int = 30) -> 
     creation, deletion, and replacement by rename. The directory is watched, not the
     file, because an atomic rename puts a new inode at the same name.
     """
-    watched = _watched_names(path)
-    for directory in {os.path.dirname(name) for name in watched}:
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"cannot watch {path}: directory {directory} does not exist")
+    if stop.is_set():
+        return
+    directories, watched = _watch_plan(path)
 
     def only_our_file(_change: Any, changed: str) -> bool:
-        return changed in watched
+        return _canonical(changed) in watched
 
     # awatch sets its stop event when cancelled; give it our own, not the caller's.
     halt = asyncio.Event()
     changes = watchfiles.awatch(
-        *sorted({os.path.dirname(name) for name in watched}),
+        *directories,
         watch_filter=only_our_file,
         debounce=debounce_ms,
         step=10,
@@ -194,10 +188,21 @@ async def watch_file(path: Path, stop: asyncio.Event, debounce_ms: int = 30) -> 
             await stopped
 
 
-def _watched_names(path: Path) -> set[str]:
-    """The path itself and, for a symlink, its target: both are where edits can land."""
-    absolute = os.path.abspath(path)
-    names = {absolute}
-    if os.path.islink(absolute):
-        names.add(os.path.realpath(absolute))
-    return names
+def _watch_plan(path: Path) -> tuple[list[str], set[str]]:
+    """The directories to watch and the file names in them that matter.
+
+    The path itself and, for a symlink, its target: both are where edits can land.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot watch {path}: directory {directory} does not exist")
+    names = {_canonical(os.path.abspath(path))}
+    if os.path.islink(path):
+        names.add(os.path.realpath(path))
+    return sorted({os.path.dirname(name) for name in names}), names
+
+
+def _canonical(name: str) -> str:
+    # The directory part resolved, the file name kept: macOS reports events under
+    # /private/var for a watch on /var, and the file itself may be a symlink.
+    return os.path.join(os.path.realpath(os.path.dirname(name)), os.path.basename(name))

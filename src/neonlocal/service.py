@@ -22,11 +22,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import click
 
 from neonlocal.defaults import LAUNCHD_LABEL, SERVICE_NAME
+from neonlocal.paths import default_config_path, expand_user, home_dir
 
 SERVICE_UNIT = f"{SERVICE_NAME}.service"
 SOCKET_UNIT = f"{SERVICE_NAME}.socket"
@@ -52,6 +53,13 @@ EXIT_NOT_RUNNING = 3
 
 class ServiceError(Exception):
     """A service operation failed; the message is the one line the user sees."""
+
+
+class _Failure(click.ClickException):
+    """Shown like the rest of the CLI's failures: `neonlocal: <what went wrong>`."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"neonlocal: {self.format_message()}", file=file, err=file is None)
 
 
 class Platform(enum.Enum):
@@ -91,7 +99,7 @@ class UserDirs:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> UserDirs:
         """HOME and XDG_CONFIG_HOME from `env` (a relative XDG value is ignored, per spec)."""
-        home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+        home = home_dir(env)
         xdg = env.get("XDG_CONFIG_HOME", "")
         config_home = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".config"
         return cls(home=home, config_home=config_home, uid=os.getuid())
@@ -135,13 +143,6 @@ class ServiceManager(Protocol):
     def status(self) -> ServiceStatus: ...
 
     def logs_command(self, *, follow: bool, lines: int) -> list[str]: ...
-
-
-def default_config_path(env: Mapping[str, str], dirs: UserDirs) -> Path:
-    """`NEONLOCAL_CONFIG`, else `$XDG_CONFIG_HOME/neonlocal/config.toml`."""
-    if env.get("NEONLOCAL_CONFIG"):
-        return Path(env["NEONLOCAL_CONFIG"])
-    return dirs.config_home / "neonlocal" / "config.toml"
 
 
 def find_executable() -> tuple[str, ...]:
@@ -372,7 +373,13 @@ class SystemdUser:
         return changed
 
     def _systemctl(self, *args: str) -> None:
-        _run(["systemctl", "--user", *args])
+        try:
+            _run(["systemctl", "--user", *args])
+        except ServiceError as exc:
+            if "Failed to connect to bus" not in str(exc):
+                raise
+            # Typical over ssh or in a container: no user manager runs for this user.
+            raise ServiceError(f"{exc} (is a systemd user session running?)") from None
 
     def _show(self, unit: str, *properties: str) -> dict[str, str]:
         done = _run(["systemctl", "--user", "show", "-p", ",".join(properties), unit])
@@ -506,7 +513,6 @@ def manager_for(platform: Platform, dirs: UserDirs) -> ServiceManager:
 @dataclass(frozen=True)
 class _Context:
     manager: ServiceManager
-    dirs: UserDirs
     env: Mapping[str, str]
 
 
@@ -532,8 +538,8 @@ def service(ctx: click.Context, platform: str | None) -> None:
     try:
         chosen = Platform(platform) if platform else Platform.current()
     except ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
-    ctx.obj = _Context(manager=manager_for(chosen, dirs), dirs=dirs, env=env)
+        raise _Failure(str(exc)) from None
+    ctx.obj = _Context(manager=manager_for(chosen, dirs), env=env)
 
 
 @service.command()
@@ -553,7 +559,7 @@ def install(ctx: click.Context, config: Path | None, socket: bool) -> None:
     # A global `neonlocal --config PATH service install` counts as well.
     root_config = ctx.find_root().params.get("config")
     chosen = config or (Path(root_config) if root_config else None)
-    chosen = (chosen or default_config_path(context.env, context.dirs)).expanduser().absolute()
+    chosen = expand_user(chosen or default_config_path(context.env), context.env).absolute()
     _guard(lambda: _install(context.manager, chosen, socket))
 
 
@@ -608,13 +614,13 @@ def logs(ctx: click.Context, follow: bool, lines: int) -> None:
         # Replace this process so the pager, Ctrl-C and the exit status are the viewer's own.
         os.execvp(argv[0], argv)  # noqa: S606 - our own fixed argv, no shell involved
     except FileNotFoundError:
-        raise click.ClickException(_MISSING_TOOL.get(argv[0], f"{argv[0]} not found")) from None
+        raise _Failure(_MISSING_TOOL.get(argv[0], f"{argv[0]} not found")) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot run {argv[0]}: {exc.strerror}") from None
+        raise _Failure(f"cannot run {argv[0]}: {exc.strerror}") from None
 
 
 def _guard(action: Callable[[], _T]) -> _T:
     try:
         return action()
     except ServiceError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise _Failure(str(exc)) from None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.daemon import LocalDaemon, private_dir, running_daemon, test_env, write_config
+from fixtures.daemon import LocalDaemon, private_dir, running_daemon, daemon_env, write_config
 from neonlocal.localpg import LocalCompute
 
 
@@ -30,5 +30,5 @@ def branch_urls(computes: dict[str, LocalCompute], ca_file: Path) -> dict[str, s
 async def daemon(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[LocalDaemon]:
     """A daemon serving branch "main", with "dev" configured too."""
     config = write_config(workdir / "config.toml", branch_urls, branch="main")
-    async with running_daemon(config, test_env(workdir)) as running:
+    async with running_daemon(config, daemon_env(workdir)) as running:
         yield running

@@ -27,7 +27,7 @@ class Receiver:
 
     def messages(self) -> list[dict[str, str]]:
         """Every datagram received so far, each parsed into its assignments."""
-        received = []
+        received: list[dict[str, str]] = []
         while True:
             try:
                 data = self.sock.recv(4096)

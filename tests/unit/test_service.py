@@ -229,7 +229,7 @@ def test_install_without_a_config_file_says_so_and_changes_nothing(machine: Mach
 
     assert result.exit_code == 1
     assert result.output == (
-        f"Error: config file {missing} does not exist: create it first or pass --config\n"
+        f"neonlocal: config file {missing} does not exist: create it first or pass --config\n"
     )
     assert not _unit(machine).exists()
     assert machine.calls() == []
@@ -242,7 +242,7 @@ def test_install_where_systemctl_is_missing_says_what_is_wrong(machine: Machine)
     result = machine.run("--platform", "linux", "install")
 
     assert result.exit_code == 1
-    assert result.output == "Error: systemctl not found: is this a systemd system?\n"
+    assert result.output == "neonlocal: systemctl not found: is this a systemd system?\n"
 
 
 def test_a_failing_systemctl_is_reported_in_one_line(machine: Machine) -> None:
@@ -257,8 +257,8 @@ def test_a_failing_systemctl_is_reported_in_one_line(machine: Machine) -> None:
 
     assert result.exit_code == 1
     assert result.output == (
-        "Error: `systemctl --user daemon-reload` failed:"
-        " Failed to connect to bus: No medium found\n"
+        "neonlocal: `systemctl --user daemon-reload` failed:"
+        " Failed to connect to bus: No medium found (is a systemd user session running?)\n"
     )
 
 
@@ -435,7 +435,7 @@ def test_socket_activation_on_macos_is_refused_clearly(machine: Machine) -> None
     result = machine.run("--platform", "darwin", "install", "--socket")
 
     assert result.exit_code == 1
-    assert result.output == "Error: socket activation is only available with systemd (Linux)\n"
+    assert result.output == "neonlocal: socket activation is only available with systemd (Linux)\n"
     assert not _plist(machine).exists()
 
 
@@ -507,7 +507,7 @@ def test_logs_on_macos_before_the_first_start_says_there_is_no_log(machine: Mach
 
     log = machine.home / "Library" / "Logs" / "neonlocal" / "neonlocal.log"
     assert result.exit_code == 1
-    assert result.output == f"Error: no log file yet at {log}\n"
+    assert result.output == f"neonlocal: no log file yet at {log}\n"
 
 
 # --- choosing the platform and the executable ------------------------------------------
@@ -523,7 +523,7 @@ def test_unsupported_platforms_are_refused_in_one_line(
 
     assert result.exit_code == 1
     assert result.output == (
-        "Error: neonlocal service supports Linux (systemd) and macOS (launchd), not win32\n"
+        "neonlocal: neonlocal service supports Linux (systemd) and macOS (launchd), not win32\n"
     )
 
 
@@ -555,7 +555,7 @@ def test_paths_systemd_could_misread_are_refused(machine: Machine, tmp_path: Pat
     result = machine.run("--platform", "linux", "install", "--config", str(odd / "config.toml"))
 
     assert result.exit_code == 1
-    assert result.output.startswith("Error: cannot put path ")
+    assert result.output.startswith("neonlocal: cannot put path ")
     assert not _unit(machine).exists()
 
 
@@ -570,3 +570,32 @@ def test_the_status_hook_for_the_daemon_adds_its_lines(
     result = machine.run("--platform", "linux", "status")
 
     assert result.output.splitlines()[-1] == "branch: main"
+
+
+def test_an_executable_path_with_a_dollar_is_refused_for_systemd(tmp_path: Path) -> None:
+    """systemd versions disagree on `$` in a command path, so it is refused, not guessed."""
+    plan = service_module.InstallPlan(("/opt/$tool/neonlocal",), tmp_path / "config.toml")
+
+    with pytest.raises(service_module.ServiceError, match="cannot put path"):
+        service_module.render_systemd("ExecStart=@NEONLOCAL_EXEC@ up\n", plan)
+
+
+def test_the_global_config_option_chooses_the_services_config(
+    machine: Machine, tmp_path: Path
+) -> None:
+    """`neonlocal --config PATH service install` installs a service using PATH."""
+    from neonlocal.cli import main
+
+    config = tmp_path / "team.toml"
+    config.write_text("")
+
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(config), "service", "--platform", "linux", "install"],
+        env=machine.env,
+    )
+
+    assert result.exit_code == 0, result.output
+    assert _directives(_unit(machine).read_text(), "ExecStart")[0].endswith(
+        f" --config {config} up"
+    )

@@ -67,7 +67,9 @@ class StartupPhase:
             return None
         request = codec.parse_request(body)
         if isinstance(request, SSLRequest):
-            if self._seen_ssl or self._seen_gss:
+            # libpq with gssencmode=prefer sends GSSENCRequest first and, when refused,
+            # SSLRequest next; only a repeated SSLRequest is a violation.
+            if self._seen_ssl:
                 raise ProtocolError("unexpected SSLRequest after encryption negotiation")
             self._seen_ssl = True
         elif isinstance(request, GSSENCRequest):

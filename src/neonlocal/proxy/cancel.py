@@ -66,5 +66,9 @@ class CancelRegistry:
             return None
         return entry.route
 
+    def route_of(self, pid: int) -> CancelRoute | None:
+        entry = self._entries.get(pid)
+        return None if entry is None else entry.route
+
     def __len__(self) -> int:
         return len(self._entries)

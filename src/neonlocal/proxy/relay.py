@@ -14,6 +14,10 @@ from collections.abc import Callable
 from neonlocal.pgwire import codec
 from neonlocal.proxy.endpoint import Endpoint
 
+# After the query in flight of a session being ended has its answer, how long we wait for
+# the client's next request to answer it with the error, before sending it unasked.
+END_WHEN_IDLE_S = 1.0
+
 # Type byte and length of a ReadyForQuery message; the status byte follows.
 _READY = b"Z\x00\x00\x00\x05"
 
@@ -27,6 +31,9 @@ class Relay:
         # ...and the client has sent nothing since: no query is running.
         self.idle = True
         self.close_reason = "client closed"
+        # We are ending the session ourselves; keep the reason we gave.
+        self._ending = False
+        self._finished = False
         self._client_eof = False
         self._pending_error: bytes | None = None
         self._on_boundary: Callable[[], None] | None = None
@@ -59,7 +66,7 @@ class Relay:
     def _from_upstream(self, data: bytes) -> None:
         self.client.transport.write(data)  # type: ignore[union-attr]
         at_boundary = data[-6:-1] == _READY
-        self.at_boundary = at_boundary
+        self.at_boundary = self.idle = at_boundary
         if at_boundary and self._on_boundary is not None:
             self._on_boundary()
 
@@ -76,7 +83,8 @@ class Relay:
         return True
 
     def _upstream_eof_received(self) -> bool:
-        self.close_reason = "server closed"
+        if not self._ending:
+            self.close_reason = "server closed"
         self.client.close()
         return False
 
@@ -89,7 +97,7 @@ class Relay:
         if self.client.lost and not self.upstream.lost:
             self.upstream.close()
         elif self.upstream.lost and not self.client.lost:
-            if self.close_reason == "client closed":
+            if not self._ending:
                 self.close_reason = "server closed"
             self.client.close()
         if self.client.lost and self.upstream.lost and not self.done.done():
@@ -98,14 +106,39 @@ class Relay:
     # --- ending a session from our side ------------------------------------------------------
 
     def terminate(self, error: bytes, reason: str) -> None:
-        """Send ``error`` to the client at the next message boundary, then end both sides."""
+        """Send ``error`` to the client once no query runs, then end both sides.
+
+        An idle session ends now. A busy one ends right after its next ReadyForQuery, so a
+        query in flight is answered rather than lost; ``force_terminate`` ends it sooner.
+        """
         self.close_reason = reason
+        self._ending = True
+        if self.idle:
+            self._finish(error)
+        else:
+            self._on_boundary = lambda: self._end_at_next_request(error)
+
+    def _end_at_next_request(self, error: bytes) -> None:
+        # The query in flight has its answer. Answer the client's next request with the
+        # error rather than racing it onto the wire right behind that answer, where a
+        # client would read it as "server closed the connection unexpectedly".
+        self._on_boundary = None
+        self.client.on_data = lambda _data: self._finish(error)
+        asyncio.get_running_loop().call_later(END_WHEN_IDLE_S, self._finish, error)
+
+    def force_terminate(self, error: bytes) -> None:
+        """End now if the server stream sits between messages, else drop both sockets."""
+        if self.done.done():
+            return
         if self.at_boundary:
             self._finish(error)
         else:
-            self._on_boundary = lambda: self._finish(error)
+            self.abort(self.close_reason)
 
     def _finish(self, error: bytes) -> None:
+        if self._finished:
+            return
+        self._finished = True
         self._on_boundary = None
         self.upstream.on_data = _discard
         self.client.write(error)
@@ -117,6 +150,7 @@ class Relay:
 
     def abort(self, reason: str) -> None:
         self.close_reason = reason
+        self._ending = True
         self.client.abort()
         self.upstream.abort()
 

@@ -22,9 +22,9 @@ from neonlocal.config import Settings
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
-from neonlocal.proxy.cancel import CancelRegistry
+from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.endpoint import Endpoint
-from neonlocal.proxy.session import Session, SessionRefused
+from neonlocal.proxy.session import CANCEL_WAIT_S, TERMINATE_GRACE_S, Session, SessionRefused
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.targets import Target
 
@@ -197,13 +197,20 @@ class Server:
     def sessions_by_branch(self) -> dict[str, int]:
         return dict(Counter(s.branch for s in self.sessions if s.branch is not None))
 
-    def terminate_sessions(self, *, keep_branch: str | None, message: str, reason: str) -> int:
+    def terminate_sessions(
+        self,
+        *,
+        keep_branch: str | None,
+        message: str,
+        reason: str,
+        grace: float = TERMINATE_GRACE_S,
+    ) -> int:
         """End every session not on ``keep_branch`` with 57P01; returns how many."""
         count = 0
         for session in list(self.sessions):
             if keep_branch is not None and session.branch == keep_branch:
                 continue
-            session.terminate(message, reason)
+            session.terminate(message, reason, grace=grace)
             count += 1
         return count
 
@@ -218,8 +225,22 @@ class Server:
     async def forward_cancel(self, request: CancelRequest) -> None:
         route = self.cancels.lookup(request.process_id, request.secret)
         if route is None:
-            log.debug("cancel_dropped", reason="unknown key or idle session")
+            log.info("cancel_dropped", reason="unknown key or idle session")
             return
+        await self._send_cancel(route)
+
+    def cancel_session_query(self, session: Session) -> None:
+        """Cancel what ``session`` runs upstream (we are ending it)."""
+        if session.cancel_pid is None:
+            return
+        route = self.cancels.route_of(session.cancel_pid)
+        if route is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_cancel(route))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_cancel(self, route: CancelRoute) -> None:
         try:
             await send_cancel(
                 route.target,
@@ -237,8 +258,10 @@ class Server:
         if self._tasks:
             _done, pending = await asyncio.wait(set(self._tasks), timeout=deadline)
             if pending:
-                self.terminate_sessions(keep_branch=None, message=message, reason="shutdown")
-                _done, pending = await asyncio.wait(pending, timeout=2.0)
+                self.terminate_sessions(
+                    keep_branch=None, message=message, reason="shutdown", grace=0.0
+                )
+                _done, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT_S + 1.0)
                 for task in pending:
                     task.cancel()
                 if pending:

@@ -36,6 +36,11 @@ STARTUP_TIMEOUT_S = 60.0
 # real PostgreSQL would reject them as unknown options.
 _NEON_ROUTING_OPTIONS = ("endpoint=", "project=")
 
+# `use --terminate`: how long a query in flight may run before it is cancelled, and how long
+# the cancelled query then has to come back before the sockets are simply closed.
+TERMINATE_GRACE_S = 5.0
+CANCEL_WAIT_S = 2.0
+
 _ids = itertools.count(1)
 
 
@@ -295,17 +300,31 @@ class Session:
 
     # --- ending --------------------------------------------------------------------------------
 
-    def terminate(self, message: str, reason: str) -> None:
-        """End this session with FATAL 57P01 (application pools then reconnect)."""
+    def terminate(self, message: str, reason: str, *, grace: float = TERMINATE_GRACE_S) -> None:
+        """End this session with FATAL 57P01, so application pools reconnect.
+
+        A query in flight may finish for ``grace`` seconds; then it is cancelled upstream
+        (so it stops using the compute) and the session ends at the next message boundary.
+        """
         error = codec.error_response(message, sqlstate.ADMIN_SHUTDOWN)
         if self.relay is not None:
-            self.relay.terminate(error, reason)
+            relay = self.relay
+            relay.terminate(error, reason)
+            if not relay.done.done():
+                loop = asyncio.get_running_loop()
+                loop.call_later(grace, self._cancel_then_end, relay, error)
         else:
             self.close_reason = reason
             self.client.write(error)
             self.client.close()
             if self.upstream is not None:
                 self.upstream.endpoint.close()
+
+    def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
+        if relay.done.done():
+            return
+        self.server.cancel_session_query(self)
+        asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
 
     def _refuse(self, message: str, code: str) -> None:
         self.client.write(codec.error_response(message, code))

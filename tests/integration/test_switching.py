@@ -1,0 +1,89 @@
+"""`neonlocal use` moves new sessions to the new branch and leaves open ones where they are."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+
+from fixtures.daemon import LocalDaemon
+
+pytestmark = pytest.mark.pg
+
+
+async def branch_of(conn: psycopg.AsyncConnection[tuple[str]]) -> str:
+    cur = await conn.execute("SELECT name FROM branch_info")
+    row = await cur.fetchone()
+    assert row is not None
+    return row[0]
+
+
+async def test_switch_moves_new_sessions_and_keeps_open_ones(daemon: LocalDaemon) -> None:
+    async with await psycopg.AsyncConnection.connect(daemon.url()) as old:
+        assert await branch_of(old) == "main"
+        reply = await daemon.use("dev")
+        assert reply["ok"], reply
+        assert reply["branch"] == "dev"
+        async with await psycopg.AsyncConnection.connect(daemon.url()) as new:
+            assert await branch_of(new) == "dev"
+            assert new.info.parameter_status("neonlocal.branch") == "dev"
+            # The session opened before the switch still talks to main, in a transaction too.
+            await old.execute("BEGIN")
+            assert await branch_of(old) == "main"
+            await old.execute("COMMIT")
+            assert daemon.status()["sessions"] == {"main": 1, "dev": 1}
+
+
+async def test_switch_back_and_forth_always_lands_new_sessions_on_the_selection(
+    daemon: LocalDaemon,
+) -> None:
+    for name in ["dev", "main", "dev", "main"]:
+        assert (await daemon.use(name))["ok"]
+        async with await psycopg.AsyncConnection.connect(daemon.url()) as conn:
+            assert await branch_of(conn) == name
+
+
+async def test_terminate_ends_old_sessions_with_57P01_naming_the_new_branch(
+    daemon: LocalDaemon,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(daemon.url()) as old:
+        assert await branch_of(old) == "main"
+        reply = await daemon.use("dev", terminate=True)
+        assert reply["ok"]
+        assert reply["terminated"] == 1
+        with pytest.raises(psycopg.errors.AdminShutdown) as info:
+            await old.execute("SELECT 1")
+        assert info.value.sqlstate == "57P01"
+        assert 'switched to branch "dev"' in str(info.value)
+    fresh = await asyncpg.connect(daemon.url())
+    try:
+        assert await fresh.fetchval("SELECT name FROM branch_info") == "dev"
+    finally:
+        await fresh.close()
+
+
+async def test_terminate_leaves_sessions_on_the_new_branch_alone(daemon: LocalDaemon) -> None:
+    await daemon.use("dev")
+    on_dev = await asyncpg.connect(daemon.url())
+    try:
+        reply = await daemon.use("dev", terminate=True)
+        assert reply["terminated"] == 0
+        assert await on_dev.fetchval("SELECT name FROM branch_info") == "dev"
+    finally:
+        await on_dev.close()
+
+
+async def test_terminate_lets_a_query_in_flight_finish_then_ends_the_session(
+    daemon: LocalDaemon,
+) -> None:
+    """Nothing is lost: the running query gets its answer, the next one gets 57P01."""
+    async with await psycopg.AsyncConnection.connect(daemon.url()) as conn:
+        query = asyncio.ensure_future(conn.execute("SELECT pg_sleep(0.5), 'done'"))
+        await asyncio.sleep(0.1)
+        await daemon.use("dev", terminate=True)
+        cur = await query
+        assert await cur.fetchone() == ("", "done")
+        with pytest.raises(psycopg.errors.AdminShutdown):
+            await conn.execute("SELECT 1")
