@@ -44,7 +44,7 @@ async def test_cancel_reaches_the_branch_the_session_is_pinned_to(daemon: LocalD
                 # asyncpg sends a CancelRequest when the wait times out.
                 await asyncio.wait_for(on_main.fetchval("SELECT pg_sleep(30)"), 0.5)
             assert await on_main.fetchval("SELECT name FROM branch_info") == "main"
-            assert await dev_query == ""  # pg_sleep returns void; the dev query finished
+            assert await dev_query is None  # pg_sleep returns void: the dev query finished
             assert await on_dev.fetchval("SELECT name FROM branch_info") == "dev"
         finally:
             await on_dev.close()
