@@ -247,7 +247,10 @@ class FakeBranch:
     @property
     def host(self) -> str:
         """The read-write endpoint's host, the one a test maps to a real compute."""
-        return next(e.host for e in self.endpoints if e.type == "read_write")
+        for endpoint in self.endpoints:
+            if endpoint.type == "read_write":
+                return endpoint.host
+        raise LookupError(f"branch {self.name!r} has no read-write endpoint")
 
     @property
     def password(self) -> str:
@@ -1240,6 +1243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key", default=DEFAULT_KEY, help="the API key clients must send")
     parser.add_argument("--project-id", default=DEFAULT_PROJECT_ID)
     parser.add_argument("--password", default=DEFAULT_PASSWORD, help="password of every role")
+    parser.add_argument("--main-host", help="endpoint host of the default branch main")
     parser.add_argument(
         "--branch",
         action="append",
@@ -1249,7 +1253,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     standin = NeonStandIn(
-        args.key, project_id=args.project_id, password=args.password, port=args.port
+        args.key,
+        project_id=args.project_id,
+        password=args.password,
+        main_host=args.main_host,
+        port=args.port,
     )
     for spec in args.branch:
         name, _, host = spec.partition("=")

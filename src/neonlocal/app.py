@@ -30,6 +30,15 @@ def run_daemon(
     from neonlocal.config import ConfigError, load_settings
     from neonlocal.daemon import Daemon, StartupError
     from neonlocal.proxy.server import ListenError
+    from neonlocal.sockets import SocketActivationError, inherited_sockets
+
+    env = dict(env)
+    try:
+        # Before anything else runs: systemd's socket unit bound 127.0.0.1:5432 for us.
+        sockets = inherited_sockets(env)
+    except SocketActivationError as exc:
+        print(f"neonlocal: socket activation: {exc}", file=sys.stderr)
+        return 1
 
     level = log_level
     if level is None:
@@ -40,7 +49,7 @@ def run_daemon(
     nl_logging.configure(level, json=json_logs)
 
     async def main() -> None:
-        await Daemon(config_path, env).run()
+        await Daemon(config_path, env, sockets=sockets).run()
 
     loop_class = _loop_factory()
     try:

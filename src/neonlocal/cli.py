@@ -170,16 +170,28 @@ def _local_name(address: str) -> str:
 @pass_ctx
 def status(obj: Context, as_json: bool) -> None:
     """Show the branch served, sessions per branch and the last error."""
+    from neonlocal.config import ConfigError, load_settings
     from neonlocal.control import DaemonNotRunning, request
+    from neonlocal.paths import control_socket_path
 
-    settings = obj.settings(missing_ok=True)
+    problem: ConfigError | None = None
     try:
-        reply = request(obj.control_path(settings), {"op": "status"}, timeout=5.0)
+        settings = load_settings(obj.config_path, obj.env, missing_ok=True)
+    except ConfigError as exc:
+        # A running daemon keeps serving its last good config and reports this problem
+        # itself, so ask it anyway (at the default socket: the file cannot say otherwise).
+        control, selected, problem = control_socket_path(obj.config_path, obj.env), None, exc
+    else:
+        control, selected = obj.control_path(settings), settings.branch
+    try:
+        reply = request(control, {"op": "status"}, timeout=5.0)
     except DaemonNotRunning:
+        if problem is not None:
+            fail(str(problem), EXIT_USAGE)
         if as_json:
-            click.echo(json.dumps({"running": False, "branch": settings.branch}))
+            click.echo(json.dumps({"running": False, "branch": selected}))
         else:
-            click.echo(f"not running (config selects {settings.branch or 'no branch'})")
+            click.echo(f"not running (config selects {selected or 'no branch'})")
         sys.exit(3)
     reply.pop("ok", None)
     reply["running"] = True

@@ -46,10 +46,12 @@ from pydantic_settings import (
 from pydantic_settings.exceptions import SettingsError
 
 from neonlocal.conninfo import ConnInfoError, parse_conninfo
+from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.targets import TlsMode, UnknownBranch, validate_upstream
 
 __all__ = [
     "ENV_PREFIX",
+    "AdminSettings",
     "BranchSettings",
     "ConfigError",
     "ConfigProblem",
@@ -198,12 +200,25 @@ class ListenSettings(_Section):
     port: int = Field(default=5432, ge=0, le=65535)
     max_sessions: int = Field(default=1000, ge=1)
     allow_non_loopback: bool = False
+    # Directory for a Unix-domain socket `.s.PGSQL.<port>` (so `psql -d neondb` works with no
+    # host): "auto" picks where libpq looks by default, "" turns it off.
+    unix_socket_dir: str = "auto"
 
 
 class LocalSettings(_Section):
     """``[local]``: how local clients authenticate."""
 
     password: SecretStr | None = None
+    # Answer SSLRequest with TLS (a certificate generated beside the config, or tls_cert/tls_key).
+    tls: bool = True
+    # Refuse plaintext clients.
+    require_tls: bool = False
+    tls_cert: Annotated[Path, BeforeValidator(_path_text)] | None = None
+    tls_key: Annotated[Path, BeforeValidator(_path_text)] | None = None
+    # How TLS clients authenticate when no local password is set: "trust" (like plaintext),
+    # or "password": SCRAM with the branch role's real password, with channel binding to the
+    # local certificate, so URLs with `channel_binding=require` work.
+    tls_auth: Literal["trust", "password"] = "trust"
 
     @field_validator("password")
     @classmethod
@@ -225,6 +240,51 @@ class ControlSettings(_Section):
     """``[control]``: the socket the CLI talks to the daemon through."""
 
     socket: Annotated[Path, BeforeValidator(_path_text)] | None = None
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` as (host, port); ValueError names what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError("expected host:port, such as 127.0.0.1:9187 or [::1]:9187")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, such as [::1]:9187")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+def _check_admin_listen(text: str) -> str:
+    try:
+        host, _port = split_host_port(text)
+    except ValueError as exc:
+        raise PydanticCustomError("address", "{reason}", {"reason": str(exc)}) from None
+    if not is_loopback(host):
+        # The endpoints have no authentication; metrics name branches and hosts.
+        raise PydanticCustomError(
+            "admin_exposed",
+            "{reason}",
+            {
+                "reason": f"the admin listener serves loopback only, not {host}: use "
+                "127.0.0.1, [::1] or localhost"
+            },
+        )
+    return text
+
+
+class AdminSettings(_Section):
+    """``[admin]``: the optional HTTP listener for health checks and metrics."""
+
+    # Off unless set: "127.0.0.1:9187". Port 0 asks the OS for any free port (tests).
+    listen: Annotated[str, AfterValidator(_check_admin_listen)] | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to listen on, or None when the listener is off."""
+        return None if self.listen is None else split_host_port(self.listen)
 
 
 class BranchSettings(_Section):
@@ -300,10 +360,13 @@ class Settings(BaseSettings):
 
     branch: BranchName | None = None
     log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
+    # Seconds a stopping daemon lets open sessions finish before ending them with 57P01.
+    shutdown_deadline: float = Field(default=SHUTDOWN_DEADLINE_S, ge=0, allow_inf_nan=False)
     listen: ListenSettings = ListenSettings()
     local: LocalSettings = LocalSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     control: ControlSettings = ControlSettings()
+    admin: AdminSettings = AdminSettings()
     branches: dict[BranchName, BranchSettings] = Field(default_factory=dict)
 
     _provenance: _Provenance = PrivateAttr(default_factory=_Provenance)
@@ -656,6 +719,8 @@ def _skip_value(text: str, pos: int, line: int) -> tuple[int, int]:
             quote = text[pos : pos + 3]
             index = pos + 3
             while not text.startswith(quote, index):
+                if index >= end:
+                    raise ValueError("unterminated multi-line string")
                 index += 2 if quote == '"""' and text[index] == "\\" else 1
             # Up to two more quote characters may close the string (`""""` is `"` + `"""`).
             extra = 0

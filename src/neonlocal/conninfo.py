@@ -201,12 +201,13 @@ def _build(values: dict[str, str]) -> ConnInfo:
             raise ConnInfoError("multiple hosts are not supported; give a single host")
     sslmode = present.get("sslmode")
     if sslmode is not None and sslmode not in _SSLMODES:
-        raise ConnInfoError(f"invalid sslmode {_show(sslmode, present)}; expected one of {_SSLMODES}")
+        raise ConnInfoError(
+            f"invalid sslmode {_show(sslmode, present)}; expected one of {_SSLMODES}"
+        )
     binding = present.get("channel_binding")
     if binding is not None and binding not in _CHANNEL_BINDINGS:
-        raise ConnInfoError(
-            f"invalid channel_binding {_show(binding, present)}; expected one of {_CHANNEL_BINDINGS}"
-        )
+        shown = _show(binding, present)
+        raise ConnInfoError(f"invalid channel_binding {shown}; expected one of {_CHANNEL_BINDINGS}")
     return ConnInfo(
         host=present.get("host"),
         port=_parse_port(present["port"]) if "port" in present else DEFAULT_PORT,

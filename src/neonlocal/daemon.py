@@ -21,8 +21,10 @@ from typing import Any
 import structlog
 
 from neonlocal import __version__
-from neonlocal.config import ConfigError, Settings, load_settings
+from neonlocal.admin import AdminError, AdminServer
+from neonlocal.config import ConfigError, Settings, check_selected_branch, load_settings
 from neonlocal.control import ControlServer
+from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.paths import control_socket_path
 from neonlocal.proxy import tls
@@ -68,6 +70,7 @@ class Daemon:
         self.settings: Settings | None = None
         self.server: Server | None = None
         self.control: ControlServer | None = None
+        self.admin: AdminServer | None = None
         self.config_error: str | None = None
         self.warnings: list[str] = []
         self.started_at = time.time()
@@ -82,12 +85,22 @@ class Daemon:
     async def start(self) -> None:
         try:
             settings = load_settings(self.config_path, self.env)
-        except ConfigError as exc:
+            check_selected_branch(settings)
+            if settings.branch is not None:
+                resolve_target(settings, settings.branch)
+        except (ConfigError, TargetError) as exc:
             raise StartupError(f"neonlocal: {exc}") from None
         self._check_exposure(settings)
         self.settings = settings
         self._fingerprint = _fingerprint(self.config_path, self.env)
         self.server = Server(settings)
+        if settings.local.tls:
+            try:
+                self.server.local_tls = load_local_tls(
+                    self.config_path, settings.local.tls_cert, settings.local.tls_key
+                )
+            except LocalTlsError as exc:
+                raise StartupError(str(exc)) from None
         self._apply_selection(settings)
         await self.server.start(self._inherited)
         control_path = (
@@ -101,6 +114,7 @@ class Daemon:
         except RuntimeError as exc:
             await self.server.close()
             raise StartupError(str(exc)) from None
+        await self._start_admin(settings)
         self._spawn(self._watch())
         selected = self.server.selected
         log.info(
@@ -114,6 +128,29 @@ class Daemon:
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
         self.notifier.ready(self._status_line())
+
+    async def _start_admin(self, settings: Settings) -> None:
+        assert self.server is not None
+        assert self.control is not None
+        address = settings.admin.address
+        if address is None:
+            return
+        admin = AdminServer(*address, metrics=self.server.metrics, not_ready=self.not_ready_reason)
+        try:
+            await admin.start()
+        except AdminError as exc:
+            await self.control.close()
+            await self.server.close()
+            raise StartupError(str(exc)) from None
+        self.admin = admin
+
+    def not_ready_reason(self) -> str | None:
+        """None when new sessions would be served, else why not (for ``/readyz``)."""
+        if self.server is None or not self.server.accepting:
+            return "not listening" if not self._stop.is_set() else "shutting down"
+        if self.server.selected is None:
+            return "no branch is selected"
+        return None
 
     def _check_exposure(self, settings: Settings) -> None:
         exposed = [h for h in settings.listen.host if not is_loopback(h)]
@@ -142,7 +179,10 @@ class Daemon:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
-    async def stop(self, deadline: float = SHUTDOWN_DEADLINE_S) -> None:
+    async def stop(self, deadline: float | None = None) -> None:
+        """Stop accepting, let sessions finish for ``deadline`` s (the setting), end the rest."""
+        if deadline is None:
+            deadline = self.settings.shutdown_deadline if self.settings else SHUTDOWN_DEADLINE_S
         self._stop.set()
         self.notifier.stopping()
         log.info("daemon_stopping", deadline_s=deadline)
@@ -154,6 +194,9 @@ class Daemon:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
+        if self.admin is not None:
+            # Last: /readyz says "shutting down" and /metrics stays readable while draining.
+            await self.admin.close()
         log.info("daemon_stopped")
 
     # --- configuration ---------------------------------------------------------------------------
@@ -190,6 +233,7 @@ class Daemon:
         try:
             settings = load_settings(self.config_path, self.env)
             self._check_exposure(settings)
+            check_selected_branch(settings)  # an unknown name, reported at its file:line
             if settings.branch is not None:
                 resolve_target(settings, settings.branch)  # refuse before touching anything
         except (ConfigError, UnknownBranch, TargetError, StartupError) as exc:
@@ -221,6 +265,9 @@ class Daemon:
             )
         if listen_changed:
             log.warning("listen_change_needs_restart", listen=self.server.listening)
+        admin = self.admin
+        if settings.admin.address != (admin and (admin.host, admin.requested_port)):
+            log.warning("admin_change_needs_restart", admin=admin.address if admin else None)
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
         return None
@@ -305,6 +352,9 @@ class Daemon:
             log.info("signal_received", signal=signame)
             self._stop.set()
 
+        # remove_signal_handler resets to the default, not to what was there before us
+        # (an embedding application's or a test runner's handler): keep and restore it.
+        previous = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
         installed: list[signal.Signals] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig.name)
@@ -321,13 +371,19 @@ class Daemon:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-            await self.stop(SHUTDOWN_DEADLINE_S)
+                handler = previous[sig]
+                if handler is not None:
+                    signal.signal(sig, handler)
+            await self.stop()
 
     async def _watchdog(self, interval: float) -> None:
         while not self._stop.is_set():
             self.notifier.watchdog()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), interval)
+
+
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _name(selected: tuple[str, Target] | None) -> str | None:

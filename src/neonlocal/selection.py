@@ -13,7 +13,7 @@ import os
 import stat
 import tempfile
 import tomllib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,9 @@ def _decode(path: Path, data: bytes) -> str:
         raise ConfigError(path, None, "is not valid UTF-8 text") from None
 
 
-async def watch_file(path: Path, stop: asyncio.Event, debounce_ms: int = 30) -> AsyncIterator[None]:
+async def watch_file(
+    path: Path, stop: asyncio.Event, debounce_ms: int = 30
+) -> AsyncGenerator[None, None]:
     """Yield whenever ``path`` may have changed, until ``stop`` is set.
 
     Yields once as soon as the watch is in place (the file may have changed between the

@@ -611,3 +611,9 @@ def test_a_malformed_key_is_refused_without_repeating_it() -> None:
         NeonApi("nk-SECRET\nsecond-line")
     assert "SECRET" not in str(caught.value)
     assert "SECRET" not in repr(caught.value)
+
+
+@pytest.mark.parametrize("url", ["console.neon.tech/api/v2", "ftp://neon.example/api", "http://"])
+def test_a_base_url_that_is_not_http_is_refused_up_front(url: str) -> None:
+    with pytest.raises(NeonApiError, match="is not an http"):
+        NeonApi(KEY, url)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from neonlocal.neon import (
+    AuthenticationError,
     BranchNotFound,
     EndpointState,
     NeonApi,
@@ -50,9 +51,13 @@ class FakeNeon:
     def __init__(self, *branches: FakeBranch) -> None:
         self.branches = {b.id: b for b in branches}
         self.requests: list[httpx.Request] = []
+        self.fail: dict[str, int] = {}  # last path segment -> status to answer with
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        failure = self.fail.get(request.url.path.rsplit("/", 1)[-1])
+        if failure is not None:
+            return httpx.Response(failure, json={"code": "", "message": "injected"})
         parts = request.url.path.removeprefix("/api/v2/").split("/")
         if parts == ["projects", PROJECT]:
             return httpx.Response(
@@ -232,3 +237,12 @@ async def test_the_password_is_not_in_the_resolved_branch_repr() -> None:
     assert target.password == "s3cr3t-pw"
     assert "s3cr3t-pw" not in repr(target)
     assert "s3cr3t-pw" not in str(target)
+
+
+async def test_a_failure_reading_the_branch_details_surfaces_as_itself() -> None:
+    """Parallel reads still raise the plain error, not an ExceptionGroup."""
+    neon = FakeNeon(FakeBranch("br-1", "dev", [rw(DEV_HOST)]))
+    neon.fail["roles"] = 401
+    async with api_for(neon) as api:
+        with pytest.raises(AuthenticationError):
+            await resolve_branch(api, PROJECT, "dev")

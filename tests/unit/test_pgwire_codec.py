@@ -174,7 +174,7 @@ def test_error_response_round_trips_through_parse_error_fields() -> None:
     """Every field written by error_response comes back from parse_error_fields."""
     kind, payload = _typed(
         codec.error_response(
-            "role \"x\" does not exist",
+            'role "x" does not exist',
             sqlstate.INVALID_AUTHORIZATION,
             detail="some detail",
             hint="a hint",
@@ -306,7 +306,10 @@ def _drain_startup(framer: StartupFramer) -> list[bytes]:
 def test_startup_framer_reassembles_packets_split_at_every_byte() -> None:
     """Two startup packets come out whole however the stream is cut."""
     stream = codec.ssl_request() + codec.startup_message({"user": "u", "database": "d"})
-    expected = [_body(codec.ssl_request()), _body(codec.startup_message({"user": "u", "database": "d"}))]
+    expected = [
+        _body(codec.ssl_request()),
+        _body(codec.startup_message({"user": "u", "database": "d"})),
+    ]
     for chunks in _split_everywhere(stream):
         framer = StartupFramer()
         got: list[bytes] = []

@@ -110,6 +110,17 @@ def test_switch_keeps_permissions_and_replaces_atomically(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
 
 
+def test_switch_as_root_keeps_the_files_owner(tmp_path: Path) -> None:
+    """Run as root (sudo), switching leaves the file owned by its user, not by root."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can create a file owned by someone else")
+    path = tmp_path / "config.toml"
+    path.write_text(ORIGINAL)
+    os.chown(path, 65534, 65534)
+    switch_branch(path, "feat/x")
+    assert (path.stat().st_uid, path.stat().st_gid) == (65534, 65534)
+
+
 def test_switch_through_a_symlink_updates_the_target(tmp_path: Path) -> None:
     """A symlinked config (dotfiles) stays a symlink; its target gets the new value."""
     real = tmp_path / "dotfiles" / "neonlocal.toml"
@@ -278,6 +289,22 @@ async def test_a_symlinked_config_is_watched_at_its_target(tmp_path: Path) -> No
         await asyncio.wait_for(watch.task, NOTICE)
 
 
+async def test_a_change_right_after_the_first_yield_is_not_missed(tmp_path: Path) -> None:
+    """The first yield means the watch is live: a write straight after it is reported."""
+    path = tmp_path / "config.toml"
+    path.write_text(ORIGINAL)
+    stop = asyncio.Event()
+    changes = watch_file(path, stop)
+    try:
+        # Awaited directly (no wait_for task): the loop runs nothing else between the
+        # yield and the write below.
+        await anext(changes)
+        switch_branch(path, "feat/x")
+        await asyncio.wait_for(anext(changes), NOTICE)
+    finally:
+        await changes.aclose()
+
+
 async def test_stop_ends_the_watch(tmp_path: Path) -> None:
     """Setting the stop event ends iteration promptly, even with no changes."""
     path = tmp_path / "config.toml"
@@ -306,6 +333,16 @@ async def test_breaking_out_of_the_loop_releases_the_watch(tmp_path: Path) -> No
     await asyncio.wait_for(anext(changes), NOTICE)
     await asyncio.wait_for(changes.aclose(), NOTICE)
     assert not stop.is_set()  # closing our watch does not stop the caller's other work
+
+
+async def test_cancelling_the_consumer_ends_the_watch(tmp_path: Path) -> None:
+    """A daemon cancelling its watcher task on shutdown gets a prompt, clean end."""
+    watch = Watcher(tmp_path / "config.toml")
+    await watch.start()
+    assert watch.task is not None
+    watch.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(watch.task, NOTICE)
 
 
 async def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ timeout, dropped connection) is never retried: the error surfaces to the caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType, TracebackType
@@ -109,6 +110,12 @@ class NeonApi:
             raise NeonApiError("the Neon API key is empty or contains characters a key cannot")
         self._key = key
         self.base_url = base_url.rstrip("/")
+        try:
+            url = httpx.URL(self.base_url)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise NeonApiError(f"the Neon API URL {base_url!r} is not an http(s) URL")
         self.retry = retry or RetryPolicy()
         self.page_size = page_size
         self._sleep = sleep
@@ -173,6 +180,16 @@ class NeonApi:
 
     async def list_branches(self, project_id: str, search: str | None = None) -> list[Branch]:
         """Every branch of the project (or those whose name or id contains ``search``)."""
+        async with contextlib.aclosing(self.iter_branches(project_id, search)) as branches:
+            return [branch async for branch in branches]
+
+    async def iter_branches(
+        self, project_id: str, search: str | None = None
+    ) -> AsyncGenerator[Branch, None]:
+        """Like ``list_branches``, one page at a time, so a caller can stop early.
+
+        Close it when stopping early (``contextlib.aclosing``).
+        """
         path = f"/projects/{_seg(project_id)}/branches"
         params: dict[str, Any] = {
             "limit": self.page_size,
@@ -182,20 +199,22 @@ class NeonApi:
         }
         if search is not None:
             params["search"] = search
-        branches: dict[str, Branch] = {}
-        async for page in self._pages(
+        seen: set[str] = set()
+        pages = self._pages(
             path,
             params,
             "branches",
             cursor_field="next",
             on_404=lambda rid: ProjectNotFound(project_id, rid),
-        ):
-            notes = page.get("annotations") or {}
-            for item in _list_of(page, "branches"):
-                branch = self._parse(Branch, item, f"GET {path}")
-                branch = _annotated(branch, notes.get(branch.id))
-                branches.setdefault(branch.id, branch)
-        return list(branches.values())
+        )
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                notes = page.get("annotations") or {}
+                for item in _list_of(page, "branches"):
+                    branch = self._parse(Branch, item, f"GET {path}")
+                    if branch.id not in seen:
+                        seen.add(branch.id)
+                        yield _annotated(branch, notes.get(branch.id))
 
     async def get_branch(self, project_id: str, branch_id: str) -> Branch:
         path = _branch_path(project_id, branch_id)
@@ -341,8 +360,7 @@ class NeonApi:
         self,
         project_id: str,
         operations: Iterable[Operation],
-        # Our own deadline, so the error can name the operations still pending.
-        timeout: float = 120.0,  # noqa: ASYNC109
+        timeout: float = 120.0,
         *,
         poll_interval: float = 0.2,
     ) -> list[Operation]:
@@ -461,7 +479,7 @@ class NeonApi:
         *,
         cursor_field: str,
         on_404: Callable[[str | None], NeonApiError] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         # Neon hands out a cursor even with the last page, so the end is an empty page.
         seen: set[str] = set()
         cursor: str | None = None

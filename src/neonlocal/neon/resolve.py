@@ -8,6 +8,7 @@ database's owner, else the only unprotected role) -> password (reveal_password).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -57,10 +58,12 @@ async def find_branch(api: NeonApi, project_id: str, name_or_id: str) -> Branch:
             return await api.get_branch(project_id, name_or_id)
         except BranchNotFound:
             pass  # a branch may also be *named* br-something; look for that below
-    # search= matches substrings of names and ids; only an exact name counts.
-    for branch in await api.list_branches(project_id, search=name_or_id):
-        if branch.name == name_or_id:
-            return branch
+    # search= matches substrings of names and ids; only an exact name counts. Stopping at
+    # the match saves the request for the (empty) page that would end the listing.
+    async with contextlib.aclosing(api.iter_branches(project_id, search=name_or_id)) as found:
+        async for branch in found:
+            if branch.name == name_or_id:
+                return branch
     names = [b.name for b in await api.list_branches(project_id)]
     close = difflib.get_close_matches(name_or_id, names, n=3, cutoff=0.6)
     raise BranchNotFound(name_or_id, close, project_id)

@@ -66,12 +66,15 @@ class UpstreamLogin:
         certificate_der: bytes | None,
         client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
+        client_tls: bool = False,
     ) -> None:
         self._params = dict(parameters)
         self._creds = credentials
         self._cert = certificate_der
         self._client_key = client_key
         self._extra_status = dict(extra_status)
+        self._client_tls = client_tls
+        self._client_answers = 0
         self._upstream = MessageFramer()
         self._client = MessageFramer()
         self._scram: ScramClientExchange | None = None
@@ -100,10 +103,10 @@ class UpstreamLogin:
             if msg is None:
                 break
             self._on_message(msg.kind, msg.payload, out)
-        if self.state is LoginState.READY and self._upstream.buffered:
-            raise ProtocolError(
-                "server sent data after ReadyForQuery before any query", sqlstate.CONNECTION_FAILURE
-            )
+        if self.state is LoginState.READY:
+            # An asynchronous message (ParameterStatus, a notification) may follow
+            # ReadyForQuery in the same chunk: it belongs to the relay, in order.
+            out.to_client += self._upstream.take_rest()
         return out
 
     def receive_client(self, data: bytes) -> bytes:
@@ -115,6 +118,9 @@ class UpstreamLogin:
         while (msg := self._client.next_message()) is not None:
             if msg.kind != b"p":
                 raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
+            if self._client_tls and self._client_answers == 0:
+                _refuse_relayed_binding(msg.payload)
+            self._client_answers += 1
             out += msg.encode()
             self.awaiting_client = False
         return out
@@ -175,6 +181,17 @@ class UpstreamLogin:
                 raise ProtocolError(
                     "server accepted the login without proving it knows the password",
                     sqlstate.CONNECTION_FAILURE,
+                )
+            # As libpq: "require" also refuses a server that skips authentication altogether.
+            if (
+                self._creds is not None
+                and self._creds.channel_binding is ChannelBindingPolicy.REQUIRE
+                and not (self.channel_bound and self._scram_verified)
+            ):
+                raise ProtocolError(
+                    "channel binding is required, but the server authenticated the client "
+                    "without channel binding",
+                    sqlstate.UNABLE_TO_CONNECT,
                 )
             self.state = LoginState.STARTING
             return
@@ -251,6 +268,22 @@ class UpstreamLogin:
                 f"(code {request.code})",
                 sqlstate.UNABLE_TO_CONNECT,
             )
+
+
+def _refuse_relayed_binding(payload: bytes) -> None:
+    """A TLS client relaying its own SCRAM would bind to *our* certificate ('p') or report a
+    downgrade ('y'); either fails upstream with a confusing message, so say why here."""
+    end = payload.find(b"\0")
+    if end < 0 or not payload.startswith(b"SCRAM-SHA-256"):
+        return
+    data = payload[end + 5 :]
+    if data[:1] in (b"y", b"p"):
+        raise ProtocolError(
+            "this branch's URL holds no password, so neonlocal relays your own SCRAM login, "
+            "which cannot pass through local TLS: connect with sslmode=disable (or prefer), "
+            "or put the password in the branch URL",
+            sqlstate.INVALID_AUTHORIZATION,
+        )
 
 
 def _md5_password(user: str, password: str, salt: bytes) -> str:

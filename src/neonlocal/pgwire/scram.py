@@ -26,6 +26,8 @@ from neonlocal.pgwire.codec import SCRAM_SHA_256, SCRAM_SHA_256_PLUS
 from neonlocal.pgwire.errors import ProtocolError
 
 CB_TYPE = "tls-server-end-point"
+# PostgreSQL uses 4096; anything far above would block the event loop for seconds.
+MAX_ITERATIONS = 100_000
 
 
 def end_point_hash(certificate_der: bytes) -> bytes:
@@ -84,6 +86,13 @@ class ScramClientExchange:
         return str(self._client.get_client_first()).encode()
 
     def client_final(self, server_first: bytes) -> bytes:
+        iterations = dict(_attributes_lenient(server_first)).get(b"i", b"0")
+        if not iterations.isdigit() or int(iterations) > MAX_ITERATIONS:
+            # Each iteration is a hash on the event loop: refuse a server asking for minutes.
+            raise ProtocolError(
+                "the server asked for an unreasonable SCRAM iteration count",
+                sqlstate.CONNECTION_FAILURE,
+            )
         try:
             self._client.set_server_first(server_first.decode())
             return str(self._client.get_client_final()).encode()
@@ -228,6 +237,15 @@ class ScramServerExchange:
             raise _auth_failed()
         verifier = hmac.digest(self._secret.server_key, auth_message, "sha256")
         return b"v=" + base64.b64encode(verifier)
+
+
+def _attributes_lenient(data: bytes) -> list[tuple[bytes, bytes]]:
+    pairs = []
+    for item in data.split(b","):
+        key, sep, value = item.partition(b"=")
+        if sep:
+            pairs.append((key, value))
+    return pairs
 
 
 def _attributes(text: str) -> list[tuple[str, str]]:

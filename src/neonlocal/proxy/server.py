@@ -8,17 +8,22 @@ branch for ``status``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
+import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
 
 from neonlocal.config import Settings
+from neonlocal.localtls import LocalTls
+from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
@@ -29,6 +34,9 @@ from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.targets import Target
 
 log = structlog.get_logger("neonlocal.server")
+
+# (branch, target whose password was refused) -> a target with fresh credentials, or None.
+CredentialRefresher = Callable[[str, Target], Awaitable[Target | None]]
 
 
 class ListenError(Exception):
@@ -63,6 +71,11 @@ class Server:
         self.last_error_at: float | None = None
         self.sessions_total = 0
         self.accepting = False
+        self.credential_refresher: CredentialRefresher | None = None
+        self.local_tls: LocalTls | None = None
+        self._unix_path: Path | None = None
+        self._scram_cache: dict[str, ScramSecret] = {}
+        self.metrics = Metrics(self._live_state)
         self._set_local_password()
 
     # --- configuration ---------------------------------------------------------------------------
@@ -72,6 +85,15 @@ class Server:
         self.local_secret = (
             ScramSecret.from_password(password.get_secret_value()) if password else None
         )
+
+    def scram_secret_for(self, password: str) -> ScramSecret:
+        """SCRAM keys for a branch password, derived once (PBKDF2 is slow by design)."""
+        secret = self._scram_cache.get(password)
+        if secret is None:
+            if len(self._scram_cache) > 64:
+                self._scram_cache.clear()
+            secret = self._scram_cache[password] = ScramSecret.from_password(password)
+        return secret
 
     def update_settings(self, settings: Settings) -> None:
         old = self.settings.local.password
@@ -93,12 +115,26 @@ class Server:
     def selected(self) -> tuple[str, Target] | None:
         return self._selected
 
+    async def refresh_credentials(self, branch: str, stale: Target) -> Target | None:
+        """A target with fresh credentials after the server refused ``stale``'s, or None.
+
+        Static targets from the config file cannot be refreshed; the daemon installs a
+        refresher when branches are resolved through the Neon API.
+        """
+        if self.credential_refresher is None:
+            return None
+        fresh = await self.credential_refresher(branch, stale)
+        if fresh is not None and self._selected is not None and self._selected[0] == branch:
+            self._selected = (branch, fresh)
+        return fresh
+
     def current_target(self) -> tuple[str, Target]:
         if self._selected is None:
             raise SessionRefused(
                 self._selection_error
                 or "neonlocal: no branch is selected; run `neonlocal use NAME`",
                 sqlstate.UNABLE_TO_CONNECT,
+                ErrorKind.NO_BRANCH,
             )
         return self._selected
 
@@ -136,11 +172,40 @@ class Server:
             self.listening.append(format_address(host, bound[1]))
         if not self._servers:
             raise ListenError("neonlocal: no address to listen on; check [listen] host")
+        await self._start_unix_listener(port)
         self.accepting = True
+
+    async def _start_unix_listener(self, port: int) -> None:
+        directory = unix_socket_dir(self.settings.listen.unix_socket_dir)
+        if directory is None:
+            return
+        path = directory / f".s.PGSQL.{port}"
+        if path.exists() or path.is_symlink():
+            if _unix_socket_answers(path):
+                log.warning("unix_socket_in_use", path=str(path))
+                return
+            path.unlink()
+        old_umask = os.umask(0o177)  # the socket is ours alone, like our database credentials
+        try:
+            srv = await asyncio.get_running_loop().create_unix_server(
+                self._protocol, path=str(path)
+            )
+        except OSError as exc:
+            log.warning("unix_socket_skipped", path=str(path), reason=exc.strerror or str(exc))
+            return
+        finally:
+            os.umask(old_umask)
+        self._servers.append(srv)
+        self._unix_path = path
+        self.listening.append(str(path))
 
     @property
     def port(self) -> int:
         return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def unix_socket(self) -> Path | None:
+        return self._unix_path
 
     def _protocol(self) -> Endpoint:
         endpoint = Endpoint()
@@ -160,6 +225,10 @@ class Server:
         for srv in self._servers:
             await srv.wait_closed()
         self._servers.clear()
+        if self._unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._unix_path.unlink()
+            self._unix_path = None
 
     # --- sessions ------------------------------------------------------------------------------
 
@@ -170,11 +239,14 @@ class Server:
                 f"sorry, too many clients already: neonlocal serves at most {limit} sessions "
                 "([listen] max_sessions)",
                 sqlstate.TOO_MANY_CONNECTIONS,
+                ErrorKind.TOO_MANY,
             )
         self.sessions.add(session)
 
     def session_started(self, session: Session) -> None:
         self.sessions_total += 1
+        if session.branch is not None:
+            self.metrics.session_opened(session.branch)
         self.log_session("session_opened", session)
 
     def session_ended(self, session: Session) -> None:
@@ -190,12 +262,27 @@ class Server:
             fields["bytes_from_server"] = session.relay.upstream.bytes_in
         if session.branch is not None:
             self.log_session("session_closed", session, **fields)
+            # Read once at the end: the relay's hot path stays free of metrics work.
+            upstream = session.upstream
+            self.metrics.session_closed(
+                session.branch,
+                to_upstream=session.client.bytes_in if upstream is not None else 0,
+                to_client=upstream.endpoint.bytes_in if upstream is not None else 0,
+            )
 
     def log_session(self, event: str, session: Session, **fields: Any) -> None:
         log.info(event, **session.log_fields(), **fields)
 
     def sessions_by_branch(self) -> dict[str, int]:
         return dict(Counter(s.branch for s in self.sessions if s.branch is not None))
+
+    def _live_state(self) -> LiveState:
+        selected = self._selected
+        return LiveState(
+            sessions_open=dict.fromkeys(self.settings.branches, 0) | self.sessions_by_branch(),
+            branch=selected[0] if selected else None,
+            upstream=selected[1].describe() if selected else None,
+        )
 
     def terminate_sessions(
         self,
@@ -218,7 +305,9 @@ class Server:
         self.last_error = message
         self.last_error_at = time.time()
 
-    def observe_connect(self, seconds: float) -> None:
+    def observe_connect(self, seconds: float, branch: str | None = None) -> None:
+        if branch is not None:
+            self.metrics.upstream_connected(branch, seconds)
         if seconds > 2.0:
             log.info("upstream_slow_connect", seconds=round(seconds, 2))
 
@@ -249,6 +338,7 @@ class Server:
                 timeout=self.settings.upstream.connect_timeout,
             )
         except UpstreamError as exc:
+            self.metrics.error(ErrorKind.CANCEL_FAILED)
             log.warning("cancel_failed", upstream=route.target.describe(), cause=exc.cause)
             return
         log.info("cancel_forwarded", upstream=route.target.describe())
@@ -270,6 +360,32 @@ class Server:
     async def close(self, deadline: float = 0.0) -> None:
         await self.close_listeners()
         await self.drain(deadline, "neonlocal is shutting down")
+
+
+# Where libpq looks for `.s.PGSQL.<port>` when no host is given: Debian and Ubuntu build it
+# with /var/run/postgresql, upstream PostgreSQL (macOS, most others) with /tmp.
+_LIBPQ_SOCKET_DIRS = ("/var/run/postgresql", "/tmp")  # noqa: S108 - libpq's own default
+
+
+def unix_socket_dir(setting: str) -> Path | None:
+    if not setting:
+        return None
+    if setting != "auto":
+        return Path(setting).expanduser()
+    for candidate in _LIBPQ_SOCKET_DIRS:
+        if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def _unix_socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:

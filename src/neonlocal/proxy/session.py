@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from neonlocal.metrics import ErrorKind
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, UpstreamRejected
-from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
 from neonlocal.proxy.relay import Relay
@@ -44,13 +46,18 @@ CANCEL_WAIT_S = 2.0
 _ids = itertools.count(1)
 
 
+class _StaleCredentials(Exception):
+    """The server refused the password we hold; worth one refresh and retry."""
+
+
 class SessionRefused(Exception):
     """End the session before relaying, with this SQLSTATE and message for the client."""
 
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, kind: ErrorKind | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.sqlstate = code
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -127,6 +134,8 @@ class Session:
         self.user: str | None = None
         self.database: str | None = None
         self.auth: str | None = None
+        self._stale_message = ""
+        self.client_tls = False
 
     @property
     def busy(self) -> bool:
@@ -139,14 +148,17 @@ class Session:
             await self._run()
         except ProtocolError as exc:
             self.close_reason = f"protocol error: {exc.message}"
+            self.server.metrics.error(ErrorKind.PROTOCOL)
             self._refuse(exc.message, exc.sqlstate)
         except SessionRefused as exc:
             self.close_reason = exc.message
+            self.server.metrics.error(exc.kind or _kind_of_sqlstate(exc.sqlstate))
             self._refuse(exc.message, exc.sqlstate)
-        except PeerClosed:
-            self.close_reason = "client closed during startup"
+        except PeerClosed as exc:
+            self.close_reason = str(exc) or "client closed during startup"
         except TimeoutError:
             self.close_reason = "startup timed out"
+            self.server.metrics.error(ErrorKind.STARTUP_TIMEOUT)
             self._refuse(
                 "timeout while waiting for the startup packet", sqlstate.PROTOCOL_VIOLATION
             )
@@ -163,18 +175,36 @@ class Session:
         if negotiated is not None:
             self.client.write(negotiated.encode())
         plan = self._plan(params)
-        if plan.credentials is not None and self.server.local_secret is not None:
+        secret = self._local_secret(plan)
+        if secret is not None:
             async with asyncio.timeout(STARTUP_TIMEOUT_S):
-                await self._local_auth()
+                await self._local_auth(secret)
+        client_key = self._issue_cancel_key()
+        try:
+            await self._connect_and_login(plan, client_key, may_refresh=True)
+        except _StaleCredentials:
+            # A reset branch or a changed password: fetch the credentials again, once,
+            # before the client sees an error.
+            fresh = await self.server.refresh_credentials(self.branch or "", plan.target)
+            if fresh is None:
+                raise SessionRefused(self._stale_message, sqlstate.INVALID_PASSWORD) from None
+            self.target = fresh
+            plan = plan_login(fresh, params)
+            await self._connect_and_login(plan, client_key, may_refresh=False)
+
+    async def _connect_and_login(
+        self, plan: Plan, client_key: tuple[int, bytes], *, may_refresh: bool
+    ) -> None:
         upstream = await self._connect(plan.target)
         login = UpstreamLogin(
             plan.parameters,
             credentials=plan.credentials,
             certificate_der=upstream.certificate_der,
-            client_key=self._issue_cancel_key(),
+            client_key=client_key,
             extra_status={"neonlocal.branch": self.branch or ""},
+            client_tls=self.client_tls,
         )
-        await self._login(upstream, login)
+        await self._login(upstream, login, may_refresh=may_refresh)
 
     def _issue_cancel_key(self) -> tuple[int, bytes]:
         pid, secret = self.server.cancels.issue(self)
@@ -191,8 +221,12 @@ class Session:
             if isinstance(event, SSLRequest | GSSENCRequest):
                 if phase.buffered:
                     raise ProtocolError("received unencrypted data after SSL request")
-                # Local TLS and GSSAPI encryption are not offered (yet): plaintext on loopback.
-                self.client.write(b"N")
+                local_tls = self.server.local_tls
+                if isinstance(event, GSSENCRequest) or local_tls is None:
+                    self.client.write(b"N")
+                else:
+                    self.client.write(b"S")
+                    await self._start_client_tls(local_tls.context)
             elif isinstance(event, CancelRequest):
                 self.close_reason = "cancel request"
                 await self.server.forward_cancel(event)
@@ -201,7 +235,31 @@ class Session:
             else:
                 if phase.take_rest():
                     raise ProtocolError("unexpected data after the startup packet")
+                if self.server.settings.local.require_tls and not self.client_tls:
+                    raise SessionRefused(
+                        "neonlocal requires TLS from clients ([local] require_tls): "
+                        "connect with sslmode=require",
+                        sqlstate.INVALID_AUTHORIZATION,
+                    )
                 return event
+
+    async def _start_client_tls(self, context: ssl.SSLContext) -> None:
+        transport = self.client.transport
+        assert transport is not None
+        try:
+            tls_transport = await asyncio.get_running_loop().start_tls(
+                transport, self.client, context, server_side=True
+            )
+        except (ssl.SSLError, ConnectionError, OSError) as exc:
+            # No ErrorResponse is possible: the peer does not speak TLS with us.
+            transport.abort()
+            reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            raise PeerClosed(f"local TLS handshake failed: {reason}") from None
+        if tls_transport is None:
+            transport.abort()
+            raise PeerClosed("local TLS handshake failed")
+        self.client.set_transport(tls_transport)
+        self.client_tls = True
 
     def _plan(self, params: Mapping[str, str]) -> Plan:
         branch, target = self.server.current_target()
@@ -211,10 +269,22 @@ class Session:
         self.user, self.database = plan.user, plan.database
         return plan
 
-    async def _local_auth(self) -> None:
-        secret = self.server.local_secret
-        assert secret is not None
-        auth = LocalPasswordAuth(secret)
+    def _local_secret(self, plan: Plan) -> ScramSecret | None:
+        """What a local client must prove, if anything, before we log in upstream for it."""
+        if plan.credentials is None:
+            return None  # the client's own login is relayed; the server checks it
+        if self.server.local_secret is not None:
+            return self.server.local_secret
+        if self.client_tls and self.server.settings.local.tls_auth == "password":
+            return self.server.scram_secret_for(plan.credentials.password)
+        return None
+
+    async def _local_auth(self, secret: ScramSecret) -> None:
+        local_tls = self.server.local_tls
+        auth = LocalPasswordAuth(
+            secret,
+            certificate_der=local_tls.certificate_der if self.client_tls and local_tls else None,
+        )
         self.client.write(auth.start())
         while not auth.done:
             try:
@@ -224,6 +294,7 @@ class Session:
                     raise SessionRefused(
                         f'password authentication failed for user "{self.user}"',
                         sqlstate.INVALID_PASSWORD,
+                        ErrorKind.AUTH,
                     ) from None
                 raise
             self.client.write(reply)
@@ -236,16 +307,16 @@ class Session:
                 target, timeout=settings.connect_timeout, keepalive=settings.keepalive
             )
         except UpstreamError as exc:
-            raise SessionRefused(
-                f'neonlocal: cannot reach branch "{self.branch}" ({target.describe()}): '
-                f"{exc.cause}",
-                exc.sqlstate,
-            ) from None
-        self.server.observe_connect(time.monotonic() - began)
+            message = (
+                f'neonlocal: cannot reach branch "{self.branch}" ({target.describe()}): {exc.cause}'
+            )
+            self.server.record_error(message.removeprefix("neonlocal: "))
+            raise SessionRefused(message, exc.sqlstate, _kind_of_upstream_error(exc)) from None
+        self.server.observe_connect(time.monotonic() - began, self.branch)
         self.upstream = upstream
         return upstream
 
-    async def _login(self, upstream: Upstream, login: UpstreamLogin) -> None:
+    async def _login(self, upstream: Upstream, login: UpstreamLogin, *, may_refresh: bool) -> None:
         assert self.target is not None
         up = upstream.endpoint
         up.write(login.start())
@@ -257,10 +328,13 @@ class Session:
                 try:
                     data = await up.recv()
                 except PeerClosed:
-                    raise SessionRefused(
+                    message = (
                         f'neonlocal: branch "{self.branch}" ({self.target.describe()}) closed the '
-                        "connection during login",
-                        sqlstate.CONNECTION_FAILURE,
+                        "connection during login"
+                    )
+                    self.server.record_error(message.removeprefix("neonlocal: "))
+                    raise SessionRefused(
+                        message, sqlstate.CONNECTION_FAILURE, ErrorKind.UPSTREAM_CLOSED
                     ) from None
                 out = login.receive_upstream(data)
                 up.write(out.to_upstream)
@@ -268,12 +342,27 @@ class Session:
         except UpstreamRejected as exc:
             up.close()
             error = exc.error
-            fields = dict(error.fields)
-            fields["S"] = fields["V"] = "FATAL"
-            fields["M"] = (
+            message = (
                 f'neonlocal: branch "{self.branch}" ({self.target.describe()}): {error.message}'
             )
+            if (
+                may_refresh
+                and exc.during_auth
+                and not login.relaying_auth
+                and error.sqlstate in (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION)
+            ):
+                self._stale_message = message
+                self.upstream = None
+                raise _StaleCredentials from None
+            fields = dict(error.fields)
+            fields["S"] = fields["V"] = "FATAL"
+            fields["M"] = message
             self.close_reason = f"upstream refused: {error.sqlstate}"
+            self.server.metrics.error(
+                ErrorKind.AUTH
+                if exc.during_auth or error.sqlstate.startswith("28")
+                else ErrorKind.UPSTREAM_REJECTED
+            )
             self.server.record_error(f'branch "{self.branch}": {error.message}')
             self.client.write(codec.error_from_fields(fields))
             self.client.close()
@@ -349,3 +438,24 @@ class Session:
             fields["user"] = self.user
             fields["database"] = self.database
         return fields
+
+
+def _kind_of_upstream_error(exc: UpstreamError) -> ErrorKind:
+    # upstream.py words every failure after TCP connected as a TLS or certificate problem
+    # ("TLS handshake failed", "certificate verify failed", "does not support TLS"); the
+    # rest (refused, timed out, not resolved) never reached a server that spoke.
+    cause = exc.cause
+    if "TLS" in cause or cause.startswith("certificate"):
+        return ErrorKind.TLS
+    return ErrorKind.UPSTREAM_UNREACHABLE
+
+
+def _kind_of_sqlstate(code: str) -> ErrorKind:
+    """For refusals raised without a kind: the SQLSTATE class says enough."""
+    if code == sqlstate.TOO_MANY_CONNECTIONS:
+        return ErrorKind.TOO_MANY
+    if code.startswith("28"):
+        return ErrorKind.AUTH
+    if code.startswith("08") and code != sqlstate.PROTOCOL_VIOLATION:
+        return ErrorKind.UPSTREAM_UNREACHABLE
+    return ErrorKind.PROTOCOL

@@ -1,0 +1,241 @@
+"""Broken, hostile or just odd bytes from a client get a clear refusal and never hurt the daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fixtures import rawpg
+from fixtures.daemon import LocalDaemon
+
+pytestmark = pytest.mark.pg
+
+HOST = "127.0.0.1"
+_I32 = struct.Struct("!i")
+LOGIN = {"user": "neondb_owner", "database": "neondb"}
+
+
+@pytest.fixture(autouse=True)
+async def no_unhandled_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Fails the test if any daemon task died with an exception nobody handled."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    yield seen
+    gc.collect()  # "Task exception was never retrieved" is reported when the task is freed
+    loop.set_exception_handler(previous)
+    assert seen == []
+
+
+async def still_serves(daemon: LocalDaemon) -> None:
+    async with await psycopg.AsyncConnection.connect(daemon.url()) as conn:
+        cur = await conn.execute("SELECT name FROM branch_info")
+        assert await cur.fetchone() == ("main",)
+
+
+BAD_STARTUPS = {
+    "length below 8": (_I32.pack(4), "08P01", "invalid length of startup packet"),
+    "length 7 with a body": (_I32.pack(7) + b"\0\3\0", "08P01", "invalid length"),
+    "oversized": (_I32.pack(10_001) + b"\0\3\0\0", "08P01", "invalid length"),
+    "huge": (_I32.pack(2**31 - 1), "08P01", "invalid length"),
+    "negative length": (_I32.pack(-8) + b"\0" * 8, "08P01", "invalid length"),
+    "unterminated parameters": (
+        rawpg.packet(_I32.pack(rawpg.PROTOCOL_3_0) + b"user\0bob\0"),
+        "08P01",
+        "terminator",
+    ),
+    "parameter without a value": (
+        rawpg.packet(_I32.pack(rawpg.PROTOCOL_3_0) + b"user\0bob\0database\0\0"),
+        "08P01",
+        "startup packet",
+    ),
+    "protocol 2.0": (rawpg.startup(LOGIN, major=2), "0A000", "unsupported frontend protocol 2.0"),
+    "protocol 4.0": (rawpg.startup(LOGIN, major=4), "0A000", "unsupported frontend protocol"),
+    "no user": (rawpg.startup({"database": "neondb"}), "28000", "no PostgreSQL user name"),
+    "HTTP request": (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "08P01", "invalid length"),
+    "TLS ClientHello without SSLRequest": (
+        bytes.fromhex("16030100c4010000c00303") + b"\0" * 64,
+        "08P01",
+        "invalid length",
+    ),
+    "SSLRequest with pipelined plaintext": (
+        rawpg.ssl_request() + rawpg.startup(LOGIN),
+        "08P01",
+        "unencrypted data after SSL request",
+    ),
+    "SSLRequest with a body": (
+        rawpg.packet(_I32.pack(rawpg.SSL_REQUEST_CODE) + b"xxxx"),
+        "08P01",
+        "SSLRequest",
+    ),
+    "CancelRequest too short": (
+        rawpg.packet(_I32.pack(rawpg.CANCEL_REQUEST_CODE) + b"\0\0"),
+        "08P01",
+        "CancelRequest",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STARTUPS))
+async def test_malformed_startup_gets_an_error_and_a_close(daemon: LocalDaemon, case: str) -> None:
+    """The client reads an ErrorResponse naming the problem, then EOF; others carry on."""
+    data, code, text = BAD_STARTUPS[case]
+    error, after = await rawpg.refusal(HOST, daemon.port, data)
+    assert (error.sqlstate, error.severity) == (code, "FATAL")
+    assert text in error.message
+    assert after == b""
+    await still_serves(daemon)
+
+
+async def test_a_second_ssl_request_is_a_protocol_violation(daemon: LocalDaemon) -> None:
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"N"
+        await client.send(rawpg.ssl_request())
+        error = await client.read_error()
+        assert await client.read_to_end() == b""
+    assert error.sqlstate == "08P01"
+    assert "SSLRequest" in error.message
+    await still_serves(daemon)
+
+
+async def test_gssenc_then_ssl_requests_are_both_declined_then_login_works(
+    daemon: LocalDaemon,
+) -> None:
+    """What libpq does with gssencmode=prefer: 'N' to GSSAPI, then 'N' to TLS, then plaintext."""
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.gssenc_request())
+        assert await client.read_byte() == b"N"
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"N"
+        await client.send(rawpg.startup(LOGIN))
+        kinds = [m.kind for m in await client.read_until(b"Z")]
+        await client.send(rawpg.terminate())
+    assert kinds[0] == b"R"
+
+
+async def test_cancel_request_with_an_unknown_key_is_dropped_silently(
+    daemon: LocalDaemon,
+) -> None:
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.cancel_request(123456, b"\x01\x02\x03\x04"))
+        assert await client.read_to_end() == b""
+    await still_serves(daemon)
+
+
+async def test_cancel_with_a_wrong_key_does_not_touch_a_running_query(
+    daemon: LocalDaemon,
+) -> None:
+    """Guessing only the process id of a live session cancels nothing."""
+    async with await psycopg.AsyncConnection.connect(daemon.url()) as conn:
+        pid = conn.info.backend_pid
+        running = asyncio.ensure_future(conn.execute("SELECT pg_sleep(0.3), 'done'"))
+        await asyncio.sleep(0.05)
+        async with rawpg.raw_client(HOST, daemon.port) as client:
+            await client.send(rawpg.cancel_request(pid, b"\0\0\0\0"))
+            assert await client.read_to_end() == b""
+        cur = await running
+        assert await cur.fetchone() == ("", "done")
+
+
+@pytest.mark.parametrize("sent", [b"", b"\0\0", rawpg.startup(LOGIN)[:11]])
+async def test_client_that_closes_early_gets_no_reply_and_harms_nothing(
+    daemon: LocalDaemon, sent: bytes
+) -> None:
+    """Nothing, or a truncated packet, then close: like PostgreSQL, no error is sent."""
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(sent)
+        client.writer.write_eof()
+        assert await client.read_to_end() == b""
+    await still_serves(daemon)
+
+
+async def test_a_stalled_half_packet_does_not_block_other_clients(daemon: LocalDaemon) -> None:
+    stalled = [await rawpg.RawClient.connect(HOST, daemon.port) for _ in range(3)]
+    try:
+        for client in stalled:
+            await client.send(rawpg.startup(LOGIN)[:7])
+        await still_serves(daemon)
+        await still_serves(daemon)
+    finally:
+        for client in stalled:
+            await client.close()
+
+
+async def test_protocol_3_2_client_is_negotiated_down_and_logs_in(daemon: LocalDaemon) -> None:
+    """A PostgreSQL 18 client hears "3.0, option unknown" and then runs queries."""
+    params = {**LOGIN, "_pq_.test_option": "on", "application_name": "pg18"}
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.startup(params, minor=2))
+        login = await client.read_until(b"Z")
+        await client.send(rawpg.query("SELECT name FROM branch_info"))
+        result = await client.read_until(b"Z")
+        await client.send(rawpg.terminate())
+    assert login[0].kind == b"v"
+    assert rawpg.negotiate_protocol_version(login[0]) == (3, 0, ["_pq_.test_option"])
+    assert login[1].kind == b"R" and login[1].payload == _I32.pack(0)
+    statuses = dict(rawpg.parameter_status(m) for m in login if m.kind == b"S")
+    assert statuses["neonlocal.branch"] == "main"
+    assert statuses["application_name"] == "pg18"
+    rows = [m.payload for m in result if m.kind == b"D"]
+    assert rows == [b"\0\x01" + _I32.pack(4) + b"main"]
+
+
+# Byte strings that look a little like what clients send, so the fuzzing gets past the
+# length check into the request and parameter parsers.
+_codes = st.sampled_from(
+    [rawpg.PROTOCOL_3_0, rawpg.SSL_REQUEST_CODE, rawpg.CANCEL_REQUEST_CODE, 0x00030002, 0x00020000]
+)
+_framed = st.builds(
+    lambda code, body: rawpg.packet(_I32.pack(code) + body), _codes, st.binary(max_size=64)
+)
+_params = st.dictionaries(
+    st.text(min_size=1, max_size=8).filter(lambda s: "\0" not in s),
+    st.text(max_size=8).filter(lambda s: "\0" not in s),
+    max_size=3,
+)
+# Some of them log in for real: odd parameters then reach the upstream, which may refuse them.
+_logins = _params.map(lambda extra: {**extra, **LOGIN})
+_startups = st.builds(
+    lambda params, minor, cut: rawpg.startup(params, minor=minor)[:cut],
+    st.one_of(_params, _logins),
+    st.integers(0, 3),
+    st.integers(0, 200),
+)
+_chunks = st.one_of(st.binary(max_size=96), _framed, _startups, st.just(rawpg.ssl_request()))
+HOSTILE_BYTES = st.lists(_chunks, min_size=1, max_size=3).map(b"".join)
+
+
+def _check_reply(reply: bytes) -> None:
+    """Whatever the daemon said is well formed, and any error has a SQLSTATE."""
+    messages = rawpg.split_messages(rawpg.strip_encryption_answers(reply))
+    for error in rawpg.iter_errors(messages):
+        assert len(error.sqlstate) == 5, error
+        assert error.message
+
+
+async def test_random_bytes_never_crash_the_daemon(daemon: LocalDaemon) -> None:
+    """Hundreds of random byte strings on the socket; afterwards a real query still works."""
+    port = daemon.port
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    @given(HOSTILE_BYTES)
+    def throw(data: bytes) -> None:
+        _check_reply(rawpg.exchange(HOST, port, data))
+
+    await asyncio.to_thread(throw)
+    await still_serves(daemon)
