@@ -80,9 +80,7 @@ class Context:
     def control_path(self, settings: Any) -> Path:
         from neonlocal.paths import control_socket_path
 
-        if settings.control.socket:
-            return Path(settings.control.socket)
-        return control_socket_path(self.config_path, self.env)
+        return control_socket_path(self.config_path, self.env, settings.control.socket)
 
 
 pass_ctx = click.make_pass_decorator(Context)

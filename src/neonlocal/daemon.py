@@ -24,8 +24,8 @@ from neonlocal import __version__
 from neonlocal.admin import AdminError, AdminServer
 from neonlocal.config import ConfigError, Settings, check_selected_branch, load_settings
 from neonlocal.control import ControlServer
-from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
+from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.paths import control_socket_path
 from neonlocal.proxy import tls
 from neonlocal.proxy.server import Server, is_loopback
@@ -103,11 +103,7 @@ class Daemon:
                 raise StartupError(str(exc)) from None
         self._apply_selection(settings)
         await self.server.start(self._inherited)
-        control_path = (
-            Path(settings.control.socket)
-            if settings.control.socket
-            else control_socket_path(self.config_path, self.env)
-        )
+        control_path = control_socket_path(self.config_path, self.env, settings.control.socket)
         self.control = ControlServer(control_path, self.handle_control)
         try:
             await self.control.start()

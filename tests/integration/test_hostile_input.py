@@ -182,7 +182,8 @@ async def test_protocol_3_2_client_is_negotiated_down_and_logs_in(daemon: LocalD
         await client.send(rawpg.terminate())
     assert login[0].kind == b"v"
     assert rawpg.negotiate_protocol_version(login[0]) == (3, 0, ["_pq_.test_option"])
-    assert login[1].kind == b"R" and login[1].payload == _I32.pack(0)
+    assert login[1].kind == b"R"
+    assert login[1].payload == _I32.pack(0)  # AuthenticationOk
     statuses = dict(rawpg.parameter_status(m) for m in login if m.kind == b"S")
     assert statuses["neonlocal.branch"] == "main"
     assert statuses["application_name"] == "pg18"

@@ -1,4 +1,4 @@
-"""An optional local password guards the daemon (SCRAM-SHA-256); without one, loopback is trusted."""
+"""An optional local password guards the daemon with SCRAM; without one, loopback is trusted."""
 
 from __future__ import annotations
 

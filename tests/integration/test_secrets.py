@@ -134,9 +134,7 @@ async def failing_branches(
 
 
 def secret_config(path: Path, branches: dict[str, str | dict[str, str]], main_url: str) -> Path:
-    extra = (
-        f"[local]\npassword = {toml_string(LOCAL_SECRET)}\n\n[upstream]\nconnect_timeout = 0.5"
-    )
+    extra = f"[local]\npassword = {toml_string(LOCAL_SECRET)}\n\n[upstream]\nconnect_timeout = 0.5"
     return write_config(path, {"main": main_url, **branches}, branch="main", extra=extra)
 
 
@@ -181,7 +179,7 @@ async def test_no_secret_escapes_through_logs_status_or_client_errors(
 
 async def broken_edits(d: LocalDaemon, config: Path) -> list[tuple[str, str]]:
     """Hand edits that break the file, each quoting a secret near the mistake."""
-    good = config.read_text()
+    good = await asyncio.to_thread(config.read_text)
     seen = []
     edits = {
         "bad port": f'\n[branches.oops]\nurl = "postgresql://u:{SECRET}@h:notaport/db"\n',
@@ -189,12 +187,12 @@ async def broken_edits(d: LocalDaemon, config: Path) -> list[tuple[str, str]]:
         "unknown key": f'\n[branches.oops]\nurl = "postgresql://h/db"\npasword = "{SECRET}"\n',
     }
     for label, edit in edits.items():
-        config.write_text(good + edit)
+        await asyncio.to_thread(config.write_text, good + edit)
         problem = await d.daemon.reload("test edit", force=True)
         assert problem is not None, label
         seen.append((f"reload problem ({label})", problem))
         seen.append((f"status ({label})", json.dumps(d.status())))
-    config.write_text(good)
+    await asyncio.to_thread(config.write_text, good)
     assert await d.daemon.reload("test edit", force=True) is None
     return seen
 
@@ -244,11 +242,7 @@ async def test_neonlocal_up_debug_log_file_has_no_secret(
         port = int(status["listen"][0].rsplit(":", 1)[1])
         url = f"postgresql://neondb_owner@127.0.0.1:{port}/neondb?sslmode=disable"
         with pytest.raises(asyncpg.InvalidPasswordError):
-            try:
-                await asyncpg.connect(url, password=LOCAL_SECRET)
-            except Exception:
-                print(proc.log())
-                raise
+            await asyncpg.connect(url, password=LOCAL_SECRET)
         status = await asyncio.to_thread(proc.status)
     finally:
         await asyncio.to_thread(proc.stop)

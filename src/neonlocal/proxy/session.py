@@ -187,6 +187,7 @@ class Session:
             # before the client sees an error.
             fresh = await self.server.refresh_credentials(self.branch or "", plan.target)
             if fresh is None:
+                self.server.record_error(self._stale_message.removeprefix("neonlocal: "))
                 raise SessionRefused(self._stale_message, sqlstate.INVALID_PASSWORD) from None
             self.target = fresh
             plan = plan_login(fresh, params)
