@@ -56,8 +56,11 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "ControlSettings",
+    "GitSettings",
     "ListenSettings",
     "LocalSettings",
+    "NeonSettings",
+    "NetworkSettings",
     "Settings",
     "UpstreamSettings",
     "check_selected_branch",
@@ -234,6 +237,10 @@ class UpstreamSettings(_Section):
     # Long enough for a suspended Neon compute to start.
     connect_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     keepalive: bool = True
+    # Opt-in: keep a closed client's upstream session (reset with DISCARD ALL) for the next
+    # client of the same branch, role and database, for at most reuse_idle_timeout seconds.
+    reuse_sessions: bool = False
+    reuse_idle_timeout: float = Field(default=60.0, gt=0, le=240, allow_inf_nan=False)
 
 
 class ControlSettings(_Section):
@@ -287,17 +294,88 @@ class AdminSettings(_Section):
         return None if self.listen is None else split_host_port(self.listen)
 
 
-class BranchSettings(_Section):
-    """``[branches.NAME]``: one static target."""
+def _check_ip_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise PydanticCustomError(
+            "ip_address", "expected an IP address such as 203.0.113.7, not a host name"
+        ) from None
+    return value
 
-    url: SecretStr
+
+IpAddress = Annotated[str, AfterValidator(_check_ip_address)]
+OptionalPath = Annotated[Path, BeforeValidator(_path_text)] | None
+
+
+class NeonSettings(_Section):
+    """``[neon]``: finding branches by name through the Neon API."""
+
+    # Without it, only [branches.NAME] tables with a url can be selected.
+    project_id: NonEmptyStr | None = None
+    # A file holding the API key, mode 0600. NEON_API_KEY in the environment wins over it.
+    api_key_file: OptionalPath = None
+    # None: NEON_API_HOST (as neonctl reads it), else https://console.neon.tech/api/v2.
+    api_url: NonEmptyStr | None = None
+    # Who to log in as, and where: None picks the database owner and the only database.
+    role: NonEmptyStr | None = None
+    database: NonEmptyStr | None = None
+    # Connect to the endpoint's PgBouncer host (`-pooler`), for every API-resolved branch.
+    pooled: bool = False
+    # CA file API-resolved endpoints are verified against; None: the system trust store.
+    sslrootcert: OptionalPath = None
+
+
+class NetworkSettings(_Section):
+    """``[network]``: where host names really are, like curl's ``--resolve``."""
+
+    # host name -> IP address to connect to; the name still drives SNI and certificates.
+    resolve: dict[NonEmptyStr, IpAddress] = Field(default_factory=dict)
+
+
+class GitSettings(_Section):
+    """``[git]``: switch Neon branches as the git branch of a repository changes."""
+
+    follow: bool = False
+    # The repository whose HEAD is followed; None: the directory `neonlocal up` starts in.
+    repo: OptionalPath = None
+    # Create a missing Neon branch (from `parent`, else the project's default branch).
+    create: bool = False
+    parent: NonEmptyStr | None = None
+    # git branch -> Neon branch, where the names differ. Mapping a git branch to the
+    # default or a protected Neon branch is the only way to follow into one.
+    map: dict[NonEmptyStr, BranchName] = Field(default_factory=dict)
+
+
+class BranchSettings(_Section):
+    """``[branches.NAME]``: a static target (``url``), or options for an API-found branch."""
+
+    # Without a url the branch is found by name through the Neon API ([neon] project_id).
+    url: SecretStr | None = None
     tls: TlsMode = TlsMode.VERIFY_FULL
     user: NonEmptyStr | None = None
     database: NonEmptyStr | None = None
+    # Through the API only: use the endpoint's `-pooler` host (None: as [neon] pooled says).
+    pooled: bool | None = None
+
+    @model_validator(mode="after")
+    def _pooled_needs_the_api(self) -> BranchSettings:
+        if self.url is not None and self.pooled is not None:
+            raise PydanticCustomError(
+                "pooled_with_url",
+                "{reason}",
+                {
+                    "reason": "pooled applies to branches found through the Neon API; with a "
+                    "url, write the -pooler host into the url instead"
+                },
+            )
+        return self
 
     @field_validator("url")
     @classmethod
-    def _usable_url(cls, value: SecretStr) -> SecretStr:
+    def _usable_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
         try:
             validate_upstream(parse_conninfo(value.get_secret_value()))
         except ConnInfoError as exc:
@@ -367,6 +445,9 @@ class Settings(BaseSettings):
     upstream: UpstreamSettings = UpstreamSettings()
     control: ControlSettings = ControlSettings()
     admin: AdminSettings = AdminSettings()
+    neon: NeonSettings = NeonSettings()
+    network: NetworkSettings = NetworkSettings()
+    git: GitSettings = GitSettings()
     branches: dict[BranchName, BranchSettings] = Field(default_factory=dict)
 
     _provenance: _Provenance = PrivateAttr(default_factory=_Provenance)
@@ -401,6 +482,17 @@ class Settings(BaseSettings):
                     "at": ("listen", "host"),
                 },
             )
+        return self
+
+    @model_validator(mode="after")
+    def _urlless_branches_need_the_api(self) -> Settings:
+        if self.neon.project_id is not None:
+            return self
+        for name, branch in self.branches.items():
+            if branch.url is None:
+                raise PydanticCustomError(
+                    "missing", "Field required", {"at": ("branches", name, "url")}
+                )
         return self
 
     @property
@@ -483,9 +575,13 @@ def load_settings(
 
 
 def check_selected_branch(settings: Settings) -> None:
-    """Raise ConfigError if ``branch`` is set but names no ``[branches]`` table."""
+    """Raise ConfigError if ``branch`` is set but names no ``[branches]`` table.
+
+    With ``[neon] project_id`` any name may be a branch found through the API, which the
+    daemon checks when it resolves it.
+    """
     name = settings.branch
-    if name is None or name in settings.branches:
+    if name is None or name in settings.branches or settings.neon.project_id is not None:
         return
     origin = settings._provenance
     raise ConfigError(

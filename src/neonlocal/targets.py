@@ -117,6 +117,8 @@ def validate_upstream(info: ConnInfo) -> None:
 
 def build_target(name: str, branch: BranchSettings) -> Target:
     """Turn one ``[branches.NAME]`` table into a Target; raises TargetError."""
+    if branch.url is None:
+        raise TargetError(name, "has no url; it is found through the Neon API")
     try:
         info = parse_conninfo(branch.url.get_secret_value())
         validate_upstream(info)

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import struct
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fixtures import rawpg
-from fixtures.daemon import LocalDaemon
+from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 
 pytestmark = pytest.mark.pg
 
@@ -96,10 +97,25 @@ async def test_malformed_startup_gets_an_error_and_a_close(daemon: LocalDaemon, 
     await still_serves(daemon)
 
 
-async def test_a_second_ssl_request_is_a_protocol_violation(daemon: LocalDaemon) -> None:
+@pytest.fixture
+async def plaintext_daemon(
+    workdir: Path, branch_urls: dict[str, str]
+) -> AsyncIterator[LocalDaemon]:
+    """A daemon with local TLS turned off: it declines SSLRequest with 'N'."""
+    config = write_config(
+        workdir / "config.toml", branch_urls, branch="main", extra="[local]\ntls = false"
+    )
+    async with running_daemon(config, daemon_env(workdir)) as running:
+        yield running
+
+
+async def test_a_second_ssl_request_inside_tls_is_a_protocol_violation(
+    daemon: LocalDaemon,
+) -> None:
     async with rawpg.raw_client(HOST, daemon.port) as client:
         await client.send(rawpg.ssl_request())
-        assert await client.read_byte() == b"N"
+        assert await client.read_byte() == b"S"
+        await client.start_tls()
         await client.send(rawpg.ssl_request())
         error = await client.read_error()
         assert await client.read_to_end() == b""
@@ -108,19 +124,46 @@ async def test_a_second_ssl_request_is_a_protocol_violation(daemon: LocalDaemon)
     await still_serves(daemon)
 
 
-async def test_gssenc_then_ssl_requests_are_both_declined_then_login_works(
+async def test_a_second_ssl_request_after_n_is_a_protocol_violation(
+    plaintext_daemon: LocalDaemon,
+) -> None:
+    async with rawpg.raw_client(HOST, plaintext_daemon.port) as client:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"N"
+        await client.send(rawpg.ssl_request())
+        error = await client.read_error()
+        assert await client.read_to_end() == b""
+    assert error.sqlstate == "08P01"
+    assert "SSLRequest" in error.message
+    await still_serves(plaintext_daemon)
+
+
+async def test_plaintext_where_a_tls_handshake_belongs_just_closes(daemon: LocalDaemon) -> None:
+    """After 'S' no ErrorResponse can be understood; the daemon hangs up and carries on."""
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"S"
+        await client.send(rawpg.startup(LOGIN))
+        reply = await client.read_to_end()
+    assert b"neondb" not in reply
+    assert rawpg.split_messages(reply) == [] or reply[:1] == b"\x15"  # nothing, or a TLS alert
+    await still_serves(daemon)
+
+
+async def test_gssenc_is_declined_then_ssl_is_accepted_then_login_works(
     daemon: LocalDaemon,
 ) -> None:
-    """What libpq does with gssencmode=prefer: 'N' to GSSAPI, then 'N' to TLS, then plaintext."""
+    """What libpq does with gssencmode=prefer: GSSENCRequest ('N'), then SSLRequest ('S')."""
     async with rawpg.raw_client(HOST, daemon.port) as client:
         await client.send(rawpg.gssenc_request())
         assert await client.read_byte() == b"N"
         await client.send(rawpg.ssl_request())
-        assert await client.read_byte() == b"N"
+        assert await client.read_byte() == b"S"
+        await client.start_tls()
         await client.send(rawpg.startup(LOGIN))
-        kinds = [m.kind for m in await client.read_until(b"Z")]
+        login = await client.read_until(b"Z")
         await client.send(rawpg.terminate())
-    assert kinds[0] == b"R"
+    assert login[0].kind == b"R"
 
 
 async def test_cancel_request_with_an_unknown_key_is_dropped_silently(
@@ -218,7 +261,7 @@ HOSTILE_BYTES = st.lists(_chunks, min_size=1, max_size=3).map(b"".join)
 
 def _check_reply(reply: bytes) -> None:
     """Whatever the daemon said is well formed, and any error has a SQLSTATE."""
-    messages = rawpg.split_messages(rawpg.strip_encryption_answers(reply))
+    messages = rawpg.plaintext_messages(reply)
     for error in rawpg.iter_errors(messages):
         assert len(error.sqlstate) == 5, error
         assert error.message

@@ -83,6 +83,9 @@ class UpstreamLogin:
         self.state = LoginState.AUTHENTICATING
         self.server_key: tuple[int, bytes] | None = None
         self.server_parameters: dict[str, str] = {}
+        # The server's ParameterStatus messages as sent, to replay to a client that reuses
+        # this session later.
+        self.status_messages = b""
         self.channel_bound = False
         self.auth_method: str | None = None
         # Relay mode: the client owes the server an answer to the request we forwarded.
@@ -152,7 +155,9 @@ class UpstreamLogin:
             self.server_parameters[name.decode(errors="replace")] = rest.rstrip(b"\0").decode(
                 errors="replace"
             )
-            self._held.append(codec.message(kind, payload))
+            encoded = codec.message(kind, payload)
+            self._held.append(encoded)
+            self.status_messages += encoded
         elif kind == b"K":
             self.server_key = codec.parse_backend_key_data(payload)
         elif kind == b"N":

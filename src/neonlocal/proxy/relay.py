@@ -20,6 +20,8 @@ END_WHEN_IDLE_S = 1.0
 
 # Type byte and length of a ReadyForQuery message; the status byte follows.
 _READY = b"Z\x00\x00\x00\x05"
+_IDLE_STATUS = b"I"[0]
+_TERMINATE = b"X\x00\x00\x00\x04"
 
 
 class Relay:
@@ -37,6 +39,11 @@ class Relay:
         self._client_eof = False
         self._pending_error: bytes | None = None
         self._on_boundary: Callable[[], None] | None = None
+        # Session reuse: called instead of closing the upstream when the client leaves an
+        # idle session outside a transaction; the upstream then belongs to the caller.
+        self.release: Callable[[], None] | None = None
+        self.released = False
+        self._status = b"I"[0]
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self, leftover_client: bytes = b"") -> None:
@@ -45,7 +52,7 @@ class Relay:
         assert upstream.transport is not None
         client.backpressure_source = upstream.transport
         upstream.backpressure_source = client.transport
-        client.on_data = self._from_client
+        client.on_data = self._from_client if self.release is None else self._from_client_reusable
         upstream.on_data = self._from_upstream
         client.on_eof = self._client_eof_received
         upstream.on_eof = self._upstream_eof_received
@@ -63,12 +70,20 @@ class Relay:
         self.idle = False
         self.upstream.transport.write(data)  # type: ignore[union-attr]
 
+    def _from_client_reusable(self, data: bytes) -> None:
+        # A client's Terminate would end the server session we want to keep: hold it back.
+        if data == _TERMINATE and self.idle:
+            return
+        self._from_client(data)
+
     def _from_upstream(self, data: bytes) -> None:
         self.client.transport.write(data)  # type: ignore[union-attr]
         at_boundary = data[-6:-1] == _READY
         self.at_boundary = self.idle = at_boundary
-        if at_boundary and self._on_boundary is not None:
-            self._on_boundary()
+        if at_boundary:
+            self._status = data[-1]
+            if self._on_boundary is not None:
+                self._on_boundary()
 
     # --- ends ------------------------------------------------------------------------------
 
@@ -76,6 +91,8 @@ class Relay:
         # The client may half-close after its last query: let the answer come back, then
         # end the upstream session (TLS cannot carry a half-close).
         self._client_eof = True
+        if self._reusable():
+            return False  # the client is gone; _lost hands the idle upstream back
         if self.at_boundary:
             self._close_upstream()
         else:
@@ -93,8 +110,27 @@ class Relay:
         self.upstream.write(codec.terminate())
         self.upstream.close()
 
+    def _reusable(self) -> bool:
+        return (
+            self.release is not None
+            and self.idle
+            and self._status == _IDLE_STATUS
+            and not self._ending
+            and not self.upstream.eof
+        )
+
     def _lost(self) -> None:
         if self.client.lost and not self.upstream.lost:
+            if self._reusable() and self.release is not None:
+                release, self.release = self.release, None
+                self.released = True
+                self.upstream.on_data = None
+                self.upstream.on_eof = self.upstream.on_lost = None
+                self.upstream.backpressure_source = None
+                release()
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
             self.upstream.close()
         elif self.upstream.lost and not self.client.lost:
             if not self._ending:

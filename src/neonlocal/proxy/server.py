@@ -29,6 +29,7 @@ from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.pool import SessionPool
 from neonlocal.proxy.session import CANCEL_WAIT_S, TERMINATE_GRACE_S, Session, SessionRefused
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.targets import Target
@@ -73,6 +74,8 @@ class Server:
         self.accepting = False
         self.credential_refresher: CredentialRefresher | None = None
         self.local_tls: LocalTls | None = None
+        self.pool: SessionPool | None = None
+        self._configure_pool()
         self._unix_path: Path | None = None
         self._scram_cache: dict[str, ScramSecret] = {}
         self.metrics = Metrics(self._live_state)
@@ -95,14 +98,28 @@ class Server:
             secret = self._scram_cache[password] = ScramSecret.from_password(password)
         return secret
 
+    def _configure_pool(self) -> None:
+        upstream = self.settings.upstream
+        if upstream.reuse_sessions and self.pool is None:
+            self.pool = SessionPool(upstream.reuse_idle_timeout)
+        elif not upstream.reuse_sessions and self.pool is not None:
+            self.pool.clear()
+            self.pool = None
+        elif self.pool is not None:
+            self.pool.idle_timeout = upstream.reuse_idle_timeout
+
     def update_settings(self, settings: Settings) -> None:
         old = self.settings.local.password
         self.settings = settings
         new = settings.local.password
         if (old and old.get_secret_value()) != (new and new.get_secret_value()):
             self._set_local_password()
+        self._configure_pool()
 
     def select(self, branch: str, target: Target) -> None:
+        if self.pool is not None and self._selected != (branch, target):
+            # A new selection or new credentials: sessions kept for reuse go.
+            self.pool.clear(keep_branch=branch, keep_target=target)
         self._selected = (branch, target)
         self._selection_error = None
 
@@ -359,6 +376,8 @@ class Server:
 
     async def close(self, deadline: float = 0.0) -> None:
         await self.close_listeners()
+        if self.pool is not None:
+            await self.pool.close()
         await self.drain(deadline, "neonlocal is shutting down")
 
 

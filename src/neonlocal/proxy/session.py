@@ -23,6 +23,7 @@ from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, Upstr
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
@@ -136,6 +137,8 @@ class Session:
         self.auth: str | None = None
         self._stale_message = ""
         self.client_tls = False
+        self._pool_key: PoolKey | None = None
+        self._status_messages = b""
 
     @property
     def busy(self) -> bool:
@@ -180,6 +183,13 @@ class Session:
             async with asyncio.timeout(STARTUP_TIMEOUT_S):
                 await self._local_auth(secret)
         client_key = self._issue_cancel_key()
+        pool = self.server.pool
+        if pool is not None and plan.credentials is not None:
+            self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
+            parked = pool.take(self._pool_key)
+            if parked is not None:
+                await self._resume(parked, client_key)
+                return
         try:
             await self._connect_and_login(plan, client_key, may_refresh=True)
         except _StaleCredentials:
@@ -206,6 +216,58 @@ class Session:
             client_tls=self.client_tls,
         )
         await self._login(upstream, login, may_refresh=may_refresh)
+
+    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
+        """Serve the client on a reused upstream session: no handshake upstream at all."""
+        assert self.target is not None
+        self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
+        pid, secret = client_key
+        self.client.write(
+            codec.auth_ok()
+            + parked.status_messages
+            + codec.parameter_status("neonlocal.branch", self.branch or "")
+            + codec.backend_key_data(pid, secret)
+            + codec.ready_for_query()
+        )
+        self._status_messages = parked.status_messages
+        if parked.server_key is not None and self.cancel_pid is not None:
+            server_pid, server_secret = parked.server_key
+            self.server.cancels.bind(
+                self.cancel_pid, CancelRoute(parked.target, server_pid, server_secret)
+            )
+        self.auth = "reused"
+        self.server.log_session("session_ready", self, auth="reused", tls=parked.tls_version)
+        await self._relay(parked.endpoint, parked.server_key)
+
+    async def _relay(self, up: Endpoint, server_key: tuple[int, bytes] | None) -> None:
+        relay = Relay(self.client, up)
+        self.relay = relay
+        pool, key = self.server.pool, self._pool_key
+        if pool is not None and key is not None and self.upstream is not None:
+            upstream = self.upstream
+            target = self.target
+            assert target is not None
+
+            def release() -> None:
+                pool.park(
+                    key,
+                    Parked(
+                        up,
+                        target,
+                        self._status_messages,
+                        server_key,
+                        upstream.tls_version,
+                        upstream.address,
+                    ),
+                )
+
+            relay.release = release
+        relay.start()
+        await relay.done
+        self.close_reason = relay.close_reason
+        if relay.released:
+            self.close_reason = "client closed; upstream session kept for reuse"
+            self.upstream = None
 
     def _issue_cancel_key(self) -> tuple[int, bytes]:
         pid, secret = self.server.cancels.issue(self)
@@ -382,11 +444,8 @@ class Session:
             channel_binding=login.channel_bound,
             tls=upstream.tls_version,
         )
-        relay = Relay(self.client, up)
-        self.relay = relay
-        relay.start()
-        await relay.done
-        self.close_reason = relay.close_reason
+        self._status_messages = login.status_messages
+        await self._relay(up, login.server_key)
 
     # --- ending --------------------------------------------------------------------------------
 
