@@ -47,9 +47,10 @@ async def psql(url: str, password: str | None) -> tuple[int, str, str]:
     return proc.returncode, out.decode().strip(), err.decode()
 
 
-async def test_psql_with_the_local_password_gets_in(guarded: LocalDaemon) -> None:
-    """libpq sends an empty SCRAM user name (n=,r=...); the daemon accepts it."""
-    code, out, err = await psql(guarded.url(), LOCAL_PASSWORD)
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+async def test_psql_with_the_local_password_gets_in(guarded: LocalDaemon, sslmode: str) -> None:
+    """libpq sends an empty SCRAM user name (n=,r=...) in plaintext and over local TLS."""
+    code, out, err = await psql(guarded.url(sslmode=sslmode), LOCAL_PASSWORD)
     assert (code, out) == (0, "main"), err
 
 

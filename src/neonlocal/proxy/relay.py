@@ -97,7 +97,8 @@ class Relay:
             self._close_upstream()
         else:
             self._on_boundary = self._close_upstream
-        return True
+        # Keeping our sending half open only works on plain TCP; a TLS client closes whole.
+        return self.client.extra("ssl_object") is None
 
     def _upstream_eof_received(self) -> bool:
         if not self._ending:
