@@ -6,8 +6,12 @@ import asyncio
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from neonlocal import logging as nl_logging
+
+if TYPE_CHECKING:
+    from neonlocal.resolver import EphemeralSpec
 
 
 def _loop_factory() -> type[asyncio.AbstractEventLoop] | None:
@@ -26,6 +30,7 @@ def run_daemon(
     *,
     log_level: str | None = None,
     json_logs: bool | None = None,
+    ephemeral: EphemeralSpec | None = None,
 ) -> int:
     from neonlocal.config import ConfigError, load_settings
     from neonlocal.daemon import Daemon, StartupError
@@ -49,7 +54,7 @@ def run_daemon(
     nl_logging.configure(level, json=json_logs)
 
     async def main() -> None:
-        await Daemon(config_path, env, sockets=sockets).run()
+        await Daemon(config_path, env, sockets=sockets, ephemeral=ephemeral).run()
 
     loop_class = _loop_factory()
     try:

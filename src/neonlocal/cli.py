@@ -31,6 +31,9 @@ class LazyGroup(click.Group):
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
         "service": ("neonlocal.service", "service", "Run neonlocal as a login service."),
+        "init": ("neonlocal.cli_neon", "init", "Check the Neon API key and pick a project."),
+        "branches": ("neonlocal.cli_neon", "branches", "List the Neon project's branches."),
+        "branch": ("neonlocal.cli_neon", "branch", "Reset or delete a Neon branch."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -103,32 +106,80 @@ def main(ctx: click.Context, config: Path | None) -> None:
 @main.command()
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--json-logs/--console-logs", default=None, help="Log format (default: by TTY).")
+@click.option(
+    "--ephemeral", is_flag=True, help="Serve a new Neon branch, deleted when the daemon stops."
+)
+@click.option("--parent", help="With --ephemeral: the branch to copy (default: the default one).")
+@click.option(
+    "--expires-in",
+    default="1d",
+    show_default=True,
+    metavar="DURATION",
+    help="With --ephemeral: Neon deletes the branch after this even if the daemon cannot.",
+)
 @pass_ctx
-def up(obj: Context, log_level: str | None, json_logs: bool | None) -> None:
+def up(
+    obj: Context,
+    log_level: str | None,
+    json_logs: bool | None,
+    ephemeral: bool,
+    parent: str | None,
+    expires_in: str,
+) -> None:
     """Run the daemon in the foreground."""
     from neonlocal.app import run_daemon
 
-    sys.exit(run_daemon(obj.config_path, obj.env, log_level=log_level, json_logs=json_logs))
+    spec = None
+    if ephemeral:
+        from neonlocal.neon import InvalidDuration, parse_duration
+        from neonlocal.resolver import EphemeralSpec
+
+        try:
+            spec = EphemeralSpec(parent=parent, expires_in=parse_duration(expires_in))
+        except InvalidDuration as exc:
+            fail(f"--expires-in: {exc}", EXIT_USAGE)
+    elif parent is not None:
+        fail("--parent only goes with --ephemeral", EXIT_USAGE)
+    sys.exit(
+        run_daemon(
+            obj.config_path, obj.env, log_level=log_level, json_logs=json_logs, ephemeral=spec
+        )
+    )
 
 
 @main.command()
 @click.argument("name")
 @click.option("--terminate", is_flag=True, help="Also end open sessions on other branches.")
+@click.option("--create", is_flag=True, help="Create the branch through the Neon API if missing.")
+@click.option("--parent", help="With --create: the branch to copy (default: the default one).")
+@click.option(
+    "--expires-in", metavar="DURATION", help="With --create: Neon deletes it after this (7d)."
+)
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the daemon.")
 @pass_ctx
-def use(obj: Context, name: str, terminate: bool, timeout: float) -> None:
-    """Select branch NAME: new connections go there from now on."""
+def use(
+    obj: Context,
+    name: str,
+    terminate: bool,
+    create: bool,
+    parent: str | None,
+    expires_in: str | None,
+    timeout: float,
+) -> None:
+    """Select branch NAME: new connections go there from now on.
+
+    NAME is a [branches.NAME] table of the config, or a branch of the Neon project
+    ([neon] project_id) found by name through the API.
+    """
+    from neonlocal.cli_neon import target_for_use
     from neonlocal.control import DaemonNotRunning, request
     from neonlocal.selection import switch_branch
-    from neonlocal.targets import TargetError, UnknownBranch, resolve_target
 
     settings = obj.settings(missing_ok=True)
-    try:
-        target = resolve_target(settings, name)
-    except UnknownBranch as exc:
-        fail(str(exc))
-    except TargetError as exc:
-        fail(str(exc), EXIT_USAGE)
+    found = target_for_use(obj, settings, name, create=create, parent=parent, expires_in=expires_in)
+    target = found.target
+    for note in found.notes:
+        click.echo(f"neonlocal: {note}", err=True)
     if os.environ.get("NEONLOCAL_BRANCH"):
         click.echo(
             "neonlocal: warning: NEONLOCAL_BRANCH is set and overrides the config file", err=True
@@ -218,15 +269,12 @@ def status(obj: Context, as_json: bool) -> None:
 @pass_ctx
 def url(obj: Context) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
-    from neonlocal.targets import TargetError, UnknownBranch, resolve_target
+    from neonlocal.cli_neon import target_for_use
 
     settings = obj.settings(missing_ok=True)
     user, database = "neondb_owner", "neondb"
     if settings.branch:
-        try:
-            target = resolve_target(settings, settings.branch)
-        except (UnknownBranch, TargetError) as exc:
-            fail(str(exc))
+        target = target_for_use(obj, settings, settings.branch).target
         user = target.user or user
         database = target.database or database
     from urllib.parse import quote

@@ -22,18 +22,40 @@ import structlog
 
 from neonlocal import __version__
 from neonlocal.admin import AdminError, AdminServer
+from neonlocal.apikey import ApiKeyError, config_relative
 from neonlocal.config import ConfigError, Settings, check_selected_branch, load_settings
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
+from neonlocal.fdlimit import ensure_room_for
+from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
 from neonlocal.localtls import LocalTlsError, load_local_tls
+from neonlocal.metrics import ErrorKind
+from neonlocal.neon import ApiUnreachable, Branch, NeonApiError
 from neonlocal.paths import control_socket_path
+from neonlocal.pgwire import sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.server import Server, is_loopback
+from neonlocal.proxy.session import SessionRefused
+from neonlocal.resolver import (
+    DAEMON_RETRY,
+    EphemeralSpec,
+    Resolution,
+    TargetResolver,
+    create_branch,
+    delete_branch_within,
+)
 from neonlocal.sdnotify import Notifier
-from neonlocal.selection import watch_file
+from neonlocal.selection import switch_branch, watch_file
 from neonlocal.targets import Target, TargetError, UnknownBranch, resolve_target
 
 log = structlog.get_logger("neonlocal.daemon")
+
+# Deleting an ephemeral branch gets at least this long, even with a shorter deadline, and
+# at most this much of the deadline is kept from draining sessions for it.
+EPHEMERAL_DELETE_MIN_S = 5.0
+EPHEMERAL_DELETE_RESERVE_S = 10.0
+# A selected branch the API could not be asked about is retried with backoff up to this.
+RESOLVE_RETRY_MAX_S = 60.0
 
 
 class StartupError(Exception):
@@ -63,8 +85,14 @@ class Daemon:
         env: Mapping[str, str] | None = None,
         *,
         sockets: Sequence[socket.socket] = (),
+        ephemeral: EphemeralSpec | None = None,
     ) -> None:
         self.config_path = config_path
+        # `up --ephemeral`: the branch created for this daemon replaces the file's `branch`.
+        self.ephemeral = ephemeral
+        self.ephemeral_branch: Branch | None = None
+        self.resolver: TargetResolver | None = None
+        self._pending_resolution: asyncio.Task[None] | None = None
         self.env = dict(os.environ if env is None else env)
         self._inherited = list(sockets)
         self.settings: Settings | None = None
@@ -85,15 +113,28 @@ class Daemon:
     async def start(self) -> None:
         try:
             settings = load_settings(self.config_path, self.env)
-            check_selected_branch(settings)
-            if settings.branch is not None:
-                resolve_target(settings, settings.branch)
-        except (ConfigError, TargetError) as exc:
+            if self.ephemeral is None:
+                check_selected_branch(settings)
+        except ConfigError as exc:
             raise StartupError(f"neonlocal: {exc}") from None
         self._check_exposure(settings)
+        ensure_room_for(settings.listen.max_sessions)
+        self.resolver = TargetResolver(settings, self.env, retry=DAEMON_RETRY)
+        follower = self._git_follower(settings)
+        if self.ephemeral is not None:
+            await self._create_ephemeral(self.ephemeral)
+        unreachable: ApiUnreachable | None = None
+        try:
+            resolution = await self._resolve_selected(settings)
+        except ApiUnreachable as exc:
+            # Serve anyway (clients get the reason) and keep trying: the network may be late.
+            resolution, unreachable = None, exc
+        except (TargetError, UnknownBranch, NeonApiError, ApiKeyError) as exc:
+            raise StartupError(f"neonlocal: {exc}") from None
         self.settings = settings
         self._fingerprint = _fingerprint(self.config_path, self.env)
         self.server = Server(settings)
+        self.server.credential_refresher = self._refresh_credentials
         if settings.local.tls:
             try:
                 self.server.local_tls = load_local_tls(
@@ -101,7 +142,9 @@ class Daemon:
                 )
             except LocalTlsError as exc:
                 raise StartupError(str(exc)) from None
-        self._apply_selection(settings)
+        self._apply_selection(settings, resolution)
+        if unreachable is not None:
+            self._resolve_later(self._wanted_branch(settings) or "", unreachable)
         await self.server.start(self._inherited)
         control_path = control_socket_path(self.config_path, self.env, settings.control.socket)
         self.control = ControlServer(control_path, self.handle_control)
@@ -112,6 +155,9 @@ class Daemon:
             raise StartupError(str(exc)) from None
         await self._start_admin(settings)
         self._spawn(self._watch())
+        if follower is not None:
+            self._spawn(follower.run(self._stop))
+            log.info("git_follow_started", repo=str(follower.repo))
         selected = self.server.selected
         log.info(
             "daemon_started",
@@ -184,12 +230,19 @@ class Daemon:
         log.info("daemon_stopping", deadline_s=deadline)
         if self.control is not None:
             await self.control.close()
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + deadline
         if self.server is not None:
-            await self.server.close(deadline)
+            # An ephemeral branch is deleted after the sessions end, within the same deadline.
+            reserve = min(EPHEMERAL_DELETE_RESERVE_S, deadline / 2) if self.ephemeral_branch else 0
+            await self.server.close(deadline - reserve)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
+        await self._delete_ephemeral(max(ends_at - loop.time(), EPHEMERAL_DELETE_MIN_S))
+        if self.resolver is not None:
+            await self.resolver.aclose()
         if self.admin is not None:
             # Last: /readyz says "shutting down" and /metrics stays readable while draining.
             await self.admin.close()
@@ -197,19 +250,22 @@ class Daemon:
 
     # --- configuration ---------------------------------------------------------------------------
 
-    def _apply_selection(self, settings: Settings) -> None:
+    def _apply_selection(self, settings: Settings, resolution: Resolution | None) -> None:
         assert self.server is not None
+        if self._pending_resolution is not None:
+            self._pending_resolution.cancel()
+            self._pending_resolution = None
         self.warnings = []
         for configured in settings.branches:
             with contextlib.suppress(TargetError):
                 candidate = resolve_target(settings, configured)
                 if candidate.insecure:
                     self.warnings.append(_insecure_warning(configured, candidate))
-        name = settings.branch
-        if name is None:
+        if resolution is None:
             self.server.unselect("neonlocal: no branch is selected; run `neonlocal use NAME`")
             return
-        self.server.select(name, resolve_target(settings, name))
+        self.server.select(resolution.name, resolution.target)
+        self._note_resolution(resolution)
 
     async def reload(self, reason: str, *, force: bool = False) -> str | None:
         """Re-read the config; returns the problem if it was refused (and the old one kept)."""
@@ -219,20 +275,31 @@ class Daemon:
                 return self.config_error
             self.notifier.reloading()
             try:
-                return self._reload(reason, fingerprint)
+                return await self._reload(reason, fingerprint)
             finally:
                 self.notifier.ready(self._status_line())
 
-    def _reload(self, reason: str, fingerprint: str) -> str | None:
+    async def _reload(self, reason: str, fingerprint: str) -> str | None:
         assert self.server is not None
+        assert self.resolver is not None
         before = self.server.selected
+        kept = self.resolver.settings
         try:
             settings = load_settings(self.config_path, self.env)
             self._check_exposure(settings)
-            check_selected_branch(settings)  # an unknown name, reported at its file:line
-            if settings.branch is not None:
-                resolve_target(settings, settings.branch)  # refuse before touching anything
-        except (ConfigError, UnknownBranch, TargetError, StartupError) as exc:
+            if self.ephemeral is None:
+                check_selected_branch(settings)  # an unknown name, reported at its file:line
+            # Refuse before touching anything; the API is asked only about a new name.
+            resolution = await self._resolve_selected(settings)
+        except (
+            ConfigError,
+            UnknownBranch,
+            TargetError,
+            StartupError,
+            NeonApiError,
+            ApiKeyError,
+        ) as exc:
+            self.resolver.update_settings(kept)
             problem = str(exc)
             if isinstance(exc, UnknownBranch):
                 problem = f"{self.config_path}: {problem}"
@@ -244,12 +311,14 @@ class Daemon:
             self.settings.listen.host if self.settings else None,
             self.settings.listen.port if self.settings else None,
         )
+        git_changed = (kept.git.follow, kept.git.repo) != (settings.git.follow, settings.git.repo)
         self.settings = settings
         self._fingerprint = fingerprint
         self.config_error = None
         tls.forget_contexts()
         self.server.update_settings(settings)
-        self._apply_selection(settings)
+        ensure_room_for(settings.listen.max_sessions)
+        self._apply_selection(settings, resolution)
         after = self.server.selected
         log.info("config_reloaded", reason=reason, branch=_name(after))
         if _name(before) != _name(after):
@@ -261,6 +330,8 @@ class Daemon:
             )
         if listen_changed:
             log.warning("listen_change_needs_restart", listen=self.server.listening)
+        if git_changed:
+            log.warning("git_change_needs_restart", follow=settings.git.follow)
         admin = self.admin
         if settings.admin.address != (admin and (admin.host, admin.requested_port)):
             log.warning("admin_change_needs_restart", admin=admin.address if admin else None)
@@ -274,6 +345,167 @@ class Daemon:
                 await self.reload("file changed")
         except Exception as exc:  # the watcher must never take the proxy down
             log.error("config_watch_failed", error=str(exc))
+
+    # --- branches found through the Neon API ----------------------------------------------------
+
+    def _wanted_branch(self, settings: Settings) -> str | None:
+        if self.ephemeral_branch is not None:
+            return self.ephemeral_branch.name
+        return settings.branch
+
+    async def _resolve_selected(self, settings: Settings) -> Resolution | None:
+        assert self.resolver is not None
+        self.resolver.update_settings(settings)
+        name = self._wanted_branch(settings)
+        return None if name is None else await self.resolver.resolve(name)
+
+    def _note_resolution(self, resolution: Resolution) -> None:
+        if resolution.neon is None or resolution.from_cache:
+            return
+        log.info(
+            "branch_resolved",
+            branch=resolution.name,
+            branch_id=resolution.neon.branch_id,
+            upstream=resolution.target.describe(),
+            compute=resolution.neon.endpoint_state.value,
+        )
+        if resolution.compute_suspended:
+            # Nothing pings the compute to wake it early: that would keep it awake.
+            log.info(
+                "compute_waking",
+                branch=resolution.name,
+                upstream=resolution.target.describe(),
+                compute=resolution.neon.endpoint_state.value,
+                detail="the compute is suspended; the first connection wakes it and waits",
+            )
+
+    async def _refresh_credentials(self, branch: str, stale: Target) -> Target | None:
+        """The server refused our password (a reset, a rotation): ask the API once more."""
+        assert self.resolver is not None
+        assert self.server is not None
+        try:
+            return await self.resolver.refresh(branch, stale)
+        except (NeonApiError, ApiKeyError) as exc:
+            message = (
+                f'neonlocal: branch "{branch}" ({stale.describe()}) refused the password '
+                f"neonlocal holds, and fetching a new one failed: {exc}"
+            )
+            log.warning("credentials_refresh_failed", branch=branch, error=str(exc))
+            self.server.record_error(message)
+            raise SessionRefused(message, sqlstate.INVALID_PASSWORD, ErrorKind.AUTH) from None
+
+    def _resolve_later(self, name: str, problem: NeonApiError) -> None:
+        assert self.server is not None
+        self.server.unselect(f'neonlocal: branch "{name}": {problem}; neonlocal keeps trying')
+        log.warning("branch_unresolved", branch=name, error=str(problem), action="retrying")
+        task = asyncio.get_running_loop().create_task(self._retry_resolution(name))
+        self._pending_resolution = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry_resolution(self, name: str) -> None:
+        assert self.resolver is not None
+        assert self.server is not None
+        delay = 1.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), delay)
+            if self._stop.is_set():
+                return
+            try:
+                resolution = await self.resolver.resolve(name)
+            except ApiUnreachable:
+                delay = min(delay * 2, RESOLVE_RETRY_MAX_S)
+                continue
+            except (NeonApiError, ApiKeyError) as exc:
+                self._pending_resolution = None
+                self.server.unselect(f'neonlocal: branch "{name}": {exc}')
+                log.error("branch_unresolved", branch=name, error=str(exc))
+                return
+            self._pending_resolution = None
+            self.server.select(name, resolution.target)
+            self._note_resolution(resolution)
+            self.notifier.ready(self._status_line())
+            return
+
+    async def _create_ephemeral(self, spec: EphemeralSpec) -> None:
+        assert self.resolver is not None
+        name = spec.new_name()
+        try:
+            project = self.resolver.require_project()
+            api = await self.resolver.api()
+            branch = await create_branch(
+                api,
+                project,
+                name,
+                parent=spec.parent,
+                expires_in=spec.expires_in,
+                annotation=spec.annotation,
+            )
+        except (NeonApiError, ApiKeyError) as exc:
+            raise StartupError(f"neonlocal: cannot create an ephemeral branch: {exc}") from None
+        self.ephemeral_branch = branch
+        log.info(
+            "ephemeral_branch_created",
+            branch=name,
+            branch_id=branch.id,
+            expires_at=branch.expires_at.isoformat() if branch.expires_at else None,
+        )
+
+    async def _delete_ephemeral(self, budget: float) -> None:
+        branch, self.ephemeral_branch = self.ephemeral_branch, None
+        if branch is None or self.resolver is None:
+            return
+        expires = branch.expires_at.isoformat() if branch.expires_at else None
+        try:
+            project = self.resolver.require_project()
+            api = await self.resolver.api()
+        except (NeonApiError, ApiKeyError) as exc:
+            log.warning("ephemeral_branch_left", branch=branch.name, error=str(exc))
+            return
+        if await delete_branch_within(api, project, branch.id, budget):
+            log.info("ephemeral_branch_deleted", branch=branch.name, branch_id=branch.id)
+        else:
+            log.warning(
+                "ephemeral_branch_left",
+                branch=branch.name,
+                branch_id=branch.id,
+                expires_at=expires,
+                detail="Neon deletes it when it expires",
+            )
+
+    # --- git following -------------------------------------------------------------------------
+
+    def _git_follower(self, settings: Settings) -> GitFollower | None:
+        if not settings.git.follow:
+            return None
+        if self.ephemeral is not None:
+            log.warning("git_follow_off", reason="up --ephemeral serves its own branch")
+            return None
+        repo = settings.git.repo
+        path = config_relative(settings, repo) if repo is not None else Path.cwd()
+        try:
+            return GitFollower(path, self._follow_checkout)
+        except GitFollowError as exc:
+            raise StartupError(f"neonlocal: [git] follow: {exc}") from None
+
+    async def _follow_checkout(self, git_branch: str) -> None:
+        """HEAD moved to ``git_branch``: select its Neon branch as `neonlocal use` would."""
+        assert self.resolver is not None
+        try:
+            name = await neon_branch_for(self.resolver, git_branch)
+        except FollowSkipped as exc:
+            log.info("git_follow_skipped", git_branch=git_branch, reason=str(exc))
+            return
+        except (NeonApiError, ApiKeyError) as exc:
+            log.warning("git_follow_failed", git_branch=git_branch, error=str(exc))
+            return
+        await asyncio.to_thread(switch_branch, self.config_path, name)
+        problem = await self.reload(f"git checkout {git_branch}", force=True)
+        if problem is not None:
+            log.warning("git_follow_failed", git_branch=git_branch, branch=name, error=problem)
+            return
+        log.info("git_followed", git_branch=git_branch, branch=name)
 
     # --- control -------------------------------------------------------------------------------
 
@@ -292,6 +524,7 @@ class Daemon:
             "last_error": self.server.last_error,
             "config_error": self.config_error,
             "warnings": list(self.warnings),
+            "ephemeral_branch": self.ephemeral_branch.name if self.ephemeral_branch else None,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
 
@@ -336,7 +569,14 @@ class Daemon:
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Whatever stopped the start, a branch made for this daemon must not outlive it.
+            await self._delete_ephemeral(EPHEMERAL_DELETE_MIN_S)
+            if self.resolver is not None:
+                await self.resolver.aclose()
+            raise
         interrupts = 0
 
         def on_stop(signame: str) -> None:

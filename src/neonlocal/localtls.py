@@ -20,6 +20,8 @@ from cryptography import x509
 from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+# PostgreSQL's ALPN protocol name; direct TLS (PostgreSQL 17) clients must agree on it.
+LOCAL_ALPN = "postgresql"
 CA_DAYS = 3650
 SERVER_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -75,8 +77,9 @@ def load_local_tls(
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(cert_path, key_path)
-        # PostgreSQL's ALPN name; clients that send another are refused as PostgreSQL does.
-        ctx.set_alpn_protocols(["postgresql"])
+        # A client offering only other protocols gets no ALPN (Python's ssl cannot refuse it
+        # in the handshake); a direct TLS session then checks for it and ends.
+        ctx.set_alpn_protocols([LOCAL_ALPN])
         der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise LocalTlsError(f"neonlocal: cannot set up local TLS ({cert_path}): {exc}") from None

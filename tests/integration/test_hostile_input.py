@@ -145,8 +145,7 @@ async def test_plaintext_where_a_tls_handshake_belongs_just_closes(daemon: Local
         assert await client.read_byte() == b"S"
         await client.send(rawpg.startup(LOGIN))
         reply = await client.read_to_end()
-    assert b"neondb" not in reply
-    assert rawpg.split_messages(reply) == [] or reply[:1] == b"\x15"  # nothing, or a TLS alert
+    assert reply[:1] in (b"", b"\x15")  # nothing, or a TLS alert record
     await still_serves(daemon)
 
 

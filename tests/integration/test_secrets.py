@@ -207,11 +207,12 @@ async def test_reprs_and_errors_of_configuration_objects_hide_passwords(
     assert_no_secret("Settings", f"{settings!s} {settings!r} {settings.model_dump()!s}")
     for name, branch in settings.branches.items():
         assert_no_secret(f"BranchSettings {name}", f"{branch!s} {branch!r}")
+        assert branch.url is not None
         url = branch.url.get_secret_value()
         assert_no_secret(f"ConnInfo {name}", repr(parse_conninfo(url)))
         assert_no_secret(f"ConnInfo.redacted {name}", parse_conninfo(url).redacted())
         target = resolve_target(settings, name)
-        assert target.password is not None or name == "nodb"
+        assert target.password is not None
         plan = plan_login(target, {"user": "neondb_owner", "database": "neondb"})
         assert_no_secret(f"Target {name}", f"{target!s} {target!r} {target.describe()}")
         assert_no_secret(f"Plan {name}", f"{plan!s} {plan!r}")

@@ -272,7 +272,10 @@ def _drive_login(login: UpstreamLogin, chunks: list[bytes]) -> None:
     with only_protocol_errors():
         for chunk in chunks:
             out = login.receive_upstream(chunk)
-            # Whatever reaches the client is always well framed.
+            if login.state is LoginState.READY:
+                # From here on bytes are relayed as they come, partial messages included.
+                break
+            # Until then, whatever reaches the client is always well framed.
             framer = MessageFramer()
             framer.feed(out.to_client)
             while framer.next_message() is not None:

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import os
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,8 +30,15 @@ from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.listener import TcpListener, bind_tcp
 from neonlocal.proxy.pool import SessionPool
-from neonlocal.proxy.session import CANCEL_WAIT_S, TERMINATE_GRACE_S, Session, SessionRefused
+from neonlocal.proxy.session import (
+    CANCEL_WAIT_S,
+    STARTUP_TIMEOUT_S,
+    TERMINATE_GRACE_S,
+    Session,
+    SessionRefused,
+)
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.targets import Target
 
@@ -64,6 +72,8 @@ class Server:
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
+        # TCP listeners accept themselves, to see PostgreSQL 17 direct TLS (listener.py).
+        self._tcp: list[TcpListener] = []
         self._selected: tuple[str, Target] | None = None
         self._selection_error: str | None = None
         self.local_secret: ScramSecret | None = None
@@ -148,10 +158,10 @@ class Server:
     def current_target(self) -> tuple[str, Target]:
         if self._selected is None:
             raise SessionRefused(
-                self._selection_error
-                or "neonlocal: no branch is selected; run `neonlocal use NAME`",
+                self._selection_error or "neonlocal: no branch is selected",
                 sqlstate.UNABLE_TO_CONNECT,
                 ErrorKind.NO_BRANCH,
+                hint="Select one with `neonlocal use NAME`; `neonlocal status` shows the state.",
             )
         return self._selected
 
@@ -161,8 +171,10 @@ class Server:
         loop = asyncio.get_running_loop()
         if sockets:
             for sock in sockets:
-                srv = await loop.create_server(self._protocol, sock=sock)
-                self._servers.append(srv)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    self._listen_tcp(sock)
+                else:
+                    self._servers.append(await loop.create_server(self._protocol, sock=sock))
                 name = sock.getsockname()
                 self.listening.append(
                     format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
@@ -173,21 +185,20 @@ class Server:
         port = listen.port
         for host in listen.host:
             try:
-                srv = await loop.create_server(
-                    self._protocol, host=host, port=port, reuse_address=True
-                )
+                bound_sockets = bind_tcp(host, port)
             except OSError as exc:
                 if host == "::1" and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     log.info("listen_skipped", address=format_address(host, port), reason=str(exc))
                     continue
                 await self.close_listeners()
                 raise ListenError(_listen_problem(host, port, exc)) from None
-            self._servers.append(srv)
-            bound = srv.sockets[0].getsockname()
+            for sock in bound_sockets:
+                self._listen_tcp(sock)
+            bound = bound_sockets[0].getsockname()
             if port == 0:
                 port = bound[1]  # tests ask for any free port; keep the same one on every host
             self.listening.append(format_address(host, bound[1]))
-        if not self._servers:
+        if not self._tcp:
             raise ListenError("neonlocal: no address to listen on; check [listen] host")
         await self._start_unix_listener(port)
         self.accepting = True
@@ -216,8 +227,29 @@ class Server:
         self._unix_path = path
         self.listening.append(str(path))
 
+    def _listen_tcp(self, sock: socket.socket) -> None:
+        listener = TcpListener(
+            sock,
+            self._protocol,
+            tls_context=self._direct_tls_context,
+            on_refused=self._connection_refused,
+            first_byte_timeout=STARTUP_TIMEOUT_S,
+        )
+        listener.start()
+        self._tcp.append(listener)
+
+    def _direct_tls_context(self) -> ssl.SSLContext | None:
+        return None if self.local_tls is None else self.local_tls.context
+
+    def _connection_refused(self, reason: str, kind: ErrorKind) -> None:
+        """A connection that ended before it became a session (TLS failed, never spoke)."""
+        self.metrics.error(kind)
+        log.info("connection_refused", reason=reason)
+
     @property
     def port(self) -> int:
+        if self._tcp:
+            return int(self._tcp[0].socket.getsockname()[1])
         return int(self._servers[0].sockets[0].getsockname()[1])
 
     @property
@@ -237,10 +269,15 @@ class Server:
 
     async def close_listeners(self) -> None:
         self.accepting = False
+        for listener in self._tcp:
+            listener.close()
         for srv in self._servers:
             srv.close()
+        for listener in self._tcp:
+            await listener.wait_closed()
         for srv in self._servers:
             await srv.wait_closed()
+        self._tcp.clear()
         self._servers.clear()
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -319,7 +356,8 @@ class Server:
         return count
 
     def record_error(self, message: str) -> None:
-        self.last_error = message
+        """Remember the last failure for `status` (the client-facing text, unprefixed)."""
+        self.last_error = message.removeprefix("neonlocal: ")
         self.last_error_at = time.time()
 
     def observe_connect(self, seconds: float, branch: str | None = None) -> None:

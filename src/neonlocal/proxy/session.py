@@ -12,8 +12,9 @@ import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
@@ -54,11 +55,14 @@ class _StaleCredentials(Exception):
 class SessionRefused(Exception):
     """End the session before relaying, with this SQLSTATE and message for the client."""
 
-    def __init__(self, message: str, code: str, kind: ErrorKind | None = None) -> None:
+    def __init__(
+        self, message: str, code: str, kind: ErrorKind | None = None, *, hint: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.sqlstate = code
         self.kind = kind
+        self.hint = hint
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ class Session:
         except SessionRefused as exc:
             self.close_reason = exc.message
             self.server.metrics.error(exc.kind or _kind_of_sqlstate(exc.sqlstate))
-            self._refuse(exc.message, exc.sqlstate)
+            self._refuse(exc.message, exc.sqlstate, hint=exc.hint)
         except PeerClosed as exc:
             self.close_reason = str(exc) or "client closed during startup"
         except TimeoutError:
@@ -197,7 +201,7 @@ class Session:
             # before the client sees an error.
             fresh = await self.server.refresh_credentials(self.branch or "", plan.target)
             if fresh is None:
-                self.server.record_error(self._stale_message.removeprefix("neonlocal: "))
+                self.server.record_error(self._stale_message)
                 raise SessionRefused(self._stale_message, sqlstate.INVALID_PASSWORD) from None
             self.target = fresh
             plan = plan_login(fresh, params)
@@ -275,12 +279,17 @@ class Session:
         return pid, secret
 
     async def _negotiate(self) -> StartupMessage | None:
+        ssl_object = self.client.extra("ssl_object")  # noqa: S610 - a transport's, not Django's
+        if ssl_object is not None:
+            self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
         while True:
             event = phase.next_event()
             if event is None:
                 phase.receive_data(await self.client.recv())
                 continue
+            if isinstance(event, SSLRequest) and self.client_tls:
+                raise ProtocolError("unexpected SSLRequest over an encrypted connection")
             if isinstance(event, SSLRequest | GSSENCRequest):
                 if phase.buffered:
                     raise ProtocolError("received unencrypted data after SSL request")
@@ -317,12 +326,29 @@ class Session:
             # No ErrorResponse is possible: the peer does not speak TLS with us.
             transport.abort()
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-            raise PeerClosed(f"local TLS handshake failed: {reason}") from None
+            self._refuse_tls(f"local TLS handshake failed: {reason}")
         if tls_transport is None:
             transport.abort()
-            raise PeerClosed("local TLS handshake failed")
+            self._refuse_tls("local TLS handshake failed")
         self.client.set_transport(tls_transport)
         self.client_tls = True
+
+    def _accept_direct_tls(self, ssl_object: ssl.SSLObject) -> None:
+        """The listener already did the TLS handshake (PostgreSQL 17 ``sslnegotiation=direct``).
+
+        As in PostgreSQL, such a client must have agreed on ALPN "postgresql": it keeps a
+        client of another protocol, steered here, from being taken for a PostgreSQL client.
+        """
+        if ssl_object.selected_alpn_protocol() != LOCAL_ALPN:
+            self.client.abort()
+            self._refuse_tls(f'direct TLS without ALPN "{LOCAL_ALPN}"')
+        self.client_tls = True
+
+    def _refuse_tls(self, reason: str) -> NoReturn:
+        """End a client whose TLS failed; no ErrorResponse is possible, so log why."""
+        self.server.metrics.error(ErrorKind.PROTOCOL)
+        self.server.log_session("local_tls_failed", self, reason=reason)
+        raise PeerClosed(reason)
 
     def _plan(self, params: Mapping[str, str]) -> Plan:
         branch, target = self.server.current_target()
@@ -373,7 +399,7 @@ class Session:
             message = (
                 f'neonlocal: cannot reach branch "{self.branch}" ({target.describe()}): {exc.cause}'
             )
-            self.server.record_error(message.removeprefix("neonlocal: "))
+            self.server.record_error(message)
             raise SessionRefused(message, exc.sqlstate, _kind_of_upstream_error(exc)) from None
         self.server.observe_connect(time.monotonic() - began, self.branch)
         self.upstream = upstream
@@ -395,7 +421,7 @@ class Session:
                         f'neonlocal: branch "{self.branch}" ({self.target.describe()}) closed the '
                         "connection during login"
                     )
-                    self.server.record_error(message.removeprefix("neonlocal: "))
+                    self.server.record_error(message)
                     raise SessionRefused(
                         message, sqlstate.CONNECTION_FAILURE, ErrorKind.UPSTREAM_CLOSED
                     ) from None
@@ -426,7 +452,7 @@ class Session:
                 if exc.during_auth or error.sqlstate.startswith("28")
                 else ErrorKind.UPSTREAM_REJECTED
             )
-            self.server.record_error(f'branch "{self.branch}": {error.message}')
+            self.server.record_error(message)
             self.client.write(codec.error_from_fields(fields))
             self.client.close()
             return
@@ -475,8 +501,8 @@ class Session:
         self.server.cancel_session_query(self)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
 
-    def _refuse(self, message: str, code: str) -> None:
-        self.client.write(codec.error_response(message, code))
+    def _refuse(self, message: str, code: str, *, hint: str | None = None) -> None:
+        self.client.write(codec.error_response(message, code, hint=hint))
         self.client.close()
         if self.upstream is not None:
             self.upstream.endpoint.close()

@@ -1,0 +1,163 @@
+"""Medians, ratios to direct, targets, and the markdown table the run prints and saves."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nlbench.paths import PathName
+
+PATHS = (PathName.DIRECT, PathName.NEONLOCAL, PathName.PGBOUNCER)
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    # Whether the neonlocal value meets the issue's target, given the medians by path.
+    meets: Callable[[Mapping[PathName, float]], bool] | None = None
+    target: str = ""
+    # Shown instead of numbers (a feature that does not exist yet).
+    note: str = ""
+
+
+def _ratio_at_least(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+    return lambda m: m[PathName.NEONLOCAL] / m[PathName.DIRECT] >= bound
+
+
+def _ratio_at_most(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+    return lambda m: m[PathName.NEONLOCAL] / m[PathName.DIRECT] <= bound
+
+
+def _value_at_most(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+    return lambda m: m[PathName.NEONLOCAL] <= bound
+
+
+def _within_of_direct(delta: float) -> Callable[[Mapping[PathName, float]], bool]:
+    return lambda m: m[PathName.NEONLOCAL] - m[PathName.DIRECT] <= delta
+
+
+METRICS = (
+    Metric("select_tps", "pgbench -S, 8 clients", "tps", _ratio_at_least(0.80), ">= 0.80x"),
+    Metric("tpcb_tps", "pgbench TPC-B-like, 8 clients", "tps", _ratio_at_least(0.85), ">= 0.85x"),
+    Metric("connect_tps", "pgbench -S -C (connect per tx)", "tps", _ratio_at_least(0.90), ">= 0.90x"),
+    Metric(
+        "connect_reuse_tps",
+        "pgbench -S -C with session reuse",
+        "tps",
+        target=">= 2.0x",
+        note="not implemented",
+    ),
+    Metric("copy_mbs", "COPY ... TO STDOUT (psql)", "MB/s", _ratio_at_least(1.0), ">= 1.0x"),
+    Metric("rtt_p50", "SELECT 1 round trip p50", "ms", _within_of_direct(0.1), "<= direct + 0.1 ms"),
+    Metric("rtt_p99", "SELECT 1 round trip p99", "ms"),
+    Metric("ttfq_ms", "time to first query, 20 ms RTT", "ms", _ratio_at_most(1.0), "<= 1.0x"),
+    Metric(
+        "ttfq_reuse_ms",
+        "time to first query, 20 ms RTT, session reuse",
+        "ms",
+        target="<= 0.2x",
+        note="not implemented",
+    ),
+    Metric("rss_idle", "RSS idle", "MiB", _value_at_most(40), "<= 40 MiB"),
+    Metric("rss_load", "RSS peak under pgbench -S (8 clients)", "MiB"),
+    Metric("rss_1000", "RSS with 1,000 idle sessions", "MiB"),
+    Metric("rss_1000_added", "RSS added by 1,000 idle sessions", "MiB", _value_at_most(60), "<= 60 MiB"),
+    Metric("use_ms", "`neonlocal use` until confirmed", "ms", _value_at_most(300), "<= 300 ms"),
+    Metric("help_ms", "`neonlocal --help` wall time", "ms", _value_at_most(150), "<= 150 ms"),
+)
+
+
+@dataclass
+class Results:
+    samples: dict[str, dict[PathName, list[float]]] = field(default_factory=dict)
+
+    def add(self, key: str, path: PathName, value: float) -> None:
+        self.samples.setdefault(key, {}).setdefault(path, []).append(value)
+
+    def medians(self, key: str) -> dict[PathName, float]:
+        return {p: statistics.median(v) for p, v in self.samples.get(key, {}).items() if v}
+
+
+def _fmt(value: float) -> str:
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    if value >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def table(results: Results) -> str:
+    head = "| measurement | unit | direct | neonlocal | pgbouncer | neonlocal/direct | pgbouncer/direct | target (neonlocal) | met |"
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|---|---|"]
+    for metric in METRICS:
+        if metric.note:
+            lines.append(
+                f"| {metric.title} | {metric.unit} | | {metric.note} | | | | {metric.target} | - |"
+            )
+            continue
+        medians = results.medians(metric.key)
+        if not medians:
+            continue
+        cells = [_fmt(medians[p]) if p in medians else "" for p in PATHS]
+        direct = medians.get(PathName.DIRECT)
+        ratios = [
+            f"{medians[p] / direct:.2f}x" if direct and p in medians else ""
+            for p in (PathName.NEONLOCAL, PathName.PGBOUNCER)
+        ]
+        met = ""
+        if metric.meets is not None and PathName.NEONLOCAL in medians:
+            try:
+                met = "yes" if metric.meets(medians) else "**no**"
+            except KeyError:
+                met = "?"
+        lines.append(
+            f"| {metric.title} | {metric.unit} | {' | '.join(cells)} | {' | '.join(ratios)} "
+            f"| {metric.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def _first_line(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError:
+        return "unavailable"
+    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import os
+
+    loop = "asyncio"
+    try:
+        import uvloop
+
+        loop = f"uvloop {uvloop.__version__}"
+    except ImportError:
+        pass
+    return {
+        "host": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": f"{os.cpu_count()} x {cpu}",
+        "memory": _first_line(["sh", "-c", "free -m | awk '/Mem:/ {print $2 \" MiB\"}'"]),
+        "load average at start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "event loop in the daemon": loop,
+        "pgbench": _first_line(["pgbench", "--version"]),
+    }

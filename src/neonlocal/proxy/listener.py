@@ -1,0 +1,176 @@
+"""TCP listeners that look at each connection's first byte before anything reads it.
+
+PostgreSQL 17 clients may skip the SSLRequest round trip (``sslnegotiation=direct``) and open
+with a TLS ClientHello, whose first byte (0x16, a TLS handshake record) no PostgreSQL packet
+starts with: every startup-phase packet begins with a length far below 16 MiB. The TLS layer
+must then see the ClientHello itself, so the byte may only be peeked at, never consumed.
+
+asyncio gives no way to do that with ``create_server``: uvloop starts reading as soon as
+``connection_made`` returns, whatever the protocol asks, and ``start_tls`` cannot be handed
+bytes already read. So these listeners accept connections themselves, peek (``MSG_PEEK``)
+while no transport exists yet, and only then hand each socket to the event loop with
+``connect_accepted_socket``, with TLS for a ClientHello and without it for everything else.
+This works alike on the standard loop and on uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import ssl
+from collections.abc import Callable
+
+from neonlocal.metrics import ErrorKind
+
+# The first byte of a TLS record carrying a handshake message (RFC 8446, 5.1).
+TLS_HANDSHAKE_RECORD = 0x16
+LISTEN_BACKLOG = 100
+# What asyncio's own accept loop waits after running out of file descriptors.
+ACCEPT_RETRY_DELAY_S = 1.0
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+def bind_tcp(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address ``host`` names, as ``loop.create_server`` binds."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE
+    )
+    bound: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # Each address family gets its own socket, as in create_server.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+    except OSError:
+        for sock in bound:
+            sock.close()
+        raise
+    return bound
+
+
+class TcpListener:
+    """Accepts on one bound socket; a connection opening with TLS gets its handshake first.
+
+    ``tls_context`` is asked per connection (None: direct TLS is not offered, and such a
+    connection is handed over as it is, to be refused as a malformed startup packet).
+    ``on_refused`` hears why a connection ended before it reached a protocol: one line, and
+    the kind of error to count.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: ProtocolFactory,
+        *,
+        tls_context: Callable[[], ssl.SSLContext | None],
+        on_refused: Callable[[str, ErrorKind], None],
+        first_byte_timeout: float,
+    ) -> None:
+        self.socket = sock
+        self._factory = protocol_factory
+        self._tls_context = tls_context
+        self._on_refused = on_refused
+        self._first_byte_timeout = first_byte_timeout
+        self._accepting: asyncio.Task[None] | None = None
+        # Connections accepted but not yet handed to the event loop.
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self.socket.setblocking(False)
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
+
+    def close(self) -> None:
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for task in self._pending:
+            task.cancel()
+        self.socket.close()
+
+    async def wait_closed(self) -> None:
+        tasks = [t for t in (self._accepting, *self._pending) if t is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _peer = await loop.sock_accept(self.socket)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._on_refused(
+                        f"cannot accept connections: {exc.strerror or exc}", ErrorKind.TOO_MANY
+                    )
+                    await asyncio.sleep(ACCEPT_RETRY_DELAY_S)
+                continue  # the peer gave up before we accepted (ECONNABORTED and the like)
+            task = loop.create_task(self._hand_over(conn))
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+
+    async def _hand_over(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        handed = False
+        try:
+            conn.setblocking(False)
+            try:
+                async with asyncio.timeout(self._first_byte_timeout):
+                    first = await _peek_first_byte(conn)
+            except TimeoutError:
+                self._on_refused(
+                    "timeout while waiting for the startup packet", ErrorKind.STARTUP_TIMEOUT
+                )
+                return
+            except OSError:
+                return  # reset before it said anything
+            if not first:
+                return  # connected and closed without a word (a port probe)
+            context = self._tls_context() if first[0] == TLS_HANDSHAKE_RECORD else None
+            try:
+                await loop.connect_accepted_socket(
+                    self._factory,
+                    conn,
+                    ssl=context,
+                    ssl_handshake_timeout=self._first_byte_timeout if context else None,
+                )
+            except (ssl.SSLError, OSError, TimeoutError) as exc:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                self._on_refused(f"direct TLS handshake failed: {reason}", ErrorKind.PROTOCOL)
+                return
+            handed = True
+        finally:
+            if not handed:
+                # On failure the loop may already have closed or detached it: harmless.
+                with contextlib.suppress(OSError):
+                    conn.close()
+
+
+async def _peek_first_byte(conn: socket.socket) -> bytes:
+    """The first byte the peer sent, left in the kernel's buffer; b"" if it closed."""
+    loop = asyncio.get_running_loop()
+    fd = conn.fileno()
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pass
+        readable: asyncio.Future[None] = loop.create_future()
+        loop.add_reader(fd, _resolve, readable)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

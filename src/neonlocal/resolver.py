@@ -1,0 +1,402 @@
+"""A branch name becomes a Target: from its ``[branches.NAME]`` url, else through the Neon API.
+
+Static tables with a url win over the API for their name. Everything the API answers is
+cached in memory (passwords included, never on disk), so a reload or a repeated ``use``
+costs no request and a daemon that loses the API keeps serving what it already resolved.
+A fresh lookup happens only when a name is new, or when the compute refused the password
+we hold (``refresh``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from neonlocal.apikey import api_url, config_relative, open_api
+from neonlocal.neon import (
+    DEFAULT_ANNOTATION,
+    ApiUnreachable,
+    AuthenticationError,
+    Branch,
+    EndpointState,
+    NeonApi,
+    NeonApiError,
+    ProtectedBranch,
+    ResolvedBranch,
+    RetryPolicy,
+    find_branch,
+    resolve_branch,
+)
+from neonlocal.targets import Target, TlsMode, UnknownBranch, build_target
+
+if TYPE_CHECKING:
+    from neonlocal.config import BranchSettings, Settings
+
+__all__ = [
+    "DAEMON_RETRY",
+    "NEON_PORT",
+    "BranchNotConfigured",
+    "EphemeralSpec",
+    "Resolution",
+    "TargetResolver",
+    "create_branch",
+    "delete_branch_within",
+]
+
+log = structlog.get_logger("neonlocal.resolver")
+
+# Neon endpoints always listen here; only the host name differs.
+NEON_PORT: Final = 5432
+# A client waits while the daemon talks to the API, so the daemon gives up sooner than the
+# interactive CLI (whose NeonApi keeps the default policy).
+DAEMON_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, budget=8.0)
+_SUSPENDED = frozenset({EndpointState.IDLE, EndpointState.INIT})
+
+
+class BranchNotConfigured(UnknownBranch):
+    """Neither a ``[branches.NAME]`` url nor a Neon project to look the name up in."""
+
+    def _describe(self) -> str:
+        return (
+            super()._describe()
+            + "; set [neon] project_id to find branches by name through the Neon API"
+        )
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """A branch name resolved to a Target; ``neon`` holds what the API said (None: static)."""
+
+    name: str
+    target: Target
+    neon: ResolvedBranch | None = None
+    # Answered from memory: ``neon`` describes the branch as it was when first asked.
+    from_cache: bool = False
+
+    @property
+    def compute_suspended(self) -> bool:
+        """The compute was not running when we asked: the first connection wakes it."""
+        return self.neon is not None and self.neon.endpoint_state in _SUSPENDED
+
+
+@dataclass(frozen=True)
+class EphemeralSpec:
+    """``up --ephemeral``: a branch created for the daemon's lifetime, deleted at shutdown."""
+
+    parent: str | None = None
+    # The safety net: Neon deletes the branch by itself after this, even if we never can.
+    expires_in: timedelta = timedelta(days=1)
+    annotation: Mapping[str, str] = field(
+        default_factory=lambda: {**DEFAULT_ANNOTATION, "purpose": "ephemeral"}
+    )
+
+    def new_name(self) -> str:
+        """A name no other daemon will pick: when, plus a few random characters."""
+        return f"neonlocal-ephemeral-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What decides the API's answer for a name; the cache key."""
+
+    project_id: str
+    name: str
+    role: str | None
+    database: str | None
+    pooled: bool
+
+
+class TargetResolver:
+    """Resolves branch names for the daemon and the CLI; one API client, opened lazily."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        env: Mapping[str, str],
+        *,
+        retry: RetryPolicy | None = None,
+        api_factory: Callable[[], NeonApi] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._env = dict(env)
+        self._retry = retry
+        self._api_factory = api_factory
+        self._api: NeonApi | None = None
+        self._api_source = self._source(settings)
+        self._retired: list[NeonApi] = []
+        self._found: dict[_Wanted, ResolvedBranch] = {}
+        self._locks: dict[_Wanted, asyncio.Lock] = {}
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def update_settings(self, settings: Settings) -> None:
+        """Use new settings; cached answers stay valid as long as what decides them does."""
+        self._settings = settings
+        source = self._source(settings)
+        if source != self._api_source and self._api is not None:
+            self._retired.append(self._api)
+            self._api = None
+        self._api_source = source
+
+    def _source(self, settings: Settings) -> tuple[str, str | None]:
+        neon = settings.neon
+        key_file = str(neon.api_key_file) if neon.api_key_file is not None else None
+        return api_url(settings, self._env), key_file
+
+    # --- the API client --------------------------------------------------------------------
+
+    @property
+    def project_id(self) -> str | None:
+        return self._settings.neon.project_id
+
+    def require_project(self) -> str:
+        project = self.project_id
+        if project is None:
+            raise NeonApiError(
+                "no Neon project configured: set [neon] project_id (or run `neonlocal init`)"
+            )
+        return project
+
+    async def api(self) -> NeonApi:
+        """The shared API client; raises ApiKeyError when there is no usable key."""
+        for old in self._retired:
+            await old.aclose()
+        self._retired.clear()
+        if self._api is None:
+            if self._api_factory is not None:
+                self._api = self._api_factory()
+            else:
+                options = {} if self._retry is None else {"retry": self._retry}
+                self._api = open_api(self._settings, self._env, **options)
+        return self._api
+
+    async def aclose(self) -> None:
+        for client in [*self._retired, self._api]:
+            if client is not None:
+                await client.aclose()
+        self._retired.clear()
+        self._api = None
+
+    def _drop_client(self) -> None:
+        # After a 401 the key may have been replaced (file or environment): read it again.
+        if self._api is not None:
+            self._retired.append(self._api)
+            self._api = None
+
+    # --- resolving -------------------------------------------------------------------------
+
+    def static_table(self, name: str) -> BranchSettings | None:
+        """The ``[branches.NAME]`` table when it has a url (it then wins over the API)."""
+        table = self._settings.branches.get(name)
+        return table if table is not None and table.url is not None else None
+
+    def cached(self, name: str) -> Resolution | None:
+        """What resolving ``name`` would give without asking anyone, if known."""
+        if self.static_table(name) is not None:
+            return Resolution(name, self._static_target(name))
+        wanted = self._wanted(name)
+        if wanted is None or wanted not in self._found:
+            return None
+        found = self._found[wanted]
+        return Resolution(name, self._api_target(name, found), found, from_cache=True)
+
+    async def resolve(self, name: str, *, fresh: bool = False) -> Resolution:
+        """The Target for ``name``; raises UnknownBranch, TargetError, NeonApiError, ApiKeyError.
+
+        Without ``fresh`` a name resolved before is answered from memory.
+        """
+        if self.static_table(name) is not None:
+            return Resolution(name, self._static_target(name))
+        if not fresh:
+            known = self.cached(name)
+            if known is not None:
+                return known
+        wanted = self._wanted(name)
+        if wanted is None:
+            raise BranchNotConfigured(name, list(self._settings.branches))
+        async with self._lock(wanted):
+            if not fresh and wanted in self._found:
+                found = self._found[wanted]
+            else:
+                found = await self._ask(wanted)
+        return Resolution(name, self._api_target(name, found), found)
+
+    async def refresh(self, name: str, stale: Target) -> Target | None:
+        """A Target with credentials newer than ``stale``'s, or None when there are none.
+
+        Sessions refused at the same moment share one lookup: whoever comes second finds
+        the answer the first one fetched.
+        """
+        wanted = self._wanted(name)
+        if wanted is None or self.static_table(name) is not None:
+            return None
+        async with self._lock(wanted):
+            known = self._found.get(wanted)
+            if known is not None and _differs(known, stale):
+                return self._api_target(name, known)
+            found = await self._ask(wanted)
+        if not _differs(found, stale):
+            return None
+        log.info("credentials_refreshed", branch=name, upstream=f"{found.endpoint_host}")
+        return self._api_target(name, found)
+
+    async def _ask(self, wanted: _Wanted) -> ResolvedBranch:
+        api = await self.api()
+        try:
+            found = await resolve_branch(
+                api,
+                wanted.project_id,
+                wanted.name,
+                role=wanted.role,
+                database=wanted.database,
+                pooled=wanted.pooled,
+            )
+        except AuthenticationError:
+            self._drop_client()
+            raise
+        self._found[wanted] = found
+        return found
+
+    def _lock(self, wanted: _Wanted) -> asyncio.Lock:
+        return self._locks.setdefault(wanted, asyncio.Lock())
+
+    def _wanted(self, name: str) -> _Wanted | None:
+        settings = self._settings
+        project = settings.neon.project_id
+        if project is None:
+            return None
+        table = settings.branches.get(name)
+        pooled = settings.neon.pooled
+        if table is not None and table.pooled is not None:
+            pooled = table.pooled
+        return _Wanted(
+            project_id=project,
+            name=name,
+            role=(table.user if table is not None else None) or settings.neon.role,
+            database=(table.database if table is not None else None) or settings.neon.database,
+            pooled=pooled,
+        )
+
+    # --- targets ---------------------------------------------------------------------------
+
+    def _static_target(self, name: str) -> Target:
+        table = self.static_table(name)
+        assert table is not None
+        target = build_target(name, table)
+        address = self._address_of(target.host)
+        if target.hostaddr is None and address is not None:
+            target = replace(target, hostaddr=address)
+        return target
+
+    def _api_target(self, name: str, found: ResolvedBranch) -> Target:
+        settings = self._settings
+        table = settings.branches.get(name)
+        root = settings.neon.sslrootcert
+        return Target(
+            branch=name,
+            host=found.endpoint_host,
+            port=NEON_PORT,
+            hostaddr=self._address_of(found.endpoint_host),
+            user=found.role,
+            password=found.password,
+            database=found.database,
+            # As with a url: a role or database named in the branch's table is pinned.
+            pin_user=table is not None and table.user is not None,
+            pin_database=table is not None and table.database is not None,
+            options=None,
+            tls=table.tls if table is not None else TlsMode.VERIFY_FULL,
+            sslrootcert=str(config_relative(settings, root)) if root is not None else None,
+            # Every Neon endpoint offers SCRAM-SHA-256-PLUS over TLS; settle for nothing less.
+            channel_binding="require",
+            application_name=None,
+        )
+
+    def _address_of(self, host: str) -> str | None:
+        wanted = host.lower().rstrip(".")
+        for name, address in self._settings.network.resolve.items():
+            if name.lower().rstrip(".") == wanted:
+                return address
+        return None
+
+
+def _differs(found: ResolvedBranch, stale: Target) -> bool:
+    return found.password != stale.password or found.endpoint_host != stale.host
+
+
+# --- mutations shared by the CLI, the daemon and git following ---------------------------------
+
+
+async def create_branch(
+    api: NeonApi,
+    project_id: str,
+    name: str,
+    *,
+    parent: str | None = None,
+    expires_in: timedelta | None = None,
+    annotation: Mapping[str, str] = DEFAULT_ANNOTATION,
+    timeout: float = 120.0,
+) -> Branch:
+    """Create ``name`` (with a read-write compute) from ``parent``, and wait until it is ready.
+
+    ``parent`` is a name or id (None: the project's default branch). Waiting for the
+    operations means the next change to the branch will not meet 423 Locked.
+    """
+    parent_id = (await find_branch(api, project_id, parent)).id if parent else None
+    expires_at = datetime.now(UTC) + expires_in if expires_in is not None else None
+    created = await api.create_branch(
+        project_id, name, parent_id=parent_id, expires_at=expires_at, annotation=annotation
+    )
+    await api.wait_for_operations(project_id, created.operations, timeout)
+    log.info(
+        "branch_created",
+        branch=created.branch.name,
+        branch_id=created.branch.id,
+        expires_at=created.branch.expires_at.isoformat() if created.branch.expires_at else None,
+    )
+    return created.branch
+
+
+async def delete_branch_within(
+    api: NeonApi, project_id: str, branch_id: str, budget: float
+) -> bool:
+    """Delete a branch, retrying failures for up to ``budget`` seconds; True once it is gone.
+
+    Refusals that another try cannot change (a protected branch, a rejected key, a 4xx)
+    end the attempts at once. Errors are logged, not raised: the caller is shutting down.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget
+    delay = 0.25
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            async with asyncio.timeout(max(remaining, 0.01)):
+                await api.delete_branch(project_id, branch_id)
+            return True
+        except TimeoutError:
+            log.warning("branch_delete_failed", branch_id=branch_id, error="out of time")
+            return False
+        except (ProtectedBranch, AuthenticationError) as exc:
+            log.warning("branch_delete_failed", branch_id=branch_id, error=str(exc))
+            return False
+        except NeonApiError as exc:
+            final = not isinstance(exc, ApiUnreachable) and not _worth_retrying(exc.status)
+            remaining = deadline - loop.time()
+            if final or remaining <= delay:
+                log.warning("branch_delete_failed", branch_id=branch_id, error=str(exc))
+                return False
+            log.info("branch_delete_retry", branch_id=branch_id, error=str(exc), delay=delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 4.0)
+
+
+def _worth_retrying(status: int | None) -> bool:
+    return status is None or status in (408, 423, 429) or status >= 500

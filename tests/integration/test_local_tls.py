@@ -1,0 +1,308 @@
+"""Apps keep their Neon URL: local TLS, verify-full with the local CA, and local channel binding.
+
+Every client here is a real libpq (psql, psycopg) unless the test needs the raw bytes or an
+SQLSTATE from a failed connection (asyncpg, the raw-socket client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from fixtures import rawpg
+from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string, write_config
+from fixtures.pg import TEST_PASSWORD
+from neonlocal.localpg import LocalCompute
+
+pytestmark = pytest.mark.pg
+
+SELECT_BRANCH = "SELECT name FROM branch_info"
+LOCAL_PASSWORD = "l0cal and Secret"
+LIBPQ_VERSION = psycopg.pq.version()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    workdir: Path, branch_urls: Mapping[str, str], extra: str = ""
+) -> AsyncIterator[LocalDaemon]:
+    config = write_config(workdir / "config.toml", branch_urls, branch="main", extra=extra)
+    async with running_daemon(config, daemon_env(workdir)) as running:
+        yield running
+
+
+@pytest.fixture
+async def daemon(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[LocalDaemon]:
+    """The default configuration: local TLS on, TLS clients trusted like plaintext ones."""
+    async with serving(workdir, branch_urls) as running:
+        yield running
+
+
+def local_ca(daemon: LocalDaemon) -> Path:
+    return daemon.config_path.parent / "tls" / "ca.crt"
+
+
+def conninfo(daemon: LocalDaemon, host: str = "127.0.0.1", **params: str) -> str:
+    parts = {"host": host, "port": str(daemon.port), "user": "neondb_owner", "dbname": "neondb"}
+    parts.update(params)
+    return " ".join(f"{k}='{v}'" for k, v in parts.items())
+
+
+def libpq_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment without PG* variables, with a HOME of the test's own (~/.postgresql)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+async def psql(dsn: str, env: Mapping[str, str], sql: str = SELECT_BRANCH) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "--no-psqlrc", "--no-password", "-qAt", "-c", sql, dsn,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(env),
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip(), err.decode()
+
+
+async def psycopg_branch(dsn: str) -> tuple[str, bool]:
+    """The branch a psycopg session reaches, and whether its local connection used TLS."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(SELECT_BRANCH)
+        row = await cur.fetchone()
+        assert row is not None
+        return row[0], conn.pgconn.ssl_in_use
+
+
+async def still_serves(daemon: LocalDaemon) -> None:
+    assert await psycopg_branch(conninfo(daemon, sslmode="disable")) == ("main", False)
+
+
+# --- sslmode, from disable to verify-full ---------------------------------------------------
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer", "require"])
+async def test_every_sslmode_reaches_the_branch_with_psql_and_psycopg(
+    daemon: LocalDaemon, workdir: Path, sslmode: str
+) -> None:
+    """Plaintext stays accepted on loopback; prefer and require get TLS from the daemon."""
+    assert await psycopg_branch(conninfo(daemon, sslmode=sslmode)) == (
+        "main",
+        sslmode != "disable",
+    )
+    code, out, err = await psql(
+        conninfo(daemon, sslmode=sslmode), libpq_env(workdir), r"\conninfo"
+    )
+    assert code == 0, err
+    assert ("SSL connection" in out) is (sslmode != "disable"), out
+
+
+async def test_verify_full_against_localhost_trusts_the_generated_ca(
+    daemon: LocalDaemon, workdir: Path, ca_file: Path
+) -> None:
+    """sslrootcert=<config dir>/tls/ca.crt makes verify-full work; another CA is refused."""
+    ca = local_ca(daemon)
+    good = conninfo(daemon, host="localhost", sslmode="verify-full", sslrootcert=str(ca))
+    assert await psycopg_branch(good) == ("main", True)
+    code, out, err = await psql(good, libpq_env(workdir))
+    assert (code, out) == (0, "main"), err
+    # The test CA signed the computes' certificates, not the daemon's.
+    wrong = conninfo(daemon, host="localhost", sslmode="verify-full", sslrootcert=str(ca_file))
+    code, _out, err = await psql(wrong, libpq_env(workdir))
+    assert code != 0
+    assert "certificate verify failed" in err
+    # The certificate names localhost, not some other name that reaches the same address.
+    code, _out, err = await psql(
+        conninfo(
+            daemon, host="ep-main-100001.us-east-2.aws.neon.tech", hostaddr="127.0.0.1",
+            sslmode="verify-full", sslrootcert=str(ca),
+        ),
+        libpq_env(workdir),
+    )  # fmt: skip
+    assert code != 0
+    assert "does not match host name" in err
+
+
+async def test_pgsslrootcert_in_the_environment_works_like_the_parameter(
+    daemon: LocalDaemon, workdir: Path
+) -> None:
+    env = libpq_env(workdir, PGSSLROOTCERT=str(local_ca(daemon)), PGSSLMODE="verify-full")
+    code, out, err = await psql(conninfo(daemon, host="localhost"), env)
+    assert (code, out) == (0, "main"), err
+
+
+# --- local channel binding --------------------------------------------------------------------
+
+
+def neon_style_url(daemon: LocalDaemon, password: str, host: str = "localhost") -> str:
+    """A Neon connection string with only the host swapped for the daemon's."""
+    return (
+        f"postgresql://neondb_owner:{password}@{host}:{daemon.port}/neondb"
+        "?sslmode=require&channel_binding=require"
+    )
+
+
+async def test_channel_binding_require_with_tls_auth_password_takes_the_role_password(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """The Neon URL, host swapped, works as it is: SCRAM-SHA-256-PLUS bound to the local cert."""
+    async with serving(workdir, branch_urls, '[local]\ntls_auth = "password"') as d:
+        url = neon_style_url(d, TEST_PASSWORD)
+        code, out, err = await psql(url, libpq_env(workdir))
+        assert (code, out) == (0, "main"), err
+        assert await psycopg_branch(url) == ("main", True)
+        # The same password without channel binding is fine too; a wrong one is refused.
+        assert await psycopg_branch(conninfo(d, sslmode="require", password=TEST_PASSWORD)) == (
+            "main",
+            True,
+        )
+        code, _out, err = await psql(neon_style_url(d, "not-the-password"), libpq_env(workdir))
+        assert code != 0
+        assert 'password authentication failed for user "neondb_owner"' in err
+        # Plaintext clients are still trusted: tls_auth only concerns TLS clients.
+        await still_serves(d)
+
+
+async def test_channel_binding_require_with_a_local_password(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """With [local] password set, that password (not the role's) is what clients present."""
+    extra = f"[local]\npassword = {toml_string(LOCAL_PASSWORD)}"
+    async with serving(workdir, branch_urls, extra) as d:
+        url = neon_style_url(d, LOCAL_PASSWORD.replace(" ", "%20"))
+        code, out, err = await psql(url, libpq_env(workdir))
+        assert (code, out) == (0, "main"), err
+        assert await psycopg_branch(url) == ("main", True)
+        code, _out, err = await psql(neon_style_url(d, TEST_PASSWORD), libpq_env(workdir))
+        assert code != 0
+        assert "password authentication failed" in err
+
+
+async def test_channel_binding_require_without_a_password_to_check_is_refused_by_libpq(
+    daemon: LocalDaemon, workdir: Path
+) -> None:
+    """Under the default tls_auth = "trust" nothing is bound, and libpq says so itself.
+
+    This is the documented trade-off: set tls_auth = "password" (or a local password) for
+    URLs that carry channel_binding=require.
+    """
+    code, _out, err = await psql(neon_style_url(daemon, TEST_PASSWORD), libpq_env(workdir))
+    assert code != 0
+    assert "channel binding" in err
+    await still_serves(daemon)
+
+
+async def relayed_scram_claiming_binding(daemon: LocalDaemon) -> rawpg.PgError:
+    """Over local TLS, start SCRAM with gs2 flag 'y' as libpq does when PLUS is not offered."""
+    async with rawpg.raw_client("127.0.0.1", daemon.port) as client:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"S"
+        await client.start_tls()
+        await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+        (request,) = await client.read_until(b"R")
+        assert request.payload[:4] == (10).to_bytes(4, "big")  # AuthenticationSASL
+        assert b"SCRAM-SHA-256-PLUS" not in request.payload
+        first = b"y,,n=,r=" + os.urandom(18).hex().encode()
+        await client.send(
+            rawpg.typed(b"p", b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first)
+        )
+        return await client.read_error()
+
+
+# --- refusals that leave the daemon serving -----------------------------------------------
+
+
+async def test_wrong_local_password_over_tls_is_28P01(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    extra = f"[local]\npassword = {toml_string(LOCAL_PASSWORD)}"
+    async with serving(workdir, branch_urls, extra) as d:
+        context = ssl.create_default_context(cafile=local_ca(d))
+        with pytest.raises(asyncpg.InvalidPasswordError) as caught:
+            await asyncpg.connect(
+                f"postgresql://neondb_owner@localhost:{d.port}/neondb",
+                password="not-it",
+                ssl=context,
+            )
+        assert caught.value.sqlstate == "28P01"
+        assert 'password authentication failed for user "neondb_owner"' in str(caught.value)
+        conn = await asyncpg.connect(
+            f"postgresql://neondb_owner@localhost:{d.port}/neondb",
+            password=LOCAL_PASSWORD,
+            ssl=context,
+        )
+        try:
+            assert await conn.fetchval(SELECT_BRANCH) == "main"
+        finally:
+            await conn.close()
+
+
+async def test_claiming_channel_binding_over_plaintext_is_refused_by_the_client(
+    daemon: LocalDaemon, workdir: Path
+) -> None:
+    """libpq refuses sslmode=disable with channel_binding=require before sending anything."""
+    code, _out, err = await psql(
+        conninfo(daemon, sslmode="disable", channel_binding="require", password=TEST_PASSWORD),
+        libpq_env(workdir),
+    )
+    assert code != 0
+    assert "channel binding" in err
+    await still_serves(daemon)
+
+
+async def test_garbage_instead_of_a_tls_handshake_is_logged_and_the_daemon_serves_on(
+    daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with rawpg.raw_client("127.0.0.1", daemon.port) as client:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"S"
+        await client.send(os.urandom(512))
+        # The daemon hangs up: read_to_end returns instead of timing out.
+        await client.read_to_end()
+    out = capsys.readouterr().out
+    closed = [line for line in out.splitlines() if "local TLS handshake failed" in line]
+    assert closed, out
+    await still_serves(daemon)
+
+
+async def test_require_tls_refuses_a_plaintext_client_and_says_how_to_fix_it(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    async with serving(workdir, branch_urls, "[local]\nrequire_tls = true") as d:
+        with pytest.raises(asyncpg.PostgresError) as caught:
+            await asyncpg.connect(d.url(sslmode="disable"))
+        assert caught.value.sqlstate == "28000"
+        assert "requires TLS" in str(caught.value)
+        assert "sslmode=require" in str(caught.value)
+        code, _out, err = await psql(conninfo(d, sslmode="disable"), libpq_env(workdir))
+        assert code != 0
+        assert "requires TLS" in err
+        assert await psycopg_branch(conninfo(d, sslmode="require")) == ("main", True)
+
+
+async def test_relay_mode_branch_refuses_a_tls_client_clearly_and_prefer_falls_back(
+    workdir: Path, compute_main: LocalCompute, ca_file: Path
+) -> None:
+    """Without a password in the branch URL, the client's own SCRAM cannot cross local TLS."""
+    url = compute_main.url(ca_file=ca_file, password=False)
+    async with serving(workdir, {"main": url}) as d:
+        env = libpq_env(workdir, PGPASSWORD=TEST_PASSWORD)
+        code, _out, err = await psql(conninfo(d, sslmode="require"), env)
+        assert code != 0
+        assert "holds no password" in err
+        assert "sslmode=disable" in err
+        error = await relayed_scram_claiming_binding(d)
+        assert (error.sqlstate, error.severity) == ("28000", "FATAL")
+        assert "holds no password" in error.message
+        # libpq's sslmode=prefer retries in plaintext after the error, and gets in.
+        code, out, err = await psql(conninfo(d, sslmode="prefer"), env)
+        assert (code, out) == (0, "main"), err
