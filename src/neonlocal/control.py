@@ -33,7 +33,7 @@ class ControlServer:
     async def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
-            if _answers(self.path):
+            if unix_socket_answers(self.path):
                 raise RuntimeError(
                     f"neonlocal: another daemon already runs with this config (control socket "
                     f"{self.path})"
@@ -75,9 +75,10 @@ class ControlServer:
             self.path.unlink()
 
 
-def _answers(path: Path) -> bool:
+def unix_socket_answers(path: Path, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the Unix socket at ``path`` (not stale)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
+        sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except OSError:

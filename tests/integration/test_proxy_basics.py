@@ -13,19 +13,12 @@ import psycopg
 import pytest
 import sqlalchemy
 
-from fixtures.daemon import LocalDaemon, running_daemon, daemon_env, write_config
+from fixtures.daemon import LocalDaemon, branch_of, daemon_env, running_daemon, write_config
 from fixtures.pg import TEST_PASSWORD
 from fixtures.sni import SniRecorder
 from neonlocal.localpg import LocalCompute
 
 pytestmark = pytest.mark.pg
-
-
-async def branch_of(conn: psycopg.AsyncConnection[tuple[str]]) -> str:
-    cur = await conn.execute("SELECT name FROM branch_info")
-    row = await cur.fetchone()
-    assert row is not None
-    return row[0]
 
 
 async def test_psycopg_reaches_the_selected_branch(daemon: LocalDaemon) -> None:
@@ -77,7 +70,9 @@ async def test_sqlalchemy_pool_with_pre_ping_as_in_a_fastapi_app(daemon: LocalDa
             seen = []
             for _ in range(5):
                 with engine.connect() as conn:
-                    seen.append(conn.execute(sqlalchemy.text("SELECT name FROM branch_info")).scalar_one())
+                    seen.append(
+                        conn.execute(sqlalchemy.text("SELECT name FROM branch_info")).scalar_one()
+                    )
             return seen
         finally:
             engine.dispose()

@@ -8,16 +8,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from fixtures.daemon import LocalDaemon
+from fixtures.daemon import LocalDaemon, branch_of
 
 pytestmark = pytest.mark.pg
-
-
-async def branch_of(conn: psycopg.AsyncConnection[tuple[str]]) -> str:
-    cur = await conn.execute("SELECT name FROM branch_info")
-    row = await cur.fetchone()
-    assert row is not None
-    return row[0]
 
 
 async def test_switch_moves_new_sessions_and_keeps_open_ones(daemon: LocalDaemon) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from neonlocal.config import Settings
+from neonlocal.control import unix_socket_answers
 from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
@@ -209,7 +210,7 @@ class Server:
             return
         path = directory / f".s.PGSQL.{port}"
         if path.exists() or path.is_symlink():
-            if _unix_socket_answers(path):
+            if unix_socket_answers(path, timeout=0.5):
                 log.warning("unix_socket_in_use", path=str(path))
                 return
             path.unlink()
@@ -433,16 +434,6 @@ def unix_socket_dir(setting: str) -> Path | None:
         if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
             return Path(candidate)
     return None
-
-
-def _unix_socket_answers(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:
