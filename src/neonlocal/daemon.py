@@ -37,7 +37,7 @@ from neonlocal.proxy import tls
 from neonlocal.proxy.server import Server, is_loopback
 from neonlocal.proxy.session import SessionRefused
 from neonlocal.resolver import (
-    DAEMON_RETRY,
+    API_RETRY,
     EphemeralSpec,
     Resolution,
     TargetResolver,
@@ -119,7 +119,7 @@ class Daemon:
             raise StartupError(f"neonlocal: {exc}") from None
         self._check_exposure(settings)
         ensure_room_for(settings.listen.max_sessions)
-        self.resolver = TargetResolver(settings, self.env, retry=DAEMON_RETRY)
+        self.resolver = TargetResolver(settings, self.env, retry=API_RETRY)
         follower = self._git_follower(settings)
         if self.ephemeral is not None:
             await self._create_ephemeral(self.ephemeral)
@@ -603,14 +603,17 @@ class Daemon:
         if watchdog:
             self._spawn(self._watchdog(watchdog))
         try:
-            await self._stop.wait()
+            try:
+                await self._stop.wait()
+            finally:
+                # Still ours while draining: a second Ctrl-C must reach on_stop.
+                await self.stop()
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
                 handler = previous[sig]
                 if handler is not None:
                     signal.signal(sig, handler)
-            await self.stop()
 
     async def _watchdog(self, interval: float) -> None:
         while not self._stop.is_set():

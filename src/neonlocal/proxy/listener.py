@@ -82,6 +82,7 @@ class TcpListener:
         self._on_refused = on_refused
         self._first_byte_timeout = first_byte_timeout
         self._accepting: asyncio.Task[None] | None = None
+        self._reading = False
         # Connections accepted but not yet handed to the event loop.
         self._pending: set[asyncio.Task[None]] = set()
 
@@ -92,9 +93,16 @@ class TcpListener:
     def close(self) -> None:
         if self._accepting is not None:
             self._accepting.cancel()
+        # Before the socket closes: its descriptor number may be reused at once.
+        self._stop_reading()
         for task in self._pending:
             task.cancel()
         self.socket.close()
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            asyncio.get_running_loop().remove_reader(self.socket.fileno())
 
     async def wait_closed(self) -> None:
         tasks = [t for t in (self._accepting, *self._pending) if t is not None]
@@ -102,20 +110,42 @@ class TcpListener:
             await asyncio.wait(tasks)
 
     async def _accept_loop(self) -> None:
+        # Our own reader, not loop.sock_accept: a sock_accept cancelled by close() may still
+        # accept a connection it can no longer return (the standard loop then logs
+        # InvalidStateError and the socket leaks). Accepting synchronously loses none.
         loop = asyncio.get_running_loop()
-        while True:
+        readable = asyncio.Event()
+        try:
+            while True:
+                if not self._reading:
+                    loop.add_reader(self.socket.fileno(), readable.set)
+                    self._reading = True
+                await readable.wait()
+                readable.clear()
+                if not self._accept_ready(loop):
+                    self._stop_reading()
+                    await asyncio.sleep(ACCEPT_RETRY_DELAY_S)
+        finally:
+            self._stop_reading()
+
+    def _accept_ready(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Accept what is waiting (a backlog's worth at most); False when out of descriptors."""
+        for _ in range(LISTEN_BACKLOG):
             try:
-                conn, _peer = await loop.sock_accept(self.socket)
+                conn, _peer = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return True
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     self._on_refused(
                         f"cannot accept connections: {exc.strerror or exc}", ErrorKind.TOO_MANY
                     )
-                    await asyncio.sleep(ACCEPT_RETRY_DELAY_S)
+                    return False
                 continue  # the peer gave up before we accepted (ECONNABORTED and the like)
             task = loop.create_task(self._hand_over(conn))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+        return True
 
     async def _hand_over(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -143,7 +173,7 @@ class TcpListener:
                     ssl_handshake_timeout=self._first_byte_timeout if context else None,
                 )
             except (ssl.SSLError, OSError, TimeoutError) as exc:
-                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                reason = getattr(exc, "reason", None) or str(exc) or _describe(exc)
                 self._on_refused(f"direct TLS handshake failed: {reason}", ErrorKind.PROTOCOL)
                 return
             handed = True
@@ -169,6 +199,14 @@ async def _peek_first_byte(conn: socket.socket) -> bytes:
             await readable
         finally:
             loop.remove_reader(fd)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionError):
+        return "the client hung up"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -307,13 +308,23 @@ class Session:
             else:
                 if phase.take_rest():
                     raise ProtocolError("unexpected data after the startup packet")
-                if self.server.settings.local.require_tls and not self.client_tls:
+                if (
+                    self.server.settings.local.require_tls
+                    and not self.client_tls
+                    and not self._on_unix_socket()
+                ):
                     raise SessionRefused(
                         "neonlocal requires TLS from clients ([local] require_tls): "
                         "connect with sslmode=require",
                         sqlstate.INVALID_AUTHORIZATION,
                     )
                 return event
+
+    def _on_unix_socket(self) -> bool:
+        """libpq never uses TLS on a Unix socket, and ours is for its owner alone; like
+        PostgreSQL's hostssl lines, require_tls concerns TCP clients."""
+        sock = self.client.extra("socket")  # noqa: S610 - a transport's, not Django's
+        return sock is not None and sock.family == socket.AF_UNIX
 
     async def _start_client_tls(self, context: ssl.SSLContext) -> None:
         transport = self.client.transport
@@ -414,8 +425,12 @@ class Session:
                 if login.awaiting_client:
                     up.write(login.receive_client(await self.client.recv()))
                     continue
+                # A server that went silent after TLS (a stuck compute, a half-open path)
+                # must not hold the client forever: each wait is bounded like the connect.
+                timeout = self.server.settings.upstream.connect_timeout
                 try:
-                    data = await up.recv()
+                    async with asyncio.timeout(timeout):
+                        data = await up.recv()
                 except PeerClosed:
                     message = (
                         f'neonlocal: branch "{self.branch}" ({self.target.describe()}) closed the '
@@ -424,6 +439,15 @@ class Session:
                     self.server.record_error(message)
                     raise SessionRefused(
                         message, sqlstate.CONNECTION_FAILURE, ErrorKind.UPSTREAM_CLOSED
+                    ) from None
+                except TimeoutError:
+                    message = (
+                        f'neonlocal: branch "{self.branch}" ({self.target.describe()}) did not '
+                        f"answer during login within {timeout:g} s ([upstream] connect_timeout)"
+                    )
+                    self.server.record_error(message)
+                    raise SessionRefused(
+                        message, sqlstate.UNABLE_TO_CONNECT, ErrorKind.UPSTREAM_UNREACHABLE
                     ) from None
                 out = login.receive_upstream(data)
                 up.write(out.to_upstream)
@@ -527,13 +551,7 @@ class Session:
 
 
 def _kind_of_upstream_error(exc: UpstreamError) -> ErrorKind:
-    # upstream.py words every failure after TCP connected as a TLS or certificate problem
-    # ("TLS handshake failed", "certificate verify failed", "does not support TLS"); the
-    # rest (refused, timed out, not resolved) never reached a server that spoke.
-    cause = exc.cause
-    if "TLS" in cause or cause.startswith("certificate"):
-        return ErrorKind.TLS
-    return ErrorKind.UPSTREAM_UNREACHABLE
+    return ErrorKind.TLS if exc.tls else ErrorKind.UPSTREAM_UNREACHABLE
 
 
 def _kind_of_sqlstate(code: str) -> ErrorKind:

@@ -18,10 +18,15 @@ from neonlocal.targets import Target, TlsMode
 
 
 class UpstreamError(Exception):
-    def __init__(self, cause: str, code: str = sqlstate.UNABLE_TO_CONNECT) -> None:
+    """Reaching a branch failed; ``tls`` when TCP connected but TLS negotiation did not."""
+
+    def __init__(
+        self, cause: str, code: str = sqlstate.UNABLE_TO_CONNECT, *, tls: bool = False
+    ) -> None:
         super().__init__(cause)
         self.cause = cause
         self.sqlstate = code
+        self.tls = tls
 
 
 @dataclass
@@ -81,17 +86,21 @@ async def _open(target: Target, keepalive: bool) -> Upstream:
     except PeerClosed:
         transport.abort()
         raise UpstreamError(
-            "the server closed the connection during TLS negotiation", sqlstate.CONNECTION_FAILURE
+            "the server closed the connection during TLS negotiation",
+            sqlstate.CONNECTION_FAILURE,
+            tls=True,
         ) from None
     if answer[:1] != b"S":
         transport.abort()
         if answer[:1] == b"N":
-            raise UpstreamError("the server does not support TLS")
-        raise UpstreamError("unexpected answer to SSLRequest", sqlstate.CONNECTION_FAILURE)
+            raise UpstreamError("the server does not support TLS", tls=True)
+        raise UpstreamError(
+            "unexpected answer to SSLRequest", sqlstate.CONNECTION_FAILURE, tls=True
+        )
     if len(answer) > 1:
         # Bytes after 'S' but before the TLS handshake were not protected by TLS.
         transport.abort()
-        raise UpstreamError("the server sent unencrypted data after accepting TLS")
+        raise UpstreamError("the server sent unencrypted data after accepting TLS", tls=True)
     try:
         tls_transport = await loop.start_tls(
             transport,
@@ -101,15 +110,15 @@ async def _open(target: Target, keepalive: bool) -> Upstream:
         )
     except ssl.SSLError as exc:
         transport.abort()
-        raise UpstreamError(describe_tls_error(exc)) from None
+        raise UpstreamError(describe_tls_error(exc), tls=True) from None
     except (ConnectionError, OSError) as exc:
         transport.abort()
         raise UpstreamError(
-            f"connection lost during TLS handshake: {exc}", sqlstate.CONNECTION_FAILURE
+            f"connection lost during TLS handshake: {exc}", sqlstate.CONNECTION_FAILURE, tls=True
         ) from None
     if tls_transport is None:
         transport.abort()
-        raise UpstreamError("TLS handshake failed", sqlstate.CONNECTION_FAILURE)
+        raise UpstreamError("TLS handshake failed", sqlstate.CONNECTION_FAILURE, tls=True)
     endpoint.set_transport(tls_transport)
     ssl_object = tls_transport.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
