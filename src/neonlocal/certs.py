@@ -60,6 +60,14 @@ def _general_name(hostname: str) -> x509.GeneralName:
         return x509.DNSName(hostname)
 
 
+def _constraint(name: str) -> x509.GeneralName:
+    """A permitted subtree: a host name, or an IP address/network ("127.0.0.0/8")."""
+    try:
+        return x509.IPAddress(ipaddress.ip_network(name, strict=False))
+    except ValueError:
+        return x509.DNSName(name)
+
+
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
     if days < 1:
         raise ValueError(f"certificate validity must be at least one day, got {days}")
@@ -79,8 +87,14 @@ class CertificateAuthority:
 
     @classmethod
     def create(
-        cls, common_name: str = "neonlocal test CA", days: int = 365
+        cls,
+        common_name: str = "neonlocal test CA",
+        days: int = 365,
+        *,
+        only_names: Sequence[str] = (),
     ) -> CertificateAuthority:
+        """A self-signed CA; ``only_names`` limits what it may ever vouch for (name
+        constraints), so a leaked key of a CA trusted for localhost cannot sign for others."""
         key = _new_key()
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:_MAX_CN])])
         not_before, not_after = _validity(days)
@@ -114,9 +128,16 @@ class CertificateAuthority:
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
                 critical=False,
             )
-            .sign(key, hashes.SHA256())
         )
-        return cls(key, cert)
+        if only_names:
+            cert = cert.add_extension(
+                x509.NameConstraints(
+                    permitted_subtrees=[_constraint(n) for n in only_names],
+                    excluded_subtrees=None,
+                ),
+                critical=True,
+            )
+        return cls(key, cert.sign(key, hashes.SHA256()))
 
     @classmethod
     def from_keypair(cls, pair: KeyPair) -> CertificateAuthority:

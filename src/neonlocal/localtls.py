@@ -20,6 +20,9 @@ from cryptography import x509
 from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+# The local CA may only ever vouch for these: `neonlocal trust --install` puts it in libpq's
+# trust file, and a leaked key must not be able to impersonate anything else.
+LOCAL_CA_SCOPE = ("localhost", "127.0.0.0/8", "::1/128")
 # PostgreSQL's ALPN protocol name; direct TLS (PostgreSQL 17) clients must agree on it.
 LOCAL_ALPN = "postgresql"
 CA_DAYS = 3650
@@ -57,12 +60,16 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
     ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
     cert, key = directory / "server.crt", directory / "server.key"
     now = datetime.datetime.now(datetime.UTC)
-    if ca_cert.exists() and ca_key.exists():
-        ca = CertificateAuthority.from_keypair(KeyPair(ca_cert.read_bytes(), ca_key.read_bytes()))
-    else:
-        ca = CertificateAuthority.create("neonlocal local CA", days=CA_DAYS)
+    new_ca = not (ca_cert.exists() and ca_key.exists())
+    if new_ca:
+        ca = CertificateAuthority.create(
+            "neonlocal local CA", days=CA_DAYS, only_names=LOCAL_CA_SCOPE
+        )
         write_keypair(ca.as_keypair(), ca_cert, ca_key)
-    if _needs_new_server_cert(cert, now) or not key.exists():
+    else:
+        ca = CertificateAuthority.from_keypair(KeyPair(ca_cert.read_bytes(), ca_key.read_bytes()))
+    # A new CA (its key was lost) cannot vouch for the old server certificate.
+    if new_ca or _needs_new_server_cert(cert, now) or not key.exists():
         write_keypair(ca.issue(LOCAL_NAMES, days=SERVER_DAYS), cert, key)
     return cert, key, ca_cert
 
@@ -86,16 +93,24 @@ def load_local_tls(
     return LocalTls(ctx, der, cert_path, ca_path)
 
 
-def install_for_libpq(ca_path: Path, home: Path) -> Path:
-    """Append our CA to ~/.postgresql/root.crt (libpq's default sslrootcert)."""
+def install_for_libpq(ca_path: Path, home: Path, *, system_cas: Path | None = None) -> Path:
+    """Append our CA to ~/.postgresql/root.crt (libpq's default sslrootcert); idempotent.
+
+    A root.crt that did not exist starts with ``system_cas`` (the system's trust bundle):
+    once the file exists, libpq verifies ``sslmode=require`` connections against it too, and
+    Neon's publicly signed certificates must keep passing.
+    """
     target = home / ".postgresql" / "root.crt"
     target.parent.mkdir(mode=0o700, exist_ok=True)
     pem = ca_path.read_text()
     existing = target.read_text() if target.exists() else ""
+    if not existing and system_cas is not None:
+        existing = system_cas.read_text()
+        target.write_text(existing)
     if pem.strip() not in existing:
         with target.open("a") as out:
             if existing and not existing.endswith("\n"):
                 out.write("\n")
             out.write(pem)
-        os.chmod(target, 0o600)
+    os.chmod(target, 0o600)
     return target

@@ -63,11 +63,6 @@ BAD_STARTUPS = {
     "protocol 4.0": (rawpg.startup(LOGIN, major=4), "0A000", "unsupported frontend protocol"),
     "no user": (rawpg.startup({"database": "neondb"}), "28000", "no PostgreSQL user name"),
     "HTTP request": (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", "08P01", "invalid length"),
-    "TLS ClientHello without SSLRequest": (
-        bytes.fromhex("16030100c4010000c00303") + b"\0" * 64,
-        "08P01",
-        "invalid length",
-    ),
     "SSLRequest with pipelined plaintext": (
         rawpg.ssl_request() + rawpg.startup(LOGIN),
         "08P01",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Mapping
@@ -17,10 +18,19 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
+from click.testing import CliRunner
 
 from fixtures import rawpg
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string, write_config
+from fixtures.daemon import (
+    LocalDaemon,
+    daemon_env,
+    running_daemon,
+    start_daemon_process,
+    toml_string,
+    write_config,
+)
 from fixtures.pg import TEST_PASSWORD
+from neonlocal.cli import main as cli_main
 from neonlocal.localpg import LocalCompute
 
 pytestmark = pytest.mark.pg
@@ -99,9 +109,7 @@ async def test_every_sslmode_reaches_the_branch_with_psql_and_psycopg(
         "main",
         sslmode != "disable",
     )
-    code, out, err = await psql(
-        conninfo(daemon, sslmode=sslmode), libpq_env(workdir), r"\conninfo"
-    )
+    code, out, err = await psql(conninfo(daemon, sslmode=sslmode), libpq_env(workdir), r"\conninfo")
     assert code == 0, err
     assert ("SSL connection" in out) is (sslmode != "disable"), out
 
@@ -132,12 +140,56 @@ async def test_verify_full_against_localhost_trusts_the_generated_ca(
     assert "does not match host name" in err
 
 
+async def test_trust_install_makes_verify_full_work_with_no_sslrootcert(
+    daemon: LocalDaemon, workdir: Path
+) -> None:
+    """`neonlocal trust --install` puts the daemon's CA in ~/.postgresql/root.crt for libpq."""
+    home = workdir / "home"
+    home.mkdir()
+    dsn = conninfo(daemon, host="localhost", sslmode="verify-full")
+    code, _out, err = await psql(dsn, libpq_env(home))
+    assert code != 0
+    assert "root certificate file" in err
+    shown = CliRunner().invoke(cli_main, ["--config", str(daemon.config_path), "trust"])
+    assert f"sslrootcert={local_ca(daemon)}" in shown.output
+    done = CliRunner().invoke(
+        cli_main,
+        ["--config", str(daemon.config_path), "trust", "--install"],
+        env={"HOME": str(home)},
+    )
+    assert done.exit_code == 0, done.output
+    code, out, err = await psql(dsn, libpq_env(home))
+    assert (code, out) == (0, "main"), err
+
+
 async def test_pgsslrootcert_in_the_environment_works_like_the_parameter(
     daemon: LocalDaemon, workdir: Path
 ) -> None:
     env = libpq_env(workdir, PGSSLROOTCERT=str(local_ca(daemon)), PGSSLMODE="verify-full")
     code, out, err = await psql(conninfo(daemon, host="localhost"), env)
     assert (code, out) == (0, "main"), err
+
+
+@pytest.mark.parametrize(
+    "negotiation",
+    [
+        {"sslmode": "disable"},
+        {"sslmode": "require"},
+        pytest.param(
+            {"sslmode": "require", "sslnegotiation": "direct"},
+            marks=pytest.mark.skipif(LIBPQ_VERSION < 170000, reason="needs libpq 17"),
+        ),
+    ],
+    ids=["plaintext", "ssl-request", "direct"],
+)
+async def test_neon_endpoint_options_in_a_client_url_are_accepted_on_every_path(
+    daemon: LocalDaemon, negotiation: dict[str, str]
+) -> None:
+    """Neon's `options=endpoint=...` (for clients without SNI) is dropped, not sent upstream."""
+    dsn = conninfo(daemon, options="endpoint=ep-main-100001 -c search_path=public", **negotiation)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT name, current_setting('search_path') FROM branch_info")
+        assert await cur.fetchone() == ("main", "public")
 
 
 # --- local channel binding --------------------------------------------------------------------
@@ -306,3 +358,145 @@ async def test_relay_mode_branch_refuses_a_tls_client_clearly_and_prefer_falls_b
         # libpq's sslmode=prefer retries in plaintext after the error, and gets in.
         code, out, err = await psql(conninfo(d, sslmode="prefer"), env)
         assert (code, out) == (0, "main"), err
+
+
+# --- PostgreSQL 17 direct TLS -------------------------------------------------------------
+
+needs_libpq_17 = pytest.mark.skipif(
+    LIBPQ_VERSION < 170000,
+    reason=f"sslnegotiation=direct needs libpq 17 or newer; psycopg has libpq {LIBPQ_VERSION}",
+)
+
+
+@needs_libpq_17
+async def test_direct_tls_without_ssl_request_reaches_the_branch(
+    daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """libpq 17's sslnegotiation=direct opens with a ClientHello (ALPN postgresql)."""
+    ca = str(local_ca(daemon))
+    for sslmode in ("require", "verify-full"):
+        dsn = conninfo(
+            daemon, host="localhost", sslmode=sslmode, sslnegotiation="direct", sslrootcert=ca
+        )
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(SELECT_BRANCH)
+            assert await cur.fetchone() == ("main",)
+            assert conn.pgconn.ssl_in_use
+    assert "local_tls_failed" not in capsys.readouterr().out
+
+
+async def test_a_client_opening_with_tls_and_alpn_postgresql_gets_a_session(
+    daemon: LocalDaemon,
+) -> None:
+    """Direct TLS at the byte level: a ClientHello first, no SSLRequest, then the startup."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", daemon.port, ssl=raw_tls_context(["postgresql"])
+    )
+    client = rawpg.RawClient(reader, writer)
+    try:
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "postgresql"
+        await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+        login = await client.read_until(b"Z")
+        await client.send(rawpg.query(SELECT_BRANCH))
+        rows = [m for m in await client.read_until(b"Z") if m.kind == b"D"]
+        await client.send(rawpg.terminate())
+    finally:
+        await client.close()
+    assert login[0].kind == b"R"
+    assert len(rows) == 1
+    assert rows[0].payload.endswith(b"main")
+
+
+async def test_direct_tls_is_not_offered_when_local_tls_is_off(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """With [local] tls = false a ClientHello is just a malformed startup packet."""
+    async with serving(workdir, branch_urls, "[local]\ntls = false") as d:
+        hello = bytes.fromhex("16030100c4010000c00303") + b"\0" * 64
+        error, _after = await rawpg.refusal("127.0.0.1", d.port, hello)
+        assert error.sqlstate == "08P01"
+        assert error.message.startswith("invalid length of startup packet")
+
+
+@needs_libpq_17
+async def test_direct_tls_with_channel_binding_require(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    async with serving(workdir, branch_urls, '[local]\ntls_auth = "password"') as d:
+        url = neon_style_url(d, TEST_PASSWORD) + "&sslnegotiation=direct"
+        assert await psycopg_branch(url) == ("main", True)
+
+
+def raw_tls_context(alpn: list[str] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    return context
+
+
+@pytest.mark.parametrize("alpn", [["http/1.1"], None], ids=["wrong ALPN", "no ALPN"])
+async def test_direct_tls_without_alpn_postgresql_is_refused_like_postgresql(
+    daemon: LocalDaemon, capsys: pytest.CaptureFixture[str], alpn: list[str] | None
+) -> None:
+    """The handshake completes, then the daemon hangs up without a word, as PostgreSQL 17."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", daemon.port, ssl=raw_tls_context(alpn)
+    )
+    try:
+        writer.write(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+        async with asyncio.timeout(rawpg.READ_TIMEOUT_S):
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                assert await reader.read() == b""
+    finally:
+        writer.close()
+    out = capsys.readouterr().out
+    assert 'direct TLS without ALPN "postgresql"' in out
+    await still_serves(daemon)
+
+
+async def test_direct_tls_handshake_garbage_is_logged_and_the_daemon_serves_on(
+    daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with rawpg.raw_client("127.0.0.1", daemon.port) as client:
+        await client.send(b"\x16\x03\x01\x00\x40" + os.urandom(64))
+        client.writer.write_eof()
+        reply = await client.read_to_end()
+    assert reply[:1] in (b"", b"\x15")  # nothing, or a TLS alert record
+    assert "direct TLS handshake failed" in capsys.readouterr().out
+    await still_serves(daemon)
+
+
+def test_the_daemon_process_serves_every_negotiation_on_its_own_event_loop(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """`neonlocal up` runs on uvloop when installed, which reads sockets on its own terms."""
+    config = write_config(workdir / "config.toml", branch_urls, branch="main")
+    proc = start_daemon_process(config, daemon_env(workdir), log_level="info")
+    try:
+        listen = proc.wait_ready()["listen"]
+        port = int(listen[0].rpartition(":")[2])
+        ca = config.parent / "tls" / "ca.crt"
+        modes = [{"sslmode": "disable"}, {"sslmode": "verify-full", "sslrootcert": str(ca)}]
+        if LIBPQ_VERSION >= 170000:
+            modes.append({**modes[1], "sslnegotiation": "direct"})
+        for params in modes:
+            dsn = " ".join(
+                f"{k}={v}"
+                for k, v in {"host": "localhost", "port": port, "user": "neondb_owner",
+                             "dbname": "neondb", **params}.items()
+            )  # fmt: skip
+            with psycopg.connect(dsn) as conn:
+                assert conn.execute(SELECT_BRANCH).fetchone() == ("main",), params
+                assert conn.pgconn.ssl_in_use is (params["sslmode"] != "disable")
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=rawpg.READ_TIMEOUT_S) as raw,
+            raw_tls_context(["http/1.1"]).wrap_socket(raw) as tls,
+        ):
+            tls.sendall(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+            with contextlib.suppress(ConnectionResetError, ssl.SSLError):
+                assert tls.recv(1024) == b""
+    finally:
+        proc.stop()
+    assert "direct TLS without ALPN" in proc.log()
