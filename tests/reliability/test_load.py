@@ -1,8 +1,10 @@
-"""500 concurrent sessions through a real `neonlocal up`: no errors, no leaks, a clean refusal past max_sessions."""
+"""500 concurrent sessions through a real `neonlocal up`: no errors, no leaks, then a clean
+refusal past max_sessions."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import resource
 import socket
 import subprocess
@@ -13,10 +15,10 @@ import asyncpg
 import pytest
 
 from fixtures import rawpg
-from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, write_config
+from fixtures.daemon import DaemonProcess, neonlocal_cmd, write_config
 from neonlocal.localpg import LocalCompute
 from reliability.conftest import Figures
-from reliability.measure import eventually, proc_fds, proc_rss_kib
+from reliability.measure import eventually, proc_fds, proc_rss_kib, process_env
 
 pytestmark = [pytest.mark.reliability, pytest.mark.pg]
 
@@ -42,7 +44,7 @@ def up(workdir: Path, compute_main: LocalCompute, ca_file: Path) -> Iterator[Dae
         branch="main",
         extra=f'max_sessions = {SESSIONS}\nunix_socket_dir = ""',
     )
-    env = daemon_env(workdir)
+    env = process_env(workdir)
     log_path = workdir / "daemon.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
@@ -51,7 +53,7 @@ def up(workdir: Path, compute_main: LocalCompute, ca_file: Path) -> Iterator[Dae
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
-            preexec_fn=_desktop_fd_limit,  # noqa: PLW1509 - only setrlimit, before exec
+            preexec_fn=_desktop_fd_limit,  # only setrlimit, before exec
         )
     daemon = DaemonProcess(proc, config, env, log_path)
     try:
@@ -65,6 +67,7 @@ def open_sessions(daemon: DaemonProcess) -> int:
     return sum(daemon.status()["sessions"].values())
 
 
+@pytest.mark.timeout(300)
 async def test_500_concurrent_sessions_then_all_closed_leave_no_leak(
     up: DaemonProcess, figures: Figures
 ) -> None:
@@ -162,3 +165,40 @@ def raw_exchange(port: int, data: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def test_a_hard_open_files_limit_too_low_for_max_sessions_is_reported(
+    workdir: Path, compute_main: LocalCompute, ca_file: Path
+) -> None:
+    """The daemon cannot raise past the hard limit: it says how many sessions fit, and serves."""
+    config = write_config(
+        workdir / "config.toml",
+        {"main": compute_main.url(ca_file=ca_file)},
+        branch="main",
+        extra='unix_socket_dir = ""',
+    )
+    env = process_env(workdir)
+    log_path = workdir / "daemon.log"
+
+    def tight_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            neonlocal_cmd("--config", str(config), "up", "--json-logs"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            preexec_fn=tight_limit,  # only setrlimit, before exec
+        )
+    daemon = DaemonProcess(proc, config, env, log_path)
+    try:
+        daemon.wait_ready()
+    finally:
+        daemon.stop()
+    events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    (low,) = [e for e in events if e["event"] == "open_files_limit_low"]
+    assert low["limit"] == 128
+    assert low["sessions_possible"] == 32
+    assert low["max_sessions"] == 1000

@@ -1,0 +1,163 @@
+"""A branch whose address changes is followed by the next session, with no restart and no cache.
+
+Two ways an address changes: the config's ``hostaddr`` is edited (picked up by the file
+watcher), or DNS answers differently. /etc/hosts is not ours to edit, so DNS is simulated at
+the one place the daemon asks it: the event loop's ``getaddrinfo``, which
+``loop.create_connection`` calls for every upstream connection. What this proves: the daemon
+resolves per session and caches no answer. What it cannot prove: that the operating system's
+resolver (nscd, systemd-resolved, mDNSResponder) does not cache; that is outside the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.pg import endpoint_host
+from neonlocal.localpg import LocalCompute
+from reliability.conftest import Figures
+from reliability.measure import eventually
+
+pytestmark = [pytest.mark.reliability, pytest.mark.pg]
+
+MOVING_HOST = endpoint_host("ep-moving-300003")
+
+
+def moving_url(compute: LocalCompute, ca_file: Path, *, hostaddr: str | None) -> str:
+    """``compute``'s URL under the name MOVING_HOST (the wildcard certificate covers it)."""
+    query = {"sslmode": "verify-full", "sslrootcert": str(ca_file)}
+    if hostaddr is not None:
+        query["hostaddr"] = hostaddr
+    password = urllib.parse.quote(compute.password, safe="")
+    return (
+        f"postgresql://{compute.role}:{password}@{MOVING_HOST}:{compute.spec.port}/"
+        f"{compute.database}?{urllib.parse.urlencode(query, safe='/:')}"
+    )
+
+
+async def branch_of_new_session(daemon: LocalDaemon) -> str:
+    conn = await asyncpg.connect(daemon.url(sslmode="disable"))
+    try:
+        return str(await conn.fetchval("SELECT name FROM branch_info"))
+    finally:
+        await conn.close()
+
+
+def selected_hostaddr(daemon: LocalDaemon) -> str | None:
+    assert daemon.daemon.server is not None
+    selected = daemon.daemon.server.selected
+    return None if selected is None else selected[1].hostaddr
+
+
+async def test_an_edited_hostaddr_is_followed_by_new_sessions_without_restart(
+    workdir: Path,
+    computes: dict[str, LocalCompute],
+    ca_file: Path,
+    no_unhandled_errors: list[object],
+) -> None:
+    main, dev = computes["main"], computes["dev"]
+    config = workdir / "config.toml"
+
+    def point_at(compute: LocalCompute) -> None:
+        url = moving_url(compute, ca_file, hostaddr=compute.spec.listen_addr)
+        write_config(config, {"moving": url}, branch="moving")
+
+    point_at(main)
+    async with running_daemon(config, daemon_env(workdir)) as daemon:
+        pinned = await asyncpg.connect(daemon.url(sslmode="disable"))
+        try:
+            assert await pinned.fetchval("SELECT name FROM branch_info") == "main"
+            await asyncio.to_thread(point_at, dev)
+            await eventually(
+                lambda: selected_hostaddr(daemon) == dev.spec.listen_addr,
+                what="the file watcher to apply the new hostaddr",
+            )
+            assert await branch_of_new_session(daemon) == "dev"
+            # An open session stays where it was opened.
+            assert await pinned.fetchval("SELECT name FROM branch_info") == "main"
+            await asyncio.to_thread(point_at, main)
+            await eventually(lambda: selected_hostaddr(daemon) == main.spec.listen_addr)
+            assert await branch_of_new_session(daemon) == "main"
+        finally:
+            await pinned.close()
+
+
+class FakeDns:
+    """Answers for MOVING_HOST that a test changes; every other name goes to the real resolver."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer = "127.0.0.1"
+        self.lookups = 0
+        self._real = loop.getaddrinfo
+
+    async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != MOVING_HOST:
+            return await self._real(host, port, *args, **kwargs)
+        self.lookups += 1
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (self.answer, port))]
+
+
+@pytest.fixture
+async def fake_dns() -> AsyncIterator[FakeDns]:
+    loop = asyncio.get_running_loop()
+    dns = FakeDns(loop)
+    loop.getaddrinfo = dns.getaddrinfo  # type: ignore[method-assign]
+    try:
+        yield dns
+    finally:
+        del loop.getaddrinfo  # back to the class's own method
+
+
+@pytest.fixture
+async def dns_daemon(
+    workdir: Path,
+    compute_main: LocalCompute,
+    ca_file: Path,
+    fake_dns: FakeDns,
+    no_unhandled_errors: list[object],
+) -> AsyncIterator[LocalDaemon]:
+    config = write_config(
+        workdir / "config.toml",
+        {"moving": moving_url(compute_main, ca_file, hostaddr=None)},
+        branch="moving",
+    )
+    async with running_daemon(config, daemon_env(workdir)) as daemon:
+        yield daemon
+
+
+async def test_a_changed_dns_answer_is_followed_by_the_next_session(
+    dns_daemon: LocalDaemon, fake_dns: FakeDns, computes: dict[str, LocalCompute], figures: Figures
+) -> None:
+    answers = []
+    for name in ["main", "dev", "dev", "main", "dev"]:
+        fake_dns.answer = computes[name].spec.listen_addr
+        answers.append(await branch_of_new_session(dns_daemon))
+        assert answers[-1] == name
+    # One lookup per session: nothing was answered from a cache.
+    assert fake_dns.lookups == len(answers)
+    figures.record(sessions=len(answers), lookups=fake_dns.lookups)
+
+
+async def test_a_cancel_resolves_the_host_again_too(
+    dns_daemon: LocalDaemon, fake_dns: FakeDns, computes: dict[str, LocalCompute]
+) -> None:
+    """A cancel goes to the host the session is pinned to, looked up when it is sent."""
+    fake_dns.answer = computes["main"].spec.listen_addr
+    conn = await asyncpg.connect(dns_daemon.url(sslmode="disable"))
+    try:
+        lookups = fake_dns.lookups
+        # On its timeout asyncpg sends a CancelRequest and waits for the query to end.
+        with pytest.raises(TimeoutError):
+            await conn.fetchval("SELECT pg_sleep(30)", timeout=0.5)
+        assert await conn.fetchval("SELECT name FROM branch_info") == "main"
+        await eventually(lambda: fake_dns.lookups == lookups + 1, what="the cancel's lookup")
+    finally:
+        await conn.close()
