@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "API_HOST_ENV",
     "API_KEY_ENV",
+    "KEYS_PAGE",
     "KEY_FILE_MODE",
     "ApiKeyError",
     "api_url",
@@ -34,7 +35,7 @@ API_KEY_ENV: Final = "NEON_API_KEY"
 # neonctl's name for the API base URL, honoured so both tools reach the same API.
 API_HOST_ENV: Final = "NEON_API_HOST"
 KEY_FILE_MODE: Final = 0o600
-_KEYS_PAGE: Final = "https://console.neon.tech/app/settings/api-keys"
+KEYS_PAGE: Final = "https://console.neon.tech/app/settings/api-keys"
 
 
 class ApiKeyError(Exception):
@@ -110,7 +111,7 @@ def load_api_key(settings: Settings, env: Mapping[str, str]) -> str:
         return read_key_file(config_relative(settings, settings.neon.api_key_file))
     raise ApiKeyError(
         f"no Neon API key: set {API_KEY_ENV}, or [neon] api_key_file to a file (mode 0600) "
-        f"holding one; create a key at {_KEYS_PAGE} or run `neonlocal init`"
+        f"holding one; create a key at {KEYS_PAGE} or run `neonlocal init`"
     )
 
 

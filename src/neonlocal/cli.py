@@ -34,6 +34,7 @@ class LazyGroup(click.Group):
         "init": ("neonlocal.cli_neon", "init", "Check the Neon API key and pick a project."),
         "branches": ("neonlocal.cli_neon", "branches", "List the Neon project's branches."),
         "branch": ("neonlocal.cli_neon", "branch", "Reset or delete a Neon branch."),
+        "trust": ("neonlocal.cli_trust", "trust", "Show or install the local CA for verify-full."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

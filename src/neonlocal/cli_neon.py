@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import os
 import stat
+import sys
 import tempfile
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,13 +44,17 @@ def with_api(
     obj: Context, settings: Settings, work: Callable[[TargetResolver], Awaitable[_T]]
 ) -> _T:
     """Run ``work`` with a resolver (and its API client); any API failure is one line."""
+    from neonlocal import logging as nl_logging
     from neonlocal.apikey import ApiKeyError
     from neonlocal.neon import NeonApiError
-    from neonlocal.resolver import TargetResolver
+    from neonlocal.resolver import API_RETRY, TargetResolver
     from neonlocal.targets import TargetError, UnknownBranch
 
+    # Library log lines would garble the one-line answers; failures arrive as exceptions.
+    nl_logging.configure("critical", json=False, stream=sys.stderr)
+
     async def run() -> _T:
-        resolver = TargetResolver(settings, obj.env)
+        resolver = TargetResolver(settings, obj.env, retry=API_RETRY)
         try:
             return await work(resolver)
         finally:
@@ -81,6 +88,8 @@ def _when(moment: datetime | None) -> str:
 
 @dataclass(frozen=True)
 class UseResult:
+    """Where `use` switches to, and what to tell the user about it (one line each)."""
+
     target: Target
     notes: tuple[str, ...]
 
@@ -143,14 +152,17 @@ def init(obj: Context, project_id: str | None) -> None:
     The key comes from NEON_API_KEY or [neon] api_key_file; without either you are asked
     for it, and it is stored in a file only you can read (mode 0600) beside the config.
     """
-    from neonlocal.apikey import API_KEY_ENV
+    from neonlocal.apikey import API_KEY_ENV, KEYS_PAGE
     from neonlocal.neon import AuthenticationError
 
     settings = obj.settings(missing_ok=True)
     updates: dict[str, str] = {}
     new_key: str | None = None
     if not obj.env.get(API_KEY_ENV, "").strip() and settings.neon.api_key_file is None:
-        new_key = click.prompt("Neon API key", hide_input=True).strip()
+        with warnings.catch_warnings():
+            # Piped in, there is no echo to turn off; the key is still never echoed back.
+            warnings.simplefilter("ignore", getpass.GetPassWarning)
+            new_key = click.prompt("Neon API key", hide_input=True).strip()
         if not new_key:
             fail("no API key given", EXIT_USAGE)
         key_path = obj.config_path.parent / KEY_FILE_NAME
@@ -161,14 +173,13 @@ def init(obj: Context, project_id: str | None) -> None:
         try:
             await api.validate_key()
         except AuthenticationError:
-            fail(f"the Neon API key was rejected; create a new one at {_KEYS_PAGE}")
+            fail(f"the Neon API key was rejected; create a new one at {KEYS_PAGE}")
         return await api.list_projects()
 
-    env_settings = settings
     if new_key is not None:
         # Checked before anything is written: a mistyped key leaves no file behind.
         obj.env = {**obj.env, API_KEY_ENV: new_key}
-    projects = with_api(obj, env_settings, work)
+    projects = with_api(obj, settings, work)
     chosen = _choose_project(projects, project_id)
     updates["project_id"] = chosen.id
     if new_key is not None:
@@ -177,9 +188,6 @@ def init(obj: Context, project_id: str | None) -> None:
     _set_neon_keys(obj.config_path, updates)
     click.echo(f"{obj.config_path}: [neon] project_id = {chosen.id} ({chosen.name})")
     click.echo("next: `neonlocal branches`, then `neonlocal use BRANCH`")
-
-
-_KEYS_PAGE = "https://console.neon.tech/app/settings/api-keys"
 
 
 def _choose_project(projects: list[Project], wanted: str | None) -> Project:
@@ -202,10 +210,12 @@ def _choose_project(projects: list[Project], wanted: str | None) -> Project:
 
 
 def _write_private(path: Path, text: str) -> None:
+    from neonlocal.apikey import KEY_FILE_MODE
+
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, KEY_FILE_MODE)
     with os.fdopen(fd, "w") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # an existing file keeps its mode otherwise
+        os.fchmod(handle.fileno(), KEY_FILE_MODE)  # an existing file keeps its mode otherwise
         handle.write(text)
 
 

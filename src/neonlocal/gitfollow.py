@@ -99,7 +99,7 @@ async def neon_branch_for(resolver: TargetResolver, git_branch: str) -> str:
         await create_branch(api, project, name, parent=git.parent, annotation=_ANNOTATION)
         return name
     if not explicit and (branch.default or branch.protected):
-        kind = "the project's default branch" if branch.default else "a protected branch"
+        kind = "the default branch of the project" if branch.default else "a protected branch"
         raise FollowSkipped(
             f'Neon branch "{name}" is {kind}; add "{git_branch}" = "{name}" to [git.map] '
             "to follow into it"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from neonlocal.config import BranchSettings, Settings
 
 __all__ = [
-    "DAEMON_RETRY",
+    "API_RETRY",
     "NEON_PORT",
     "BranchNotConfigured",
     "EphemeralSpec",
@@ -53,9 +53,9 @@ log = structlog.get_logger("neonlocal.resolver")
 
 # Neon endpoints always listen here; only the host name differs.
 NEON_PORT: Final = 5432
-# A client waits while the daemon talks to the API, so the daemon gives up sooner than the
-# interactive CLI (whose NeonApi keeps the default policy).
-DAEMON_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, budget=8.0)
+# A client (or a user at the CLI) waits while we talk to the API: give up within seconds,
+# not the client's default 20 s budget. Operations are waited for, so 423 stays rare.
+API_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, budget=8.0)
 _SUSPENDED = frozenset({EndpointState.IDLE, EndpointState.INIT})
 
 
@@ -121,14 +121,14 @@ class TargetResolver:
         env: Mapping[str, str],
         *,
         retry: RetryPolicy | None = None,
-        api_factory: Callable[[], NeonApi] | None = None,
     ) -> None:
         self._settings = settings
         self._env = dict(env)
         self._retry = retry
-        self._api_factory = api_factory
         self._api: NeonApi | None = None
         self._api_source = self._source(settings)
+        # Clients replaced after a settings change or a 401; a call may still be using one,
+        # so they are closed only with the resolver.
         self._retired: list[NeonApi] = []
         self._found: dict[_Wanted, ResolvedBranch] = {}
         self._locks: dict[_Wanted, asyncio.Lock] = {}
@@ -167,15 +167,9 @@ class TargetResolver:
 
     async def api(self) -> NeonApi:
         """The shared API client; raises ApiKeyError when there is no usable key."""
-        for old in self._retired:
-            await old.aclose()
-        self._retired.clear()
         if self._api is None:
-            if self._api_factory is not None:
-                self._api = self._api_factory()
-            else:
-                options = {} if self._retry is None else {"retry": self._retry}
-                self._api = open_api(self._settings, self._env, **options)
+            options = {} if self._retry is None else {"retry": self._retry}
+            self._api = open_api(self._settings, self._env, **options)
         return self._api
 
     async def aclose(self) -> None:
