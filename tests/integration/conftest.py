@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.daemon import LocalDaemon, private_dir, running_daemon, daemon_env, write_config
+from fixtures.daemon import LocalDaemon, daemon_env, private_dir, running_daemon, write_config
 from neonlocal.localpg import LocalCompute
 
 

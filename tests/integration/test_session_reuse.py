@@ -18,9 +18,7 @@ REUSE = "[upstream]\nreuse_sessions = true\nreuse_idle_timeout = {timeout}"
 
 
 @pytest.fixture
-async def reusing_daemon(
-    workdir: Path, branch_urls: dict[str, str]
-) -> AsyncIterator[LocalDaemon]:
+async def reusing_daemon(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[LocalDaemon]:
     config = write_config(
         workdir / "config.toml", branch_urls, branch="main", extra=REUSE.format(timeout=30)
     )
