@@ -23,21 +23,22 @@ __all__ = ["KNOWN_KEYWORDS", "ConnInfo", "ConnInfoError", "parse_conninfo"]
 
 DEFAULT_PORT: Final = 5432
 
-_FIELDS: Final = frozenset(
-    {
-        "host",
-        "port",
-        "user",
-        "password",
-        "dbname",
-        "sslmode",
-        "sslrootcert",
-        "hostaddr",
-        "options",
-        "channel_binding",
-        "application_name",
-    }
+
+# The fields of ConnInfo, in the order its repr shows them.
+_REPR_ORDER: Final = (
+    "host",
+    "port",
+    "user",
+    "password",
+    "dbname",
+    "sslmode",
+    "sslrootcert",
+    "hostaddr",
+    "options",
+    "channel_binding",
+    "application_name",
 )
+_FIELDS: Final = frozenset(_REPR_ORDER)
 
 # Keywords libpq (up to PostgreSQL 18) recognises but neonlocal does not act on. They are
 # accepted so a connection string copied from elsewhere keeps working, and kept in `extra`.
@@ -92,19 +93,6 @@ _SECRET_EXTRAS: Final = frozenset(
     {"sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key"}
 )
 
-_REPR_ORDER: Final = (
-    "host",
-    "port",
-    "user",
-    "password",
-    "dbname",
-    "sslmode",
-    "sslrootcert",
-    "hostaddr",
-    "options",
-    "channel_binding",
-    "application_name",
-)
 _SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _CHANNEL_BINDINGS: Final = ("disable", "prefer", "require")
 _URI_PREFIXES: Final = ("postgresql://", "postgres://")
