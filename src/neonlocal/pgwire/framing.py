@@ -21,15 +21,32 @@ MAX_HANDSHAKE_MESSAGE: Final = 65_536
 _I32 = struct.Struct("!i")
 
 
-class StartupFramer:
-    """Untyped packets: int32 length (counting itself) then the body."""
+class _Framer:
+    """A bounded buffer of received bytes; subclasses cut packets from its front."""
 
-    def __init__(self, max_size: int = MAX_STARTUP_PACKET) -> None:
+    def __init__(self, max_size: int) -> None:
         self._buf = bytearray()
         self._max = max_size
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+
+    def take_rest(self) -> bytes:
+        """Bytes received past the last whole packet: they belong to whoever reads next."""
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+class StartupFramer(_Framer):
+    """Untyped packets: int32 length (counting itself) then the body."""
+
+    def __init__(self, max_size: int = MAX_STARTUP_PACKET) -> None:
+        super().__init__(max_size)
 
     def next_packet(self) -> bytes | None:
         """The next complete packet body, or None if more bytes are needed."""
@@ -44,15 +61,6 @@ class StartupFramer:
         del self._buf[:length]
         return body
 
-    def take_rest(self) -> bytes:
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
-
 
 @dataclass(frozen=True)
 class Message:
@@ -63,15 +71,11 @@ class Message:
         return struct.pack("!ci", self.kind, len(self.payload) + 4) + self.payload
 
 
-class MessageFramer:
+class MessageFramer(_Framer):
     """Typed messages: one type byte, int32 length (counting itself), then the body."""
 
     def __init__(self, max_size: int = MAX_HANDSHAKE_MESSAGE) -> None:
-        self._buf = bytearray()
-        self._max = max_size
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
+        super().__init__(max_size)
 
     def next_message(self) -> Message | None:
         if len(self._buf) < 5:
@@ -90,13 +94,3 @@ class MessageFramer:
         payload = bytes(self._buf[5:end])
         del self._buf[:end]
         return Message(kind, payload)
-
-    def take_rest(self) -> bytes:
-        """Bytes received past the last whole message: they belong to the relay."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-    @property
-    def buffered(self) -> int:
-        return len(self._buf)
