@@ -104,11 +104,20 @@ def target_for_use(
     expires_in: str | None = None,
 ) -> UseResult:
     """The Target ``use NAME`` switches to: its config url, else found (or made) via the API."""
-    from neonlocal.neon import BranchNotFound, find_branch
-    from neonlocal.resolver import create_branch
-
     if not create and (parent is not None or expires_in is not None):
         fail("--parent and --expires-in only go with --create", EXIT_USAGE)
+    table = settings.branches.get(name)
+    if not create and table is not None and table.url is not None:
+        # A connection string in the config: no API client (and no httpx import) needed,
+        # which keeps `use` quick.
+        from neonlocal.targets import TargetError, build_target
+
+        try:
+            return UseResult(build_target(name, table), ())
+        except TargetError as exc:
+            fail(str(exc), EXIT_USAGE)
+    from neonlocal.neon import BranchNotFound, find_branch
+    from neonlocal.resolver import create_branch
     lifetime = _duration(expires_in)
 
     async def work(resolver: TargetResolver) -> UseResult:
