@@ -1,6 +1,6 @@
 """Side-by-side benchmark: direct vs neonlocal vs pgbouncer. See bench/README.md.
 
-    .venv/bin/python bench/run.py [--quick]
+.venv/bin/python bench/run.py [--quick]
 """
 
 from __future__ import annotations

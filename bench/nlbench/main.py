@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +27,7 @@ from nlbench.paths import (
     rss_kib,
     start_neonlocal,
     start_pgbouncer,
+    supports_session_reuse,
 )
 from nlbench.report import Results
 from nlbench.server import DATABASE, ROLE, BenchServer, start_server
@@ -35,6 +36,7 @@ BENCH_DIR = Path(__file__).resolve().parent.parent
 SERVER_ADDR = "127.0.0.9"
 RTT_DELAY_MS = 10  # each way: a 20 ms round trip
 IDLE_SESSIONS = 1000
+CONNECT_PAUSE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Plan:
         if quick:
             return Plan(seconds=3, repetitions=3, scale=10, copy_mb=100, round_trips=2000,
                         connects=4, cli_runs=5)  # fmt: skip
-        return Plan(seconds=15, repetitions=5, scale=10, copy_mb=300, round_trips=10000,
+        return Plan(seconds=8, repetitions=7, scale=10, copy_mb=300, round_trips=10000,
                     connects=10, cli_runs=15)  # fmt: skip
 
 
@@ -76,18 +78,34 @@ def rtt_relay(target: tuple[str, int]) -> Iterator[tuple[str, int]]:
         proc.wait()
 
 
+@dataclass(frozen=True)
+class Lane:
+    """One target in an interleaved round, and the result rows its samples belong to."""
+
+    target: ClientTarget
+    keys: tuple[str, ...]
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.target.path}{self.label}"
+
+
 class Bench:
     def __init__(
         self,
         plan: Plan,
         server: BenchServer,
         daemon: NeonlocalDaemon,
+        reusing: NeonlocalDaemon | None,
         bouncer: PgBouncer | None,
         slow: tuple[str, int],
     ) -> None:
         self.plan = plan
         self.server = server
         self.daemon = daemon
+        # A second daemon with [upstream] reuse_sessions = true, when this neonlocal has it.
+        self.reusing = reusing
         self.bouncer = bouncer
         self.slow = slow
         self.results = Results()
@@ -95,34 +113,52 @@ class Bench:
         if bouncer is not None:
             self.targets.append(bouncer.target())
 
-    def interleaved(self, key: str, run: Callable[[ClientTarget], float], title: str) -> None:
+    def rounds(self, lanes: list[Lane], run: Callable[[ClientTarget], float], title: str) -> None:
+        """``repetitions`` rounds of every lane in turn (A B C A B C ...)."""
         for rep in range(self.plan.repetitions):
-            for target in self.targets:
-                value = run(target)
-                self.results.add(key, target.path, value)
-                say(f"{title} #{rep + 1} {target.path}: {value:.3f}")
+            for lane in lanes:
+                value = run(lane.target)
+                for key in lane.keys:
+                    self.results.add(key, lane.target.path, value)
+                say(f"{title} #{rep + 1} {lane.name}: {value:.3f}")
+
+    def lanes(self, key: str) -> list[Lane]:
+        return [Lane(target, (key,)) for target in self.targets]
+
+    def with_reuse(self, key: str, reuse_key: str, reuse_target: ClientTarget | None) -> list[Lane]:
+        """Direct and pgbouncer samples count for both rows; each daemon for its own."""
+        if self.reusing is None or reuse_target is None:
+            return self.lanes(key)
+        lanes = [
+            Lane(t, (key,) if t.path is PathName.NEONLOCAL else (key, reuse_key))
+            for t in self.targets
+        ]
+        lanes.insert(2, Lane(reuse_target, (reuse_key,), " (reuse_sessions)"))
+        return lanes
 
     def pgbench(self) -> None:
         seconds = self.plan.seconds
-        for key, run, title in (
-            ("select_tps", workloads.SELECT_ONLY, "pgbench -S"),
-            ("tpcb_tps", workloads.TPCB, "pgbench tpc-b"),
-            ("connect_tps", workloads.CONNECT_PER_TX, "pgbench -S -C"),
-        ):
 
-            def measure(target: ClientTarget, run: workloads.PgbenchRun = run, key: str = key) -> float:
-                if key == "select_tps" and target.path is PathName.NEONLOCAL:
-                    with workloads.RssSampler(self.daemon.pid) as sampler:
-                        tps = run(target, seconds)
-                    self.results.add("rss_load", PathName.NEONLOCAL, sampler.peak_kib / 1024)
-                    return tps
-                return run(target, seconds)
+        def select_only(target: ClientTarget) -> float:
+            if target.path is not PathName.NEONLOCAL:
+                return workloads.SELECT_ONLY(target, seconds)
+            with workloads.RssSampler(self.daemon.pid) as sampler:
+                tps = workloads.SELECT_ONLY(target, seconds)
+            self.results.add("rss_load", PathName.NEONLOCAL, sampler.peak_kib / 1024)
+            return tps
 
-            self.interleaved(key, measure, title)
+        self.rounds(self.lanes("select_tps"), select_only, "pgbench -S")
+        self.rounds(self.lanes("tpcb_tps"), lambda t: workloads.TPCB(t, seconds), "pgbench tpc-b")
+        reuse = self.reusing.target() if self.reusing is not None else None
+        self.rounds(
+            self.with_reuse("connect_tps", "connect_reuse_tps", reuse),
+            lambda t: workloads.CONNECT_PER_TX(t, seconds),
+            "pgbench -S -C",
+        )
 
     def copy(self) -> None:
         size = self.server.copy_bytes
-        self.interleaved("copy_mbs", lambda t: workloads.copy_out(t, size), "COPY MB/s")
+        self.rounds(self.lanes("copy_mbs"), lambda t: workloads.copy_out(t, size), "COPY MB/s")
 
     def latency(self) -> None:
         for rep in range(self.plan.repetitions):
@@ -133,19 +169,37 @@ class Bench:
                 say(f"SELECT 1 #{rep + 1} {target.path}: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
 
     def connect_latency(self) -> None:
-        self.daemon.use("slow")
-        slow = [direct_target(self.server, addr=self.slow[0], port=self.slow[1]), self.daemon.target()]
+        """Time to first query through the RTT relay. Connects are spaced out, as web
+        requests are, so a reusing daemon has parked (reset) the session it just had."""
+        daemons = [d for d in (self.daemon, self.reusing) if d is not None]
+        for daemon in daemons:
+            daemon.use("slow")
+        direct = direct_target(self.server, addr=self.slow[0], port=self.slow[1])
+        saved = self.targets
+        self.targets = [direct, self.daemon.target()]
         if self.bouncer is not None:
-            slow.append(self.bouncer.target(f"{DATABASE}_slow"))
+            self.targets.append(self.bouncer.target(f"{DATABASE}_slow"))
+        reuse = self.reusing.target() if self.reusing is not None else None
+        if reuse is not None:
+            workloads.time_to_first_query(reuse)  # leaves one session parked
+
+        def median_connect(target: ClientTarget) -> float:
+            values = []
+            for _ in range(self.plan.connects):
+                time.sleep(CONNECT_PAUSE_S)
+                values.append(workloads.time_to_first_query(target))
+            return workloads.median_of(values)
+
         try:
-            for rep in range(self.plan.repetitions):
-                for target in slow:
-                    for _ in range(self.plan.connects):
-                        value = workloads.time_to_first_query(target)
-                        self.results.add("ttfq_ms", target.path, value)
-                    say(f"time to first query #{rep + 1} {target.path}: {value:.1f} ms")
+            self.rounds(
+                self.with_reuse("ttfq_ms", "ttfq_reuse_ms", reuse),
+                median_connect,
+                "time to first query (ms)",
+            )
         finally:
-            self.daemon.use("bench")
+            self.targets = saved
+            for daemon in daemons:
+                daemon.use("bench")
 
     def cli(self) -> None:
         for index in range(self.plan.cli_runs):
@@ -183,10 +237,14 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.of(args.quick)
     started = datetime.datetime.now()
     info = report.machine()
+    info["neonlocal"] = report.source_description(args.neonlocal_src)
+    if args.loop is not None:
+        info["event loop in the daemon"] = f"{args.loop} (--loop)"
     work = Path(tempfile.mkdtemp(prefix="neonlocal-bench-", dir="/tmp"))
     work.chmod(0o711)  # pgbouncer runs as the postgres user and needs its subdirectory
     server: BenchServer | None = None
     daemon: NeonlocalDaemon | None = None
+    reusing: NeonlocalDaemon | None = None
     bouncer: PgBouncer | None = None
     results = Results()
     try:
@@ -196,15 +254,36 @@ def run(args: argparse.Namespace) -> int:
         info["postgresql"] = server.version()
         info["COPY stream"] = f"{server.copy_bytes / 1e6:.0f} MB"
         with rtt_relay((server.addr, server.port)) as slow:
-            daemon = start_neonlocal(work / "neonlocal", server, slow=slow, max_sessions=IDLE_SESSIONS + 50)
+            daemon = start_neonlocal(
+                work / "neonlocal",
+                server,
+                slow=slow,
+                max_sessions=IDLE_SESSIONS + 50,
+                source=args.neonlocal_src,
+                loop=args.loop,
+            )
+            if supports_session_reuse(args.neonlocal_src):
+                reusing = start_neonlocal(
+                    work / "neonlocal-reuse",
+                    server,
+                    slow=slow,
+                    max_sessions=IDLE_SESSIONS + 50,
+                    reuse_sessions=True,
+                    source=args.neonlocal_src,
+                    loop=args.loop,
+                )
+            else:
+                say("this neonlocal has no [upstream] reuse_sessions: reuse rows not measured")
             binary = find_pgbouncer()
             if binary is None:
                 say("pgbouncer is not installed (apt-get install pgbouncer): skipping its column")
                 info["pgbouncer"] = "not installed: column skipped"
             else:
                 bouncer = start_pgbouncer(binary, work / "pgbouncer", server, slow=slow)
-                info["pgbouncer"] = f"{bouncer.version()}, session mode, server_tls_sslmode={bouncer.tls_mode}"
-            bench = Bench(plan, server, daemon, bouncer, slow)
+                info["pgbouncer"] = (
+                    f"{bouncer.version()}, session mode, server_tls_sslmode={bouncer.tls_mode}"
+                )
+            bench = Bench(plan, server, daemon, reusing, bouncer, slow)
             bench.warm_up()
             bench.idle_rss()
             bench.pgbench()
@@ -217,8 +296,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if bouncer is not None:
             bouncer.stop()
-        if daemon is not None:
-            daemon.stop()
+        for each in (daemon, reusing):
+            if each is not None:
+                each.stop()
         if server is not None:
             server.destroy()
         shutil.rmtree(work, ignore_errors=True)
@@ -240,6 +320,10 @@ def render(
     results: Results,
 ) -> str:
     command = "bench/run.py" + (" --quick" if args.quick else "")
+    if args.neonlocal_src is not None:
+        command += f" --neonlocal-src {args.neonlocal_src}"
+    if args.loop is not None:
+        command += f" --loop {args.loop}"
     lines = [
         f"## neonlocal benchmark, {started:%Y-%m-%d %H:%M}",
         "",
@@ -259,5 +343,23 @@ def render(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small N: about 2-3 minutes")
+    parser.add_argument(
+        "--neonlocal-src",
+        type=Path,
+        metavar="DIR",
+        help="run the daemon from this src/ directory instead of the installed neonlocal "
+        "(e.g. an export of the last commit, to compare before and after on one machine)",
+    )
+    parser.add_argument(
+        "--loop",
+        choices=["asyncio"],
+        help="run the daemon on the standard asyncio loop even when uvloop is installed",
+    )
     args = parser.parse_args(argv)
+    # A terminated run still stops its servers and removes its files (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
+    if args.neonlocal_src is not None:
+        args.neonlocal_src = args.neonlocal_src.resolve()
+        if not (args.neonlocal_src / "neonlocal" / "__init__.py").is_file():
+            parser.error(f"{args.neonlocal_src} has no neonlocal package")
     return run(args)

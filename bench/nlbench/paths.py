@@ -21,7 +21,6 @@ from typing import Any
 
 from neonlocal.control import DaemonNotRunning, request
 from neonlocal.paths import control_socket_path
-
 from nlbench.net import free_port
 from nlbench.server import DATABASE, HOSTNAME, ROLE, BenchServer
 
@@ -52,7 +51,9 @@ def _conninfo(**parts: str | int) -> str:
     return " ".join(f"{key}={value}" for key, value in parts.items())
 
 
-def direct_target(server: BenchServer, *, addr: str | None = None, port: int | None = None) -> ClientTarget:
+def direct_target(
+    server: BenchServer, *, addr: str | None = None, port: int | None = None
+) -> ClientTarget:
     conninfo = _conninfo(
         host=HOSTNAME,
         hostaddr=addr or server.addr,
@@ -132,8 +133,30 @@ class NeonlocalDaemon:
                 self.proc.wait()
 
 
+def supports_session_reuse(source: Path | None) -> bool:
+    """Whether the daemon's neonlocal has ``[upstream] reuse_sessions`` (opt-in reuse)."""
+    probe = (
+        "from neonlocal.config import UpstreamSettings as U;"
+        "print('reuse_sessions' in U.model_fields)"
+    )
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
+    )
+    return out.stdout.strip() == "True"
+
+
 def start_neonlocal(
-    directory: Path, server: BenchServer, *, slow: tuple[str, int], max_sessions: int
+    directory: Path,
+    server: BenchServer,
+    *,
+    slow: tuple[str, int],
+    max_sessions: int,
+    reuse_sessions: bool = False,
+    source: Path | None = None,
+    loop: str | None = None,
 ) -> NeonlocalDaemon:
     """Start the daemon from a config written as the tests' ``write_config`` does."""
     directory.mkdir(mode=0o700)
@@ -154,6 +177,8 @@ def start_neonlocal(
         f"max_sessions = {max_sessions}",
         "",
     ]
+    if reuse_sessions:
+        lines += ["[upstream]", "reuse_sessions = true", ""]
     for name, url in branches.items():
         lines += [f"[branches.{_toml_string(name)}]", f"url = {_toml_string(url)}", ""]
     config_path = directory / "config.toml"
@@ -163,6 +188,11 @@ def start_neonlocal(
     runtime.mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEONLOCAL_")}
     env["XDG_RUNTIME_DIR"] = str(runtime)
+    if source is not None:
+        # Another checkout's src/ (e.g. the last commit, for a before/after in one run).
+        env["PYTHONPATH"] = str(source)
+    if loop is not None:
+        env["NEONLOCAL_LOOP"] = loop  # "asyncio": the standard loop even with uvloop installed
     with (directory / "daemon.log").open("wb") as log:
         proc = subprocess.Popen(
             [

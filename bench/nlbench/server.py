@@ -23,7 +23,6 @@ from neonlocal.localpg import (
     initdb_template,
     make_base_dir,
 )
-
 from nlbench.net import free_port
 
 HOSTNAME = "ep-bench-000001.us-east-2.aws.neon.tech"
@@ -132,15 +131,16 @@ def _fill(server: BenchServer, *, scale: int, copy_mb: int) -> None:
         env=env,
     )
     rows = max(1, copy_mb * 1_000_000 // _ROW_BYTES_ESTIMATE)
+    # Only our own constants and an integer go into these statements.
     compute.psql(
-        f"CREATE TABLE {COPY_TABLE} AS SELECT g AS id, {_PAYLOAD_SQL} AS payload"
+        f"CREATE TABLE {COPY_TABLE} AS SELECT g AS id, {_PAYLOAD_SQL} AS payload"  # noqa: S608
         f" FROM generate_series(1, {rows}) g;\n"
         f"VACUUM ANALYZE {COPY_TABLE};\n",
         user=ROLE,
     )
     # Text COPY of integers and hex needs no escaping: this is the exact stream size.
     size = compute.psql(
-        f"SELECT sum(octet_length(id::text) + octet_length(payload) + 2) FROM {COPY_TABLE}",
+        f"SELECT sum(octet_length(id::text) + octet_length(payload) + 2) FROM {COPY_TABLE}",  # noqa: S608
         user=ROLE,
     )
     server.copy_bytes = int(size.strip())

@@ -54,7 +54,9 @@ def copy_out(target: ClientTarget, copy_bytes: int) -> float:
     argv = ["psql", "-X", "-q", "-c", f"COPY {COPY_TABLE} TO STDOUT", target.conninfo]
     began = time.perf_counter()
     with open("/dev/null", "wb") as sink:
-        out = subprocess.run(argv, stdout=sink, stderr=subprocess.PIPE, env=target.env(), check=False)
+        out = subprocess.run(
+            argv, stdout=sink, stderr=subprocess.PIPE, env=target.env(), check=False
+        )
     elapsed = time.perf_counter() - began
     if out.returncode != 0:
         raise WorkloadError(f"COPY over {target.path}: {out.stderr.decode(errors='replace')}")
@@ -117,7 +119,9 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
-async def _open_idle_sessions(port: int, user: str, database: str, count: int) -> list[asyncio.StreamWriter]:
+async def _open_idle_sessions(
+    port: int, user: str, database: str, count: int
+) -> list[asyncio.StreamWriter]:
     """Open ``count`` sessions (plaintext, trust) and leave each idle after ReadyForQuery.
 
     A minimal client keeps the bench process light: a startup packet, then read to 'Z'.
@@ -149,7 +153,7 @@ async def _open_idle_sessions(port: int, user: str, database: str, count: int) -
 def idle_sessions_rss(
     port: int, pid: int, user: str, database: str, count: int, settle: float = 2.0
 ) -> tuple[int, float]:
-    """RSS (KiB) of ``pid`` with ``count`` idle sessions open through it, and seconds to open them."""
+    """RSS (KiB) of ``pid`` with ``count`` idle sessions open through it; seconds to open them."""
 
     async def run() -> tuple[int, float]:
         began = time.perf_counter()

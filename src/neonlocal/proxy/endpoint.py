@@ -1,14 +1,25 @@
 """One side of a session (the client's socket or the upstream's) as an asyncio Protocol.
 
 During the handshake an Endpoint buffers what arrives and the session awaits ``recv()``.
-Once both sides are ready, ``relay.link`` turns the pair into a relay: each chunk received is
-written straight into the peer's transport, and the peer's flow control pauses our reading.
+Once both sides are ready, ``Relay.start`` turns the pair into a relay: each chunk received
+is written straight into the peer's transport, and the peer's flow control pauses our reading.
 Using Protocols rather than streams keeps the relay to one callback and one write per chunk.
+
+The upstream side is an ``UpstreamEndpoint``, which does its own TLS over the raw TCP
+transport (an ``ssl.SSLObject`` between two memory BIOs) instead of ``loop.start_tls``. The
+standard loop's TLS layer is pure Python: relaying through it took a third more CPU per
+message (bench/RESULTS.md). uvloop's compiled one costs about what this does, so with uvloop
+the gain is nil, but both loops now behave and cost the same, and the handshake is ours
+(where direct TLS negotiation would go). On a 2-core machine the relay's CPU per message is
+what decides how much is left for the client and the server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -105,6 +116,10 @@ class Endpoint(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def send(self, data: bytes) -> None:
+        """Relay hot path: ``write`` without its checks (the relay knows we are open)."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -119,3 +134,222 @@ class Endpoint(asyncio.Protocol):
     def set_transport(self, transport: asyncio.Transport) -> None:
         """After start_tls: the TLS transport replaces the raw one."""
         self.transport = transport
+
+
+# The largest TLS record's plaintext; the decrypt loop reads one record per call.
+_RECORD = 16384
+# One socket read's worth. Reads go into a buffer shared by every upstream of the thread's
+# event loop: its contents are consumed before the callback returns, and a buffer per
+# session would cost 1,000 idle sessions hundreds of megabytes.
+_READ_SIZE = 256 * 1024
+_TLS_OFF, _TLS_HANDSHAKE, _TLS_OPEN, _TLS_CLOSED = range(4)
+# How long a closed TLS session waits for the server to close its side (asyncio's own TLS
+# transport waits up to 30 s); then the socket is simply dropped.
+CLOSE_TIMEOUT_S = 10.0
+_buffers = threading.local()
+
+
+def _shared_buffers() -> tuple[memoryview, memoryview]:
+    """This thread's (socket read, decrypted output) buffers."""
+    pair: tuple[memoryview, memoryview] | None = getattr(_buffers, "pair", None)
+    if pair is None:
+        pair = (memoryview(bytearray(_READ_SIZE)), memoryview(bytearray(_READ_SIZE + _RECORD)))
+        _buffers.pair = pair
+    return pair
+
+
+class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
+    """The connection to a server: plain TCP until ``start_tls``, then TLS done here.
+
+    Everything above sees plaintext: ``recv``, ``on_data`` and ``bytes_in`` deliver what the
+    server sent, and ``write``/``send`` encrypt. ``transport`` stays the TCP transport, so
+    pausing its reading (flow control) works as for a plain endpoint.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read_view, self._plain_view = _shared_buffers()
+        self._tls_state = _TLS_OFF
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self.ssl_object: ssl.SSLObject | None = None
+        # The same object, for the hot path (set by start_tls, used only after it).
+        self._ssl: ssl.SSLObject
+        self._eof_reported = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    # --- raw bytes from the TCP transport ---------------------------------------------------
+    # The standard loop reads into our buffer (BufferedProtocol); uvloop only does that for
+    # protocols that are not also an asyncio.Protocol, so it calls data_received instead.
+
+    # Plaintext goes where a plain Endpoint's data goes: the session's recv() or the relay.
+    _deliver = Endpoint.data_received
+
+    def data_received(self, data: bytes) -> None:
+        state = self._tls_state
+        if state == _TLS_OPEN:
+            self._incoming.write(data)
+            self._decrypt()
+        elif state == _TLS_OFF:
+            self._deliver(data)
+        elif state == _TLS_HANDSHAKE:
+            self._incoming.write(data)
+            self._wake()
+        # _TLS_CLOSED: we said goodbye; whatever still comes is dropped.
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        state = self._tls_state
+        if state == _TLS_OPEN:
+            self._incoming.write(self._read_view[:nbytes])
+            self._decrypt()
+        elif state == _TLS_OFF:
+            self._deliver(bytes(self._read_view[:nbytes]))
+        elif state == _TLS_HANDSHAKE:
+            self._incoming.write(self._read_view[:nbytes])
+            self._wake()
+
+    def _decrypt(self) -> None:
+        ssl_object, incoming = self._ssl, self._incoming
+        out = self._plain_view
+        size = 0
+        count = 1
+        try:
+            while True:
+                # Typeshed says bytes; with a buffer, read() returns the count it wrote.
+                count = ssl_object.read(_RECORD, out[size:])  # type: ignore[assignment]
+                if not count:
+                    break  # the server's close_notify
+                size += count
+                # Mostly one record per read: stop without raising SSLWantReadError.
+                if not incoming.pending and not ssl_object.pending():
+                    break
+                if size > _READ_SIZE:
+                    self._deliver(bytes(out[:size]))
+                    size = 0
+        except ssl.SSLWantReadError:
+            pass  # the rest of a record is still on its way
+        except ssl.SSLZeroReturnError:
+            count = 0
+        except ssl.SSLError:
+            # A forged or corrupt record, or an alert: nothing more can be trusted.
+            if size:
+                self._deliver(bytes(out[:size]))
+            self.abort()
+            return
+        if size:
+            self._deliver(bytes(out[:size]))
+        if not count:
+            self._received_close_notify()
+            return
+        if self._outgoing.pending:
+            # A post-handshake message (TLS 1.3 KeyUpdate) wants an answer.
+            self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
+
+    def _received_close_notify(self) -> None:
+        if not self._eof_reported:
+            self._eof_reported = True
+            if not super().eof_received():
+                self.close()
+
+    def eof_received(self) -> bool | None:
+        if self._eof_reported or self._tls_state == _TLS_CLOSED:
+            # The TCP FIN after a close_notify already reported, or after our own close.
+            self.eof = True
+            return False
+        self._eof_reported = True
+        return super().eof_received()
+
+    # --- TLS ---------------------------------------------------------------------------------
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        """Run the TLS handshake as the client; raises ssl.SSLError or PeerClosed."""
+        assert self.transport is not None
+        assert not self._buf
+        ssl_object = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=False, server_hostname=server_hostname
+        )
+        self.ssl_object = self._ssl = ssl_object
+        self._tls_state = _TLS_HANDSHAKE
+        while True:
+            try:
+                ssl_object.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            if self._outgoing.pending:
+                self.transport.write(self._outgoing.read())
+            while not self._incoming.pending:
+                if self.eof:
+                    raise PeerClosed
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        if self._outgoing.pending:
+            self.transport.write(self._outgoing.read())  # our Finished
+        self._tls_state = _TLS_OPEN
+        if self._incoming.pending:
+            self._decrypt()  # the server spoke right after its Finished
+
+    def write(self, data: bytes) -> None:
+        if self._tls_state == _TLS_OFF:
+            super().write(data)
+        elif (
+            self._tls_state == _TLS_OPEN
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
+            self.send(data)
+
+    def send(self, data: bytes) -> None:
+        if self._tls_state == _TLS_OFF:
+            self.transport.write(data)  # type: ignore[union-attr]
+            return
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError:
+            self.abort()
+            return
+        self.transport.write(self._outgoing.read())  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        """End the session in TLS (close_notify), then in TCP once the server has.
+
+        As asyncio's own TLS transport does: half-close and wait for the server's side to
+        close, reading and dropping what it still sends, so that it gets everything we wrote
+        (closing with unread data would reset the connection instead). The session sees
+        nothing more but ``connection_lost``.
+        """
+        state = self._tls_state
+        if state == _TLS_CLOSED:
+            return
+        if state == _TLS_OPEN:
+            self._tls_state = _TLS_CLOSED
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                if self._outgoing.pending:
+                    transport.write(self._outgoing.read())
+                if transport.can_write_eof():
+                    transport.write_eof()
+                    self._linger = asyncio.get_running_loop().call_later(
+                        CLOSE_TIMEOUT_S, transport.abort
+                    )
+                    return
+        super().close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        super().connection_lost(exc)
+
+    def extra(self, name: str) -> Any:
+        if name == "ssl_object":
+            return self.ssl_object
+        return super().extra(name)  # noqa: S610 - a transport's, not Django's

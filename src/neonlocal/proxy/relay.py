@@ -44,6 +44,8 @@ class Relay:
         self.release: Callable[[], None] | None = None
         self.released = False
         self._status = b"I"[0]
+        self._to_upstream: Callable[[bytes], None] = _discard
+        self._to_client: Callable[[bytes], None] = _discard
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self, leftover_client: bytes = b"") -> None:
@@ -52,6 +54,9 @@ class Relay:
         assert upstream.transport is not None
         client.backpressure_source = upstream.transport
         upstream.backpressure_source = client.transport
+        # Bound once: the hot path is one call per chunk each way.
+        self._to_upstream = upstream.send
+        self._to_client = client.transport.write
         client.on_data = self._from_client if self.release is None else self._from_client_reusable
         upstream.on_data = self._from_upstream
         client.on_eof = self._client_eof_received
@@ -68,7 +73,7 @@ class Relay:
 
     def _from_client(self, data: bytes) -> None:
         self.idle = False
-        self.upstream.transport.write(data)  # type: ignore[union-attr]
+        self._to_upstream(data)
 
     def _from_client_reusable(self, data: bytes) -> None:
         # A client's Terminate would end the server session we want to keep: hold it back.
@@ -77,7 +82,7 @@ class Relay:
         self._from_client(data)
 
     def _from_upstream(self, data: bytes) -> None:
-        self.client.transport.write(data)  # type: ignore[union-attr]
+        self._to_client(data)
         at_boundary = data[-6:-1] == _READY
         self.at_boundary = self.idle = at_boundary
         if at_boundary:
@@ -98,7 +103,7 @@ class Relay:
         else:
             self._on_boundary = self._close_upstream
         # Keeping our sending half open only works on plain TCP; a TLS client closes whole.
-        return self.client.extra("ssl_object") is None
+        return self.client.extra("ssl_object") is None  # noqa: S610 - not Django's
 
     def _upstream_eof_received(self) -> bool:
         if not self._ending:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
-from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.proxy.endpoint import Endpoint, PeerClosed, UpstreamEndpoint
 from neonlocal.targets import Target, TlsMode
 
 
@@ -66,7 +66,7 @@ async def _open(target: Target, keepalive: bool) -> Upstream:
     loop = asyncio.get_running_loop()
     try:
         transport, endpoint = await loop.create_connection(
-            Endpoint, host=target.connect_host, port=target.port
+            UpstreamEndpoint, host=target.connect_host, port=target.port
         )
     except socket.gaierror as exc:
         raise UpstreamError(f"cannot resolve host {target.connect_host}: {exc.strerror}") from None
@@ -102,27 +102,19 @@ async def _open(target: Target, keepalive: bool) -> Upstream:
         transport.abort()
         raise UpstreamError("the server sent unencrypted data after accepting TLS", tls=True)
     try:
-        tls_transport = await loop.start_tls(
-            transport,
-            endpoint,
-            tls.client_context(target),
-            server_hostname=target.host,
-        )
+        await endpoint.start_tls(tls.client_context(target), server_hostname=target.host)
     except ssl.SSLError as exc:
         transport.abort()
         raise UpstreamError(describe_tls_error(exc), tls=True) from None
-    except (ConnectionError, OSError) as exc:
+    except PeerClosed:
         transport.abort()
         raise UpstreamError(
-            f"connection lost during TLS handshake: {exc}", sqlstate.CONNECTION_FAILURE, tls=True
+            "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
         ) from None
-    if tls_transport is None:
-        transport.abort()
-        raise UpstreamError("TLS handshake failed", sqlstate.CONNECTION_FAILURE, tls=True)
-    endpoint.set_transport(tls_transport)
-    ssl_object = tls_transport.get_extra_info("ssl_object")
-    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    version = ssl_object.version() if ssl_object is not None else None
+    ssl_object = endpoint.ssl_object
+    assert ssl_object is not None
+    der = ssl_object.getpeercert(binary_form=True)
+    version = ssl_object.version()
     return Upstream(endpoint, der, version, address)
 
 
