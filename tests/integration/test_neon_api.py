@@ -270,8 +270,9 @@ async def test_create_is_retried_while_locked_and_happens_once(
 
 async def test_a_mutation_during_running_operations_waits_for_the_lock() -> None:
     """Deleting right after creating meets 423 Locked from Neon and simply waits it out."""
+    patient = RetryPolicy(max_attempts=20, base_delay=0.02, max_delay=0.2, budget=10.0)
     with NeonStandIn(operation_delay=0.3) as standin:
-        async with NeonApi(standin.api_key, standin.base_url, retry=FAST) as client:
+        async with NeonApi(standin.api_key, standin.base_url, retry=patient) as client:
             created = await client.create_branch(standin.project_id, "short-lived")
             deleted = await client.delete_branch(standin.project_id, created.branch.id)
         statuses = [r.status for r in standin.requests_to("delete_branch")]
