@@ -118,6 +118,7 @@ def target_for_use(
             fail(str(exc), EXIT_USAGE)
     from neonlocal.neon import BranchNotFound, find_branch
     from neonlocal.resolver import create_branch
+
     lifetime = _duration(expires_in)
 
     async def work(resolver: TargetResolver) -> UseResult:
