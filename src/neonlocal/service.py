@@ -494,13 +494,33 @@ def _process_start(pid: int) -> str | None:
     return done.stdout.strip() or None
 
 
-def daemon_status_lines(status: ServiceStatus) -> list[str]:
-    """Hook: what the running daemon itself says (branch served, since when) for `status`.
+def daemon_status_lines(config_path: Path, env: Mapping[str, str]) -> list[str]:
+    """What the running daemon itself says (branch served, sessions, last error)."""
+    from neonlocal.config import ConfigError, load_settings
+    from neonlocal.control import DaemonNotRunning, request
+    from neonlocal.paths import control_socket_path
 
-    Empty until the daemon's status interface exists; the lead fills it in.
-    """
-    del status
-    return []
+    try:
+        configured = load_settings(config_path, env, missing_ok=True).control.socket
+    except ConfigError:
+        configured = None  # the daemon keeps its last good config; ask at the default place
+    try:
+        reply = request(
+            control_socket_path(config_path, env, configured), {"op": "status"}, timeout=3.0
+        )
+    except (DaemonNotRunning, OSError, ValueError):
+        return ["daemon: not answering on its control socket"]
+    sessions = reply.get("sessions") or {}
+    lines = [
+        f"branch: {reply.get('branch') or '(none selected)'} ({reply.get('upstream_host') or '-'})",
+        "sessions: "
+        + (", ".join(f"{b}: {n}" for b, n in sorted(sessions.items())) if sessions else "none"),
+    ]
+    if reply.get("last_error"):
+        lines.append(f"last error: {reply['last_error']}")
+    if reply.get("config_error"):
+        lines.append(f"config: rejected, serving the last good one: {reply['config_error']}")
+    return lines
 
 
 def manager_for(platform: Platform, dirs: UserDirs) -> ServiceManager:
@@ -595,8 +615,12 @@ def status(ctx: click.Context) -> None:
         click.echo(f"pid: {current.pid}")
     if current.socket_activation:
         click.echo(f"socket activation: on ({SOCKET_UNIT})")
-    for line in daemon_status_lines(current):
-        click.echo(line)
+    if current.state is RunState.RUNNING:
+        env = _context(ctx).env
+        root_config = ctx.find_root().params.get("config")
+        config = expand_user(Path(root_config) if root_config else default_config_path(env), env)
+        for line in daemon_status_lines(config.absolute(), env):
+            click.echo(line)
     if current.state is not RunState.RUNNING:
         ctx.exit(EXIT_NOT_RUNNING)
 

@@ -26,6 +26,7 @@ import pytest
 from fixtures import rawpg
 from fixtures.daemon import (
     DaemonProcess,
+    LocalDaemon,
     daemon_env,
     neonlocal_cmd,
     start_daemon_process,
@@ -369,3 +370,14 @@ async def test_run_restores_the_signal_handlers_it_replaced(workdir: Path) -> No
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+async def test_service_status_shows_the_branch_the_running_daemon_serves(
+    daemon: LocalDaemon,
+) -> None:
+    """`neonlocal service status` asks the daemon itself which branch it serves."""
+    from neonlocal.service import daemon_status_lines
+
+    lines = await asyncio.to_thread(daemon_status_lines, daemon.config_path, daemon.env)
+    assert lines[0] == "branch: main (ep-main-100001.us-east-2.aws.neon.tech:5432)"
+    assert lines[1] == "sessions: none"

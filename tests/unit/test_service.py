@@ -305,6 +305,7 @@ def test_status_of_a_running_service_shows_state_since_and_pid(machine: Machine)
         f"file: {_unit(machine)}",
         "since: Tue 2024-05-14 09:12:01 CEST",
         "pid: 4242",
+        "daemon: not answering on its control socket",
     ]
     assert machine.calls() == [
         "systemctl --user show -p ActiveState,SubState,ActiveEnterTimestamp,MainPID"
@@ -475,6 +476,7 @@ def test_status_on_macos_reads_state_and_pid_from_launchctl(machine: Machine) ->
         f"file: {_plist(machine)}",
         "since: Tue May 14 09:12:01 2024",
         "pid: 777",
+        "daemon: not answering on its control socket",
     ]
 
 
@@ -565,7 +567,9 @@ def test_the_status_hook_for_the_daemon_adds_its_lines(
     """Whatever the daemon reports through the hook is printed after the manager's view."""
     machine.run("--platform", "linux", "install")
     machine.answer("systemctl-show", out="ActiveState=active\nSubState=running\nMainPID=9\n")
-    monkeypatch.setattr(service_module, "daemon_status_lines", lambda _status: ["branch: main"])
+    monkeypatch.setattr(
+        service_module, "daemon_status_lines", lambda _config, _env: ["branch: main"]
+    )
 
     result = machine.run("--platform", "linux", "status")
 
