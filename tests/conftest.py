@@ -6,14 +6,18 @@ that stops, restarts or breaks a compute makes its own with `make_compute`.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
+from fixtures.daemon import private_dir
 from fixtures.pg import (
     REGION_WILDCARDS,
     ComputeFarm,
@@ -166,3 +170,30 @@ def sni_recorder(_sni_server: SniRecorder) -> SniRecorder:
     """A TLS listener at .host/.port recording each client's SNI and ALPN, fresh per test."""
     _sni_server.clear()
     return _sni_server
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A private directory for one test's config file, logs and control socket."""
+    path = private_dir("neonlocal-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def branch_urls(computes: dict[str, LocalCompute], ca_file: Path) -> dict[str, str]:
+    """Connection strings for the two shared branches, as `neon connection-string` prints."""
+    return {name: c.url(ca_file=ca_file) for name, c in computes.items()}
+
+
+@pytest.fixture
+async def no_unhandled_errors() -> AsyncIterator[list[dict[str, Any]]]:
+    """Fails the test if any task of the in-process daemon died with an unhandled exception."""
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    yield seen
+    gc.collect()  # "Task exception was never retrieved" is reported when the task is freed
+    loop.set_exception_handler(previous)
+    assert seen == []

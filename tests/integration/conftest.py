@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, private_dir, running_daemon, write_config
-from neonlocal.localpg import LocalCompute
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A private directory for one test's config file and control socket."""
-    path = private_dir("neonlocal-test-")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def branch_urls(computes: dict[str, LocalCompute], ca_file: Path) -> dict[str, str]:
-    """Connection strings for the two shared branches, as `neon connection-string` prints."""
-    return {name: c.url(ca_file=ca_file) for name, c in computes.items()}
+from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 
 
 @pytest.fixture
