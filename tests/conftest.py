@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import ssl
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -197,3 +198,14 @@ async def no_unhandled_errors() -> AsyncIterator[list[dict[str, Any]]]:
     gc.collect()  # "Task exception was never retrieved" is reported when the task is freed
     loop.set_exception_handler(previous)
     assert seen == []
+
+
+@pytest.fixture
+def tls_server_context(region_tls: KeyPair, workdir: Path) -> ssl.SSLContext:
+    """A server context with the region's wildcard certificate, as a real compute has."""
+    cert, key = workdir / "server.crt", workdir / "server.key"
+    cert.write_bytes(region_tls.cert_pem)
+    key.write_bytes(region_tls.key_pem)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -22,7 +22,7 @@ from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
-from neonlocal.certs import CertificateAuthority, KeyPair
+from neonlocal.certs import CertificateAuthority
 from neonlocal.localpg import LocalCompute
 
 pytestmark = pytest.mark.pg
@@ -142,17 +142,6 @@ async def test_upstream_without_tls_is_refused_not_used_in_plaintext(start: Star
             )
             assert "does not support TLS" in str(error)
             await serves_main_next(d)
-
-
-@pytest.fixture
-def tls_server_context(region_tls: KeyPair, workdir: Path) -> ssl.SSLContext:
-    """A server context with the region's wildcard certificate, as a real compute has."""
-    cert, key = workdir / "server.crt", workdir / "server.key"
-    cert.write_bytes(region_tls.cert_pem)
-    key.write_bytes(region_tls.key_pem)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
 
 
 async def test_upstream_hanging_up_during_login_is_a_connection_failure(

@@ -34,7 +34,7 @@ from fixtures.daemon import (
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
 from neonlocal import logging as neonlocal_logging
-from neonlocal.certs import CertificateAuthority, KeyPair
+from neonlocal.certs import CertificateAuthority
 from neonlocal.config import ConfigError, load_settings
 from neonlocal.conninfo import parse_conninfo
 from neonlocal.localpg import LocalCompute
@@ -88,16 +88,6 @@ def log_text(request: pytest.FixtureRequest) -> Iterator[io.StringIO]:
         yield out
     finally:
         structlog.configure(**saved)
-
-
-@pytest.fixture
-def tls_server_context(region_tls: KeyPair, workdir: Path) -> ssl.SSLContext:
-    cert, key = workdir / "server.crt", workdir / "server.key"
-    cert.write_bytes(region_tls.cert_pem)
-    key.write_bytes(region_tls.key_pem)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    return context
 
 
 @pytest.fixture
