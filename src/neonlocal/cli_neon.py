@@ -8,13 +8,10 @@ API key never appears in any output.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import getpass
 import json
 import os
-import stat
 import sys
-import tempfile
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -234,12 +231,14 @@ def _set_neon_keys(path: Path, values: dict[str, str]) -> None:
     import tomlkit
     import tomlkit.exceptions
 
+    from neonlocal.selection import atomic_write
+
     target = path.resolve() if path.is_symlink() else path
     try:
         text = target.read_text(encoding="utf-8")
-        mode = stat.S_IMODE(target.stat().st_mode)
+        previous: os.stat_result | None = target.stat()
     except FileNotFoundError:
-        text, mode = "", 0o600
+        text, previous = "", None
     try:
         document = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
@@ -251,16 +250,7 @@ def _set_neon_keys(path: Path, values: dict[str, str]) -> None:
     for key, value in values.items():
         table[key] = value
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(document.as_string())
-        os.replace(temp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
+    atomic_write(target, document.as_string().encode("utf-8"), previous)
 
 
 # --- branches -----------------------------------------------------------------------------

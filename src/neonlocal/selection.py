@@ -57,11 +57,11 @@ def switch_branch(path: Path, name: str) -> None:
         original = target.read_bytes()
     except FileNotFoundError:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _atomic_write(target, f"{_KEY} = {tomlkit.string(name).as_string()}\n".encode(), None)
+        atomic_write(target, f"{_KEY} = {tomlkit.string(name).as_string()}\n".encode(), None)
         return
     text = _decode(path, original)
     updated = _with_branch(path, text, name)
-    _atomic_write(target, updated.encode("utf-8"), target.stat())
+    atomic_write(target, updated.encode("utf-8"), target.stat())
 
 
 def _with_branch(path: Path, text: str, name: str) -> str:
@@ -93,8 +93,12 @@ def _match_newlines(before: str, after: str) -> str:
     return after[:head] + inserted + after[len(after) - tail :]
 
 
-def _atomic_write(path: Path, data: bytes, previous: os.stat_result | None) -> None:
-    """Write via a temp file in the same directory and rename it over ``path``."""
+def atomic_write(path: Path, data: bytes, previous: os.stat_result | None) -> None:
+    """Write via a temp file in the same directory and rename it over ``path``.
+
+    The new file keeps ``previous``'s permission bits (and owner, as root); a new file is
+    0600, as mkstemp makes it.
+    """
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
