@@ -23,7 +23,13 @@ import structlog
 from neonlocal import __version__
 from neonlocal.admin import AdminError, AdminServer
 from neonlocal.apikey import ApiKeyError, config_relative
-from neonlocal.config import ConfigError, Settings, check_selected_branch, load_settings
+from neonlocal.config import (
+    ConfigError,
+    Settings,
+    check_selected_branch,
+    is_loopback,
+    load_settings,
+)
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.fdlimit import ensure_room_for
@@ -34,7 +40,7 @@ from neonlocal.neon import ApiUnreachable, Branch, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
 from neonlocal.proxy import tls
-from neonlocal.proxy.server import Server, is_loopback
+from neonlocal.proxy.server import Server
 from neonlocal.proxy.session import SessionRefused
 from neonlocal.resolver import (
     API_RETRY,
@@ -195,20 +201,11 @@ class Daemon:
         return None
 
     def _check_exposure(self, settings: Settings) -> None:
+        # The settings refuse a non-loopback address without allow_non_loopback and a
+        # local password; what remains is to say so in the log.
         exposed = [h for h in settings.listen.host if not is_loopback(h)]
-        if not exposed:
-            return
-        if not settings.listen.allow_non_loopback:
-            raise StartupError(
-                f"neonlocal: refusing to listen on non-loopback address {exposed[0]}: set "
-                "[listen] allow_non_loopback = true and a [local] password to expose the daemon"
-            )
-        if settings.local.password is None:
-            raise StartupError(
-                f"neonlocal: listening on {exposed[0]} needs a [local] password, so that "
-                "other machines cannot use your database credentials"
-            )
-        log.warning("listening_beyond_loopback", addresses=exposed)
+        if exposed:
+            log.warning("listening_beyond_loopback", addresses=exposed)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
