@@ -19,6 +19,7 @@ from neonlocal.pgwire.login import (
     Credentials,
     LoginState,
     Output,
+    SpeculationFailed,
     UpstreamLogin,
     UpstreamRejected,
 )
@@ -110,13 +111,19 @@ def _state(login: UpstreamLogin) -> LoginState:
     return login.state
 
 
-def _login(creds: Credentials | None = CREDS, cert_der: bytes | None = None) -> UpstreamLogin:
+def _login(
+    creds: Credentials | None = CREDS,
+    cert_der: bytes | None = None,
+    *,
+    expected_sasl: tuple[str, ...] | None = None,
+) -> UpstreamLogin:
     return UpstreamLogin(
         PARAMS,
         credentials=creds,
         certificate_der=cert_der,
         client_key=OUR_KEY,
         extra_status=BRANCH_STATUS,
+        expected_sasl=expected_sasl,
     )
 
 
@@ -446,6 +453,111 @@ def test_unexpected_server_messages_are_refused(unexpected: bytes) -> None:
     login.receive_upstream(codec.auth_ok())
     with pytest.raises(ProtocolError):
         login.receive_upstream(unexpected)
+
+
+# --- pipelined login ------------------------------------------------------------------------
+
+
+def _startup_and_initial(login: UpstreamLogin) -> tuple[bytes, bytes]:
+    """Split start()'s bytes into the StartupMessage and what follows it."""
+    sent = login.start()
+    length = struct.unpack("!I", sent[:4])[0]
+    return sent[:length], sent[length:]
+
+
+def test_pipelined_login_sends_the_scram_first_message_behind_the_startup(
+    cert_der: bytes,
+) -> None:
+    """With the server's offer known, SASLInitialResponse leaves with the StartupMessage and
+    the login completes without answering AuthenticationSASL again."""
+    login = _login(cert_der=cert_der, expected_sasl=tuple(PLUS_AND_PLAIN))
+    startup, initial = _startup_and_initial(login)
+    assert codec.parse_request(startup[4:]) == StartupMessage(3, 0, PARAMS)
+    server = FakeServer(PASSWORD, cert_der=cert_der)
+    continue_ = server.on_initial(initial)
+    assert server.mechanism == codec.SCRAM_SHA_256_PLUS
+    # The server's AuthenticationSASL and its SCRAM challenge arrive together.
+    out = login.receive_upstream(codec.auth_sasl(PLUS_AND_PLAIN) + continue_)
+    assert out.to_client == b""
+    final = server.on_final(out.to_upstream)
+    out = login.receive_upstream(final + codec.auth_ok() + _after_auth())
+    assert login.state is LoginState.READY
+    assert login.pipelined
+    assert login.channel_bound
+    assert login.sasl_offer == tuple(PLUS_AND_PLAIN)
+    assert out.to_client.endswith(codec.ready_for_query(b"I"))
+
+
+def test_a_login_remembers_the_offer_for_the_next_one(cert_der: bytes) -> None:
+    """An ordinary login reports the mechanisms the server offered, to pipeline later."""
+    login = _login(cert_der=cert_der)
+    _scram_login(login, FakeServer(PASSWORD, cert_der=cert_der), PLUS_AND_PLAIN)
+    assert login.sasl_offer == tuple(PLUS_AND_PLAIN)
+    assert not login.pipelined
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        codec.auth_sasl([codec.SCRAM_SHA_256]),
+        codec.message(b"R", struct.pack("!i", codec.AUTH_MD5) + b"salt"),
+        codec.message(b"R", struct.pack("!i", codec.AUTH_CLEARTEXT)),
+        codec.auth_ok(),
+    ],
+    ids=["other-sasl-offer", "md5", "cleartext", "trust"],
+)
+def test_a_server_that_changed_its_mind_spoils_the_pipelined_login(
+    cert_der: bytes, answer: bytes
+) -> None:
+    """Anything but the offer we bet on means our bytes were wrong: retry, never proceed."""
+    login = _login(cert_der=cert_der, expected_sasl=tuple(PLUS_AND_PLAIN))
+    login.start()
+    with pytest.raises(SpeculationFailed):
+        login.receive_upstream(answer)
+
+
+def test_a_protocol_violation_before_the_offer_spoils_the_pipelined_login() -> None:
+    """A server objecting to early bytes (08P01) is retried, not shown to the client."""
+    login = _login(expected_sasl=(codec.SCRAM_SHA_256,))
+    login.start()
+    error = codec.error_from_fields(
+        {"S": "FATAL", "C": sqlstate.PROTOCOL_VIOLATION, "M": "unexpected message"}
+    )
+    with pytest.raises(SpeculationFailed):
+        login.receive_upstream(error)
+
+
+def test_a_real_refusal_of_a_pipelined_login_is_still_the_servers_error() -> None:
+    """A missing database is the server's answer to the startup: the client sees it."""
+    login = _login(expected_sasl=(codec.SCRAM_SHA_256,))
+    login.start()
+    error = codec.error_from_fields({"S": "FATAL", "C": "3D000", "M": 'no database "app"'})
+    with pytest.raises(UpstreamRejected) as raised:
+        login.receive_upstream(error)
+    assert raised.value.error.sqlstate == "3D000"
+
+
+def test_relay_mode_never_pipelines() -> None:
+    """Without the password the client answers the server itself: nothing to send early."""
+    login = _login(None, expected_sasl=(codec.SCRAM_SHA_256,))
+    sent = login.start()
+    assert codec.parse_request(sent[4:]) == StartupMessage(3, 0, PARAMS)
+    assert not login.pipelined
+
+
+def test_a_remembered_offer_that_cannot_satisfy_the_policy_is_not_pipelined(
+    cert_der: bytes,
+) -> None:
+    """channel_binding=require with a remembered plain offer: ask the server instead."""
+    creds = Credentials(USER, PASSWORD, ChannelBindingPolicy.REQUIRE)
+    login = _login(creds, cert_der, expected_sasl=(codec.SCRAM_SHA_256,))
+    sent = login.start()
+    assert codec.parse_request(sent[4:]) == StartupMessage(3, 0, PARAMS)
+    assert not login.pipelined
+    server = FakeServer(PASSWORD, cert_der=cert_der)
+    _scram_login(login, server, PLUS_AND_PLAIN)
+    assert login.channel_bound
+    assert login.state is LoginState.READY
 
 
 # --- relay mode -------------------------------------------------------------------------------

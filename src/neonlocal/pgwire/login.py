@@ -11,6 +11,13 @@ Two modes, chosen by whether we hold the role's password:
 Either way everything the server sends after AuthenticationOk is held back until
 ReadyForQuery and then handed to the client in one piece, with the server's cancel key
 replaced by ours and our own ParameterStatus added.
+
+In credentials mode the login can be pipelined: when the caller knows which SASL mechanisms
+this server offered last time, ``start`` sends the SASLInitialResponse right behind the
+StartupMessage instead of waiting a round trip for AuthenticationSASL. PostgreSQL reads it
+from its buffer as the answer it was about to ask for. If the server asks for anything else
+this time, the bytes already sent are wrong for it and ``SpeculationFailed`` tells the caller
+to start over on a new connection without pipelining.
 """
 
 from __future__ import annotations
@@ -34,6 +41,10 @@ class UpstreamRejected(Exception):
         super().__init__(str(error))
         self.error = error
         self.during_auth = during_auth
+
+
+class SpeculationFailed(Exception):
+    """The server did not ask for the SCRAM login we pipelined; retry without pipelining."""
 
 
 class LoginState(Enum):
@@ -67,6 +78,7 @@ class UpstreamLogin:
         client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
         client_tls: bool = False,
+        expected_sasl: tuple[str, ...] | None = None,
     ) -> None:
         self._params = dict(parameters)
         self._creds = credentials
@@ -79,6 +91,8 @@ class UpstreamLogin:
         self._client = MessageFramer()
         self._scram: ScramClientExchange | None = None
         self._scram_verified = False
+        # Pipelining: the mechanism list we bet the server will offer (credentials mode only).
+        self._expected_sasl = expected_sasl if credentials is not None else None
         self._held: list[bytes] = []
         self.state = LoginState.AUTHENTICATING
         self.server_key: tuple[int, bytes] | None = None
@@ -90,13 +104,38 @@ class UpstreamLogin:
         self.auth_method: str | None = None
         # Relay mode: the client owes the server an answer to the request we forwarded.
         self.awaiting_client = False
+        # The SASL mechanisms this server offered, to pipeline the next login to it.
+        self.sasl_offer: tuple[str, ...] | None = None
+        self.pipelined = False
+
+    @property
+    def user(self) -> str:
+        return self._params.get("user", "")
+
+    @property
+    def database(self) -> str:
+        return self._params.get("database", "")
 
     @property
     def relaying_auth(self) -> bool:
         return self._creds is None
 
     def start(self) -> bytes:
-        return codec.startup_message(self._params)
+        startup = codec.startup_message(self._params)
+        if self._expected_sasl is None:
+            return startup
+        try:
+            self._begin_scram(list(self._expected_sasl))
+        except ProtocolError:
+            # What we remember would not do for this login (say channel binding is now
+            # required): let the server's real offer decide, and fail on that.
+            self._scram, self.channel_bound, self.auth_method = None, False, None
+            return startup
+        assert self._scram is not None
+        self.pipelined = True
+        return startup + codec.sasl_initial_response(
+            self._scram.mechanism, self._scram.client_first()
+        )
 
     def receive_upstream(self, data: bytes) -> Output:
         self._upstream.feed(data)
@@ -132,8 +171,12 @@ class UpstreamLogin:
 
     def _on_message(self, kind: bytes, payload: bytes, out: Output) -> None:
         if kind == b"E":
+            error = codec.parse_error_fields(payload)
+            if self._awaiting_sasl_offer() and error.sqlstate == sqlstate.PROTOCOL_VIOLATION:
+                # A server that reads ahead may object to our pipelined answer itself.
+                raise SpeculationFailed(error.message)
             raise UpstreamRejected(
-                codec.parse_error_fields(payload),
+                error,
                 during_auth=self.state is LoginState.AUTHENTICATING,
             )
         if self.state is LoginState.AUTHENTICATING:
@@ -180,7 +223,21 @@ class UpstreamLogin:
                 sqlstate.CONNECTION_FAILURE,
             )
 
+    def _awaiting_sasl_offer(self) -> bool:
+        """We pipelined a SASLInitialResponse and the server has not yet asked for SASL."""
+        return self.pipelined and self.sasl_offer is None
+
     def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
+        if self._awaiting_sasl_offer():
+            # Anything but the same offer means the server read (or will read) our
+            # pipelined answer as something else: this connection is spoiled.
+            if request.code != codec.AUTH_SASL:
+                raise SpeculationFailed(f"the server asked for authentication code {request.code}")
+            offered = tuple(request.sasl_mechanisms())
+            if offered != self._expected_sasl:
+                raise SpeculationFailed(f"the server now offers {list(offered)}")
+            self.sasl_offer = offered
+            return
         if request.code == codec.AUTH_OK:
             if self._scram is not None and not self._scram_verified:
                 raise ProtocolError(
@@ -204,16 +261,10 @@ class UpstreamLogin:
             self._relay_auth(request, payload, out)
             return
         if request.code == codec.AUTH_SASL:
-            offered = request.sasl_mechanisms()
-            self._scram = ScramClientExchange(
-                offered,
-                self._creds.user,
-                self._creds.password,
-                certificate_der=self._cert,
-                policy=self._creds.channel_binding,
-            )
-            self.channel_bound = self._scram.channel_bound
-            self.auth_method = self._scram.mechanism
+            mechanisms = request.sasl_mechanisms()
+            self.sasl_offer = tuple(mechanisms)
+            self._begin_scram(mechanisms)
+            assert self._scram is not None
             out.to_upstream += codec.sasl_initial_response(
                 self._scram.mechanism, self._scram.client_first()
             )
@@ -241,6 +292,18 @@ class UpstreamLogin:
                 f"(code {request.code})",
                 sqlstate.UNABLE_TO_CONNECT,
             )
+
+    def _begin_scram(self, offered: list[str]) -> None:
+        assert self._creds is not None
+        self._scram = ScramClientExchange(
+            offered,
+            self._creds.user,
+            self._creds.password,
+            certificate_der=self._cert,
+            policy=self._creds.channel_binding,
+        )
+        self.channel_bound = self._scram.channel_bound
+        self.auth_method = self._scram.mechanism
 
     def _relay_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
         if request.code == codec.AUTH_SASL:

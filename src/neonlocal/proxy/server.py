@@ -79,6 +79,9 @@ class Server:
         self._configure_pool()
         self._unix_path: Path | None = None
         self._scram_cache: dict[str, ScramSecret] = {}
+        # (host, port, role, database) -> the SASL mechanisms that server offered last time:
+        # what lets the next login to it be pipelined (pgwire/login.py).
+        self.sasl_offers: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
         self.metrics = Metrics(self._live_state)
         self._set_local_password()
 

@@ -21,7 +21,13 @@ from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
-from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, UpstreamRejected
+from neonlocal.pgwire.login import (
+    Credentials,
+    LoginState,
+    SpeculationFailed,
+    UpstreamLogin,
+    UpstreamRejected,
+)
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
@@ -211,6 +217,11 @@ class Session:
     async def _connect_and_login(
         self, plan: Plan, client_key: tuple[int, bytes], *, may_refresh: bool
     ) -> None:
+        offers = self.server.sasl_offers
+        offer_key = (plan.target.host, plan.target.port, plan.user, plan.database)
+        expected = None
+        if plan.credentials is not None and self.server.settings.upstream.pipeline_auth:
+            expected = offers.get(offer_key)
         upstream = await self._connect(plan.target)
         login = UpstreamLogin(
             plan.parameters,
@@ -219,8 +230,14 @@ class Session:
             client_key=client_key,
             extra_status={"neonlocal.branch": self.branch or ""},
             client_tls=self.client_tls,
+            expected_sasl=expected,
         )
-        await self._login(upstream, login, may_refresh=may_refresh)
+        try:
+            await self._login(upstream, login, may_refresh=may_refresh)
+        except SpeculationFailed as exc:
+            offers.pop(offer_key, None)
+            self.server.log_session("auth_pipelining_refused", self, reason=str(exc))
+            await self._connect_and_login(plan, client_key, may_refresh=may_refresh)
 
     async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
         """Serve the client on a reused upstream session: no handshake upstream at all."""
@@ -484,6 +501,10 @@ class Session:
             up.close()
             raise
         self.auth = login.auth_method
+        if login.sasl_offer is not None and self.server.settings.upstream.pipeline_auth:
+            self.server.sasl_offers[
+                (self.target.host, self.target.port, login.user, login.database)
+            ] = login.sasl_offer
         if login.server_key is not None and self.cancel_pid is not None:
             pid, secret = login.server_key
             self.server.cancels.bind(self.cancel_pid, CancelRoute(self.target, pid, secret))
@@ -492,6 +513,7 @@ class Session:
             self,
             auth=login.auth_method,
             channel_binding=login.channel_bound,
+            pipelined=login.pipelined,
             tls=upstream.tls_version,
         )
         self._status_messages = login.status_messages
