@@ -4,8 +4,10 @@ Two ways an address changes: the config's ``hostaddr`` is edited (picked up by t
 watcher), or DNS answers differently. /etc/hosts is not ours to edit, so DNS is simulated at
 the one place the daemon asks it: the event loop's ``getaddrinfo``, which
 ``loop.create_connection`` calls for every upstream connection. What this proves: the daemon
-resolves per session and caches no answer. What it cannot prove: that the operating system's
-resolver (nscd, systemd-resolved, mDNSResponder) does not cache; that is outside the daemon.
+resolves per session and never uses an answer the current lookup did not confirm (the last
+address only gets a head start: a TCP connect that runs while the name is looked up). What
+it cannot prove: that the operating system's resolver (nscd, systemd-resolved,
+mDNSResponder) does not cache; that is outside the daemon.
 """
 
 from __future__ import annotations
@@ -96,12 +98,20 @@ class FakeDns:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.answer = "127.0.0.1"
         self.lookups = 0
+        # A slow resolver (a DNS server across the internet): seconds each lookup takes.
+        self.delay = 0.0
+        self.pending = 0
         self._real = loop.getaddrinfo
 
     async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
         if host != MOVING_HOST:
             return await self._real(host, port, *args, **kwargs)
         self.lookups += 1
+        self.pending += 1
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.pending -= 1
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (self.answer, port))]
 
 
@@ -144,6 +154,65 @@ async def test_a_changed_dns_answer_is_followed_by_the_next_session(
     # One lookup per session: nothing was answered from a cache.
     assert fake_dns.lookups == len(answers)
     figures.record(sessions=len(answers), lookups=fake_dns.lookups)
+
+
+@pytest.fixture
+async def upstream_connects(
+    computes: dict[str, LocalCompute], fake_dns: FakeDns
+) -> AsyncIterator[list[Any]]:
+    """(address, lookup still pending) for each TCP connection the daemon opens to a compute."""
+    loop = asyncio.get_running_loop()
+    real = loop.create_connection
+    ports = {compute.spec.port for compute in computes.values()}
+    seen: list[Any] = []
+
+    async def recording(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("port") in ports:
+            seen.append((kwargs.get("host"), fake_dns.pending > 0))
+        return await real(*args, **kwargs)
+
+    loop.create_connection = recording  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        del loop.create_connection
+
+
+async def test_a_slow_lookup_runs_alongside_a_connect_to_the_last_address(
+    dns_daemon: LocalDaemon,
+    fake_dns: FakeDns,
+    computes: dict[str, LocalCompute],
+    upstream_connects: list[Any],
+) -> None:
+    """DNS costs a new session no time when the answer has not changed: the daemon connects
+    to the address the name had last time while it looks the name up again."""
+    main = computes["main"].spec.listen_addr
+    fake_dns.answer = main
+    assert await branch_of_new_session(dns_daemon) == "main"
+    assert upstream_connects == [(main, False)]  # the first session had to wait for DNS
+    fake_dns.delay = 0.3
+    assert await branch_of_new_session(dns_daemon) == "main"
+    assert upstream_connects[1:] == [(main, True)]
+    assert fake_dns.lookups == 2
+
+
+async def test_a_changed_answer_beats_the_head_start(
+    dns_daemon: LocalDaemon,
+    fake_dns: FakeDns,
+    computes: dict[str, LocalCompute],
+    upstream_connects: list[Any],
+) -> None:
+    """The connection to the old address is dropped; the session goes where DNS says now."""
+    main, dev = computes["main"].spec.listen_addr, computes["dev"].spec.listen_addr
+    fake_dns.answer = main
+    assert await branch_of_new_session(dns_daemon) == "main"
+    fake_dns.answer, fake_dns.delay = dev, 0.3
+    assert await branch_of_new_session(dns_daemon) == "dev"
+    assert upstream_connects[1:] == [(main, True), (dev, False)]
+    # ...and the next session starts from the new address.
+    fake_dns.delay = 0.0
+    assert await branch_of_new_session(dns_daemon) == "dev"
+    assert upstream_connects[3][0] == dev
 
 
 async def test_a_cancel_resolves_the_host_again_too(

@@ -28,6 +28,7 @@ from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
+from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.proxy.listener import TcpListener, bind_tcp
@@ -82,6 +83,7 @@ class Server:
         # (host, port, role, database) -> the SASL mechanisms that server offered last time:
         # what lets the next login to it be pipelined (pgwire/login.py).
         self.sasl_offers: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
+        self.addresses = AddressBook()
         self.metrics = Metrics(self._live_state)
         self._set_local_password()
 

@@ -421,7 +421,10 @@ class Session:
         began = time.monotonic()
         try:
             upstream = await open_upstream(
-                target, timeout=settings.connect_timeout, keepalive=settings.keepalive
+                target,
+                timeout=settings.connect_timeout,
+                keepalive=settings.keepalive,
+                addresses=self.server.addresses,
             )
         except UpstreamError as exc:
             message = (

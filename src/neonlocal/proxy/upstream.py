@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
+from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed, UpstreamEndpoint
 from neonlocal.targets import Target, TlsMode
 
@@ -54,19 +55,24 @@ def describe_tls_error(exc: ssl.SSLError) -> str:
     return f"TLS handshake failed: {exc.reason or exc}"
 
 
-async def open_upstream(target: Target, *, timeout: float, keepalive: bool = True) -> Upstream:
+async def open_upstream(
+    target: Target,
+    *,
+    timeout: float,
+    keepalive: bool = True,
+    addresses: AddressBook | None = None,
+) -> Upstream:
     try:
         async with asyncio.timeout(timeout):
-            return await _open(target, keepalive)
+            return await _open(target, keepalive, addresses or AddressBook())
     except TimeoutError:
         raise UpstreamError(f"timed out after {timeout:g} s (is the compute waking up?)") from None
 
 
-async def _open(target: Target, keepalive: bool) -> Upstream:
-    loop = asyncio.get_running_loop()
+async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upstream:
     try:
-        transport, endpoint = await loop.create_connection(
-            UpstreamEndpoint, host=target.connect_host, port=target.port
+        transport, protocol = await addresses.connect(
+            target.connect_host, target.port, UpstreamEndpoint
         )
     except socket.gaierror as exc:
         raise UpstreamError(f"cannot resolve host {target.connect_host}: {exc.strerror}") from None
@@ -74,6 +80,8 @@ async def _open(target: Target, keepalive: bool) -> Upstream:
         raise UpstreamError("connection refused") from None
     except OSError as exc:
         raise UpstreamError(exc.strerror or str(exc)) from None
+    assert isinstance(protocol, UpstreamEndpoint)
+    endpoint = protocol
     if keepalive:
         _keepalive(transport.get_extra_info("socket"))
     peer = transport.get_extra_info("peername")
