@@ -58,6 +58,9 @@ class Target:
     sslrootcert: str | None
     channel_binding: str
     application_name: str | None
+    # PostgreSQL 17's sslnegotiation=direct: open with the TLS handshake, no SSLRequest
+    # round trip first. Neon's edge accepts it; older servers do not.
+    direct_tls: bool = False
 
     @property
     def connect_host(self) -> str:
@@ -125,6 +128,13 @@ def build_target(name: str, branch: BranchSettings) -> Target:
     except ConnInfoError as exc:
         raise TargetError(name, exc.message) from None
     assert info.host is not None  # validate_upstream guarantees it
+    negotiation = info.extra.get("sslnegotiation", "postgres")
+    if negotiation not in ("postgres", "direct"):
+        raise TargetError(name, 'sslnegotiation must be "postgres" or "direct"')
+    if negotiation == "direct" and branch.tls is TlsMode.DISABLE:
+        raise TargetError(
+            name, 'sslnegotiation=direct needs TLS, but the branch has tls = "disable"'
+        )
     sslrootcert = info.sslrootcert if info.sslrootcert != "system" else None
     return Target(
         branch=name,
@@ -141,6 +151,7 @@ def build_target(name: str, branch: BranchSettings) -> Target:
         sslrootcert=sslrootcert,
         channel_binding=info.channel_binding or "prefer",
         application_name=info.application_name,
+        direct_tls=negotiation == "direct",
     )
 
 

@@ -64,6 +64,24 @@ def test_sslrootcert_system_or_absent_means_the_system_store(
     assert build_target("b", branch(f"postgresql://u@{HOST}/db{query}")).sslrootcert == expected
 
 
+@pytest.mark.parametrize(
+    ("suffix", "direct"),
+    [("", False), ("&sslnegotiation=postgres", False), ("&sslnegotiation=direct", True)],
+)
+def test_sslnegotiation_direct_skips_the_ssl_request(suffix: str, direct: bool) -> None:
+    """A URL written for libpq 17 with sslnegotiation=direct keeps that meaning upstream."""
+    assert build_target("b", branch(URL + suffix)).direct_tls is direct
+
+
+def test_unusable_sslnegotiation_is_refused_naming_the_branch() -> None:
+    with pytest.raises(
+        TargetError, match='branch "b": sslnegotiation must be "postgres" or "direct"'
+    ):
+        build_target("b", branch(URL + "&sslnegotiation=fast"))
+    with pytest.raises(TargetError, match="sslnegotiation=direct needs TLS"):
+        build_target("b", branch(URL + "&sslnegotiation=direct", tls="disable"))
+
+
 def test_hostaddr_is_dialled_but_the_host_name_is_verified() -> None:
     """With hostaddr the TCP connection goes to that IP, while SNI and checks use the host."""
     target = build_target("b", branch(f"postgresql://u@{HOST}:6543/db?hostaddr=127.0.0.2"))

@@ -148,6 +148,8 @@ class Session:
         self.auth: str | None = None
         self._stale_message = ""
         self.client_tls = False
+        # How the client's TLS began: "direct" (PostgreSQL 17) or "ssl_request".
+        self.client_tls_negotiation: str | None = None
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
 
@@ -360,6 +362,7 @@ class Session:
             self._refuse_tls("local TLS handshake failed")
         self.client.set_transport(tls_transport)
         self.client_tls = True
+        self.client_tls_negotiation = "ssl_request"
 
     def _accept_direct_tls(self, ssl_object: ssl.SSLObject) -> None:
         """The listener already did the TLS handshake (PostgreSQL 17 ``sslnegotiation=direct``).
@@ -371,6 +374,7 @@ class Session:
             self.client.abort()
             self._refuse_tls(f'direct TLS without ALPN "{LOCAL_ALPN}"')
         self.client_tls = True
+        self.client_tls_negotiation = "direct"
 
     def _refuse_tls(self, reason: str) -> NoReturn:
         """End a client whose TLS failed; no ErrorResponse is possible, so log why."""
@@ -518,6 +522,8 @@ class Session:
             channel_binding=login.channel_bound,
             pipelined=login.pipelined,
             tls=upstream.tls_version,
+            tls_direct=self.target.direct_tls,
+            client_tls=self.client_tls_negotiation,
         )
         self._status_messages = login.status_messages
         await self._relay(up, login.server_key)

@@ -88,6 +88,42 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
     address = f"{peer[0]}:{peer[1]}" if peer else target.connect_host
     if target.tls is TlsMode.DISABLE:
         return Upstream(endpoint, None, None, address)
+    if not target.direct_tls:
+        await _ssl_request(endpoint, transport)
+    try:
+        await endpoint.start_tls(tls.client_context(target), server_hostname=target.host)
+    except ssl.SSLError as exc:
+        transport.abort()
+        raise UpstreamError(describe_tls_error(exc), tls=True) from None
+    except PeerClosed:
+        transport.abort()
+        if target.direct_tls:
+            raise UpstreamError(
+                "the server closed the connection during a direct TLS handshake: it may not "
+                "support sslnegotiation=direct (PostgreSQL 17 or newer, Neon); remove it from "
+                "the branch URL",
+                sqlstate.CONNECTION_FAILURE,
+                tls=True,
+            ) from None
+        raise UpstreamError(
+            "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
+        ) from None
+    ssl_object = endpoint.ssl_object
+    assert ssl_object is not None
+    if target.direct_tls and ssl_object.selected_alpn_protocol() != tls.ALPN:
+        # As libpq 17: without the server's agreement on ALPN, the other end may not be
+        # PostgreSQL at all.
+        transport.abort()
+        raise UpstreamError(
+            f'the server did not agree to ALPN "{tls.ALPN}" in direct TLS', tls=True
+        )
+    der = ssl_object.getpeercert(binary_form=True)
+    version = ssl_object.version()
+    return Upstream(endpoint, der, version, address)
+
+
+async def _ssl_request(endpoint: UpstreamEndpoint, transport: asyncio.Transport) -> None:
+    """Ask for TLS the classic way; returns once the server said 'S'."""
     try:
         endpoint.write(codec.ssl_request())
         answer = await endpoint.recv()
@@ -109,21 +145,6 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
         # Bytes after 'S' but before the TLS handshake were not protected by TLS.
         transport.abort()
         raise UpstreamError("the server sent unencrypted data after accepting TLS", tls=True)
-    try:
-        await endpoint.start_tls(tls.client_context(target), server_hostname=target.host)
-    except ssl.SSLError as exc:
-        transport.abort()
-        raise UpstreamError(describe_tls_error(exc), tls=True) from None
-    except PeerClosed:
-        transport.abort()
-        raise UpstreamError(
-            "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
-        ) from None
-    ssl_object = endpoint.ssl_object
-    assert ssl_object is not None
-    der = ssl_object.getpeercert(binary_form=True)
-    version = ssl_object.version()
-    return Upstream(endpoint, der, version, address)
 
 
 async def send_cancel(target: Target, process_id: int, secret: bytes, *, timeout: float) -> None:
