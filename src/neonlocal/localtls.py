@@ -5,6 +5,9 @@ On first start the daemon makes a small CA and a server certificate for localhos
 certificate well before it expires. ``neonlocal trust`` shows how to make clients trust the
 CA, so ``sslmode=verify-full`` against localhost works. A user may configure their own
 certificate and key instead.
+
+Every start reads the expiry of the certificate it already has; only making one needs
+``cryptography`` (several MB resident), so it is imported then and not before.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from __future__ import annotations
 import datetime
 import os
 import ssl
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
-from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
+from asn1crypto import x509 as asn1_x509
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The local CA may only ever vouch for these: `neonlocal trust --install` puts it in libpq's
@@ -46,31 +49,127 @@ def tls_dir(config_path: Path) -> Path:
     return config_path.parent / "tls"
 
 
+def certificate_expiry(pem: str) -> datetime.datetime:
+    """When a PEM certificate stops being valid (its notAfter), in UTC; ValueError if unreadable.
+
+    asn1crypto reads it: scramp already has it loaded for channel binding, whereas
+    ``cryptography`` would add several MB to a daemon that only needs this one date.
+    """
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    try:
+        certificate = asn1_x509.Certificate.load(der)
+        expiry = certificate["tbs_certificate"]["validity"]["not_after"].native
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"unreadable certificate: {exc}") from None
+    if not isinstance(expiry, datetime.datetime):
+        raise ValueError("certificate validity is not a time")
+    return expiry.astimezone(datetime.UTC)
+
+
 def _needs_new_server_cert(cert_path: Path, now: datetime.datetime) -> bool:
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        expiry = certificate_expiry(cert_path.read_text())
     except (OSError, ValueError):
         return True
-    return cert.not_valid_after_utc - now < RENEW_BEFORE
+    return expiry - now < RENEW_BEFORE
+
+
+def _check_pair(cert_path: Path, key_path: Path) -> None:
+    """Refuse a certificate and key that do not belong together (ValueError), as loading
+    them into ``cryptography`` would, without loading it: OpenSSL compares them."""
+    try:
+        # The password callback stops OpenSSL from prompting on the terminal for a key
+        # that turns out to be encrypted: ours never are, so that is an error too.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            cert_path, key_path, password=lambda: b""
+        )
+    except ssl.SSLError as exc:
+        raise ValueError(f"{cert_path} and {key_path}: {exc}") from None
+
+
+def _files(directory: Path) -> tuple[Path, Path, Path, Path]:
+    """The CA certificate and key, then the server certificate and key."""
+    return (
+        directory / "ca.crt",
+        directory / "ca.key",
+        directory / "server.crt",
+        directory / "server.key",
+    )
+
+
+def _anything_to_make(directory: Path) -> bool:
+    """Whether `ensure_generated` would make a certificate; ValueError for a CA whose
+    certificate and key do not belong together, which it could not renew with."""
+    ca_cert, ca_key, cert, key = _files(directory)
+    if not (ca_cert.exists() and ca_key.exists()):
+        return True
+    _check_pair(ca_cert, ca_key)
+    now = datetime.datetime.now(datetime.UTC)
+    return _needs_new_server_cert(cert, now) or not key.exists()
 
 
 def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
     """The CA and server certificate in ``directory``, made or renewed as needed."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ca_cert, ca_key = directory / "ca.crt", directory / "ca.key"
-    cert, key = directory / "server.crt", directory / "server.key"
-    now = datetime.datetime.now(datetime.UTC)
-    new_ca = not (ca_cert.exists() and ca_key.exists())
-    if new_ca:
-        ca = CertificateAuthority.create(
-            "neonlocal local CA", days=CA_DAYS, only_names=LOCAL_CA_SCOPE
-        )
-        write_keypair(ca.as_keypair(), ca_cert, ca_key)
-    else:
-        ca = CertificateAuthority.from_keypair(KeyPair(ca_cert.read_bytes(), ca_key.read_bytes()))
-    # A new CA (its key was lost) cannot vouch for the old server certificate.
-    if new_ca or _needs_new_server_cert(cert, now) or not key.exists():
+    ca_cert, ca_key, cert, key = _files(directory)
+    if _anything_to_make(directory):
+        from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
+
+        if ca_cert.exists() and ca_key.exists():
+            pair = KeyPair(ca_cert.read_bytes(), ca_key.read_bytes())
+            ca = CertificateAuthority.from_keypair(pair)
+        else:
+            ca = CertificateAuthority.create(
+                "neonlocal local CA", days=CA_DAYS, only_names=LOCAL_CA_SCOPE
+            )
+            write_keypair(ca.as_keypair(), ca_cert, ca_key)
+        # Always a new server certificate: a new CA (the old key was lost) could not vouch
+        # for the old one.
         write_keypair(ca.issue(LOCAL_NAMES, days=SERVER_DAYS), cert, key)
+    return cert, key, ca_cert
+
+
+def _child_env() -> dict[str, str]:
+    """The environment for a child that must import this very neonlocal package."""
+    env = dict(os.environ)
+    package_root = Path(__file__).resolve().parent.parent
+    # The child shares everything on sys.path except the first entry (this process's cwd or
+    # script directory); only a package found there, or by an import hook, needs help. The
+    # site directories are not added: ahead of the standard library they could shadow it.
+    shared = {Path(entry).resolve() for entry in sys.path[1:] if entry}
+    if package_root not in shared:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(package_root), env.get("PYTHONPATH", "")) if p
+        )
+    return env
+
+
+def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
+    """`ensure_generated` for the daemon: what has to be made is made by a short-lived child
+    process, so that ``cryptography`` (about 11 MB resident) never enters the daemon, which
+    may then run for weeks. Checking what is there needs only ``ssl``."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_cert, _ca_key, cert, key = _files(directory)
+    if not _anything_to_make(directory):
+        return cert, key, ca_cert
+    if not sys.executable:  # embedded without an interpreter to start: make them here
+        return ensure_generated(directory)
+    argv = [sys.executable, "-m", "neonlocal.localtls", str(directory)]
+    try:
+        done = subprocess.run(
+            argv,
+            cwd=directory,
+            env=_child_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise ValueError(f"cannot run {sys.executable} to make the certificate: {exc}") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ValueError(lines[-1] if lines else f"exit status {done.returncode}")
     return cert, key, ca_cert
 
 
@@ -80,7 +179,7 @@ def load_local_tls(
     ca_path: Path | None = None
     try:
         if cert_path is None or key_path is None:
-            cert_path, key_path, ca_path = ensure_generated(tls_dir(config_path))
+            cert_path, key_path, ca_path = _generated_apart(tls_dir(config_path))
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(cert_path, key_path)
@@ -114,3 +213,17 @@ def install_for_libpq(ca_path: Path, home: Path, *, system_cas: Path | None = No
             out.write(pem)
     os.chmod(target, 0o600)
     return target
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m neonlocal.localtls DIR``: `ensure_generated`, for `_generated_apart`."""
+    try:
+        ensure_generated(Path(argv[0]))
+    except (OSError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

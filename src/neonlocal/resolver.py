@@ -25,7 +25,6 @@ from neonlocal.neon import (
     AuthenticationError,
     Branch,
     EndpointState,
-    NeonApi,
     NeonApiError,
     ProtectedBranch,
     ResolvedBranch,
@@ -37,6 +36,7 @@ from neonlocal.targets import Target, TlsMode, UnknownBranch, build_target
 
 if TYPE_CHECKING:
     from neonlocal.config import BranchSettings, Settings
+    from neonlocal.neon import NeonApi
 
 __all__ = [
     "API_RETRY",

@@ -4,18 +4,14 @@
         target = await resolve_branch(api, project_id, "dev-maria")
 
 Everything public is exported here; the modules behind it are private to this package.
+The client itself (``NeonApi``, ``DEFAULT_TIMEOUT``) and with it httpx are imported on
+first use: a daemon that serves static branch URLs never talks to the API.
 """
 
 from __future__ import annotations
 
-from neonlocal.neon.client import (
-    DEFAULT_ANNOTATION,
-    DEFAULT_API_URL,
-    DEFAULT_TIMEOUT,
-    NeonApi,
-    RetryPolicy,
-    format_timestamp,
-)
+from typing import TYPE_CHECKING, Any
+
 from neonlocal.neon.durations import InvalidDuration, parse_duration
 from neonlocal.neon.errors import (
     ApiUnreachable,
@@ -46,7 +42,25 @@ from neonlocal.neon.models import (
     Role,
     User,
 )
+from neonlocal.neon.options import (
+    DEFAULT_ANNOTATION,
+    DEFAULT_API_URL,
+    RetryPolicy,
+    format_timestamp,
+)
 from neonlocal.neon.resolve import ResolvedBranch, find_branch, pooler_host, resolve_branch
+
+if TYPE_CHECKING:
+    from neonlocal.neon.client import DEFAULT_TIMEOUT, NeonApi
+else:
+
+    def __getattr__(name: str) -> Any:
+        if name in ("NeonApi", "DEFAULT_TIMEOUT"):
+            from neonlocal.neon import client
+
+            return getattr(client, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_ANNOTATION",

@@ -13,12 +13,10 @@ import asyncio
 import contextlib
 import email.utils
 import math
-import random
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
@@ -52,10 +50,14 @@ from neonlocal.neon.models import (
     Role,
     User,
 )
+from neonlocal.neon.options import (
+    DEFAULT_ANNOTATION,
+    DEFAULT_API_URL,
+    RetryPolicy,
+    format_timestamp,
+)
 
-DEFAULT_API_URL = "https://console.neon.tech/api/v2"
 DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
-DEFAULT_ANNOTATION: Mapping[str, str] = MappingProxyType({"created-by": "neonlocal"})
 
 _log = structlog.get_logger("neonlocal.neon")
 _M = TypeVar("_M", bound=pydantic.BaseModel)
@@ -67,23 +69,6 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE"})
 _RETRYABLE_TRANSPORT = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 # A guard against a server that keeps handing out cursors.
 _MAX_PAGES = 1000
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How hard to try before giving up on one call."""
-
-    max_attempts: int = 5
-    base_delay: float = 0.5
-    max_delay: float = 8.0
-    # Seconds for all attempts of one call, waiting included; a Retry-After beyond it gives up.
-    budget: float = 20.0
-
-    def backoff(self, attempt: int) -> float:
-        """Delay after the ``attempt``-th failure: doubling, capped, with half of it jittered."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
-        # Jitter spreads out clients that failed together; it protects nothing secret.
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311
 
 
 class NeonApi:
@@ -551,13 +536,6 @@ class NeonApi:
             raise NeonApiError(
                 f"unexpected response from the Neon API for {context}: {where}: {first['msg']}"
             ) from None
-
-
-def format_timestamp(moment: datetime) -> str:
-    """RFC 3339 in UTC with whole seconds, the precision Neon asks for in ``expires_at``."""
-    if moment.tzinfo is None:
-        raise ValueError("expires_at needs a timezone-aware datetime")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _seg(value: str) -> str:

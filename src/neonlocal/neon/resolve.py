@@ -12,11 +12,13 @@ import contextlib
 import difflib
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from neonlocal.neon.client import NeonApi
 from neonlocal.neon.errors import BranchNotFound, NeonApiError, ResolutionError
 from neonlocal.neon.models import Branch, Database, Endpoint, EndpointState, EndpointType, Role
+
+if TYPE_CHECKING:
+    from neonlocal.neon.client import NeonApi
 
 _A = TypeVar("_A")
 _B = TypeVar("_B")

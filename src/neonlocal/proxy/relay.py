@@ -44,6 +44,7 @@ class Relay:
         self.release: Callable[[], None] | None = None
         self.released = False
         self._status = b"I"[0]
+        self._client_tls = False
         self._to_upstream: Callable[[bytes], None] = _discard
         self._to_client: Callable[[bytes], None] = _discard
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -52,6 +53,8 @@ class Relay:
         client, upstream = self.client, self.upstream
         assert client.transport is not None
         assert upstream.transport is not None
+        # Asked now: a TLS transport that has since closed cannot be asked any more.
+        self._client_tls = client.extra("ssl_object") is not None  # noqa: S610 - not Django's
         client.backpressure_source = upstream.transport
         upstream.backpressure_source = client.transport
         # Bound once: the hot path is one call per chunk each way.
@@ -103,7 +106,7 @@ class Relay:
         else:
             self._on_boundary = self._close_upstream
         # Keeping our sending half open only works on plain TCP; a TLS client closes whole.
-        return self.client.extra("ssl_object") is None  # noqa: S610 - not Django's
+        return not self._client_tls
 
     def _upstream_eof_received(self) -> bool:
         if not self._ending:

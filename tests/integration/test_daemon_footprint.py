@@ -1,0 +1,176 @@
+"""What a daemon serving static branch URLs keeps in memory: not the Neon API client (httpx)
+and not cryptography, which only making a certificate needs (issue 5: RSS idle).
+
+The daemon runs as a real process (the test process has imported both) and writes the
+modules it ended with on exit, so a module imported on any path it took - start, a session,
+shutdown - is caught.
+"""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography import x509
+
+from fixtures.daemon import DaemonProcess, daemon_env, write_config
+from fixtures.net import free_port
+from neonlocal.certs import CertificateAuthority
+from neonlocal.localtls import (
+    LocalTlsError,
+    certificate_expiry,
+    ensure_generated,
+    load_local_tls,
+    tls_dir,
+)
+
+# Top-level imports of any of these come back as several MB of resident memory.
+NOT_FOR_STATIC_URLS = ("cryptography", "httpx", "neonlocal.certs", "neonlocal.neon.client")
+
+# `python -m neonlocal ...`, which writes sys.modules to $CENSUS_PATH when it exits.
+_WITH_CENSUS = """
+import atexit, os, runpy, sys
+
+def _census():
+    with open(os.environ["CENSUS_PATH"], "w") as out:
+        out.write("\\n".join(sorted(sys.modules)))
+
+atexit.register(_census)
+runpy.run_module("neonlocal", run_name="__main__", alter_sys=True)
+"""
+
+
+def _unreachable_url() -> str:
+    port = free_port("127.0.0.1")
+    return (
+        f"postgresql://neondb_owner:npg_secret@ep-quiet-000001.us-east-2.aws.neon.tech:{port}"
+        "/neondb?hostaddr=127.0.0.1&sslmode=require"
+    )
+
+
+def _modules_of_a_daemon_run(workdir: Path, url: str, *, session_works: bool) -> list[str]:
+    """Start `neonlocal up` for one static branch, run one session through it, stop it."""
+    config = write_config(workdir / "config.toml", {"main": url}, branch="main")
+    env = daemon_env(workdir)
+    census = workdir / "modules.txt"
+    env["CENSUS_PATH"] = str(census)
+    log_path = workdir / "daemon.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WITH_CENSUS, "--config", str(config), "up"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+    daemon = DaemonProcess(proc, config, env, log_path)
+    try:
+        port = int(daemon.wait_ready()["listen"][0].rpartition(":")[2])
+        dsn = f"host=127.0.0.1 port={port} user=neondb_owner dbname=neondb sslmode=disable"
+        if session_works:
+            with psycopg.connect(dsn, connect_timeout=10) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        else:
+            with pytest.raises(psycopg.OperationalError, match="neonlocal"):
+                psycopg.connect(dsn, connect_timeout=10)
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    modules = census.read_text().split()
+    # The census is real: the daemon's own proxy was among what it loaded.
+    assert "neonlocal.proxy.server" in modules
+    return modules
+
+
+def _loaded(modules: list[str], names: tuple[str, ...]) -> list[str]:
+    return [m for m in modules if any(m == n or m.startswith(n + ".") for n in names)]
+
+
+def test_a_first_start_makes_the_local_certificate_without_loading_cryptography(
+    workdir: Path,
+) -> None:
+    """The certificate is made by a short-lived helper; the daemon never holds cryptography."""
+    modules = _modules_of_a_daemon_run(workdir, _unreachable_url(), session_works=False)
+
+    assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
+    made = tls_dir(workdir / "config.toml")
+    assert {p.name for p in made.iterdir()} == {"ca.crt", "ca.key", "server.crt", "server.key"}
+    assert (made / "server.key").stat().st_mode & 0o077 == 0
+
+
+def test_a_restart_with_its_certificate_keeps_it_and_loads_no_api_client(
+    workdir: Path,
+) -> None:
+    made = tls_dir(workdir / "config.toml")
+    files = [p.read_bytes() for p in ensure_generated(made)]
+
+    modules = _modules_of_a_daemon_run(workdir, _unreachable_url(), session_works=False)
+
+    assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
+    assert [p.read_bytes() for p in ensure_generated(made)] == files
+
+
+@pytest.mark.pg
+def test_a_session_over_tls_and_scram_to_a_branch_loads_neither(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    modules = _modules_of_a_daemon_run(workdir, branch_urls["main"], session_works=True)
+
+    assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
+    assert "scramp" in modules  # the session really logged in upstream
+
+
+@pytest.mark.parametrize("days", [1, 400, 365 * 30])  # from 2050 on: GeneralizedTime
+def test_the_certificate_expiry_read_without_cryptography_is_the_real_one(days: int) -> None:
+    ca = CertificateAuthority.create("expiry CA", days=365 * 40)
+    pem = ca.issue(["localhost", "127.0.0.1"], days=days).cert_pem
+
+    expiry = certificate_expiry(pem.decode())
+
+    assert expiry == x509.load_pem_x509_certificate(pem).not_valid_after_utc
+    assert expiry.tzinfo == datetime.UTC
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda pem: "",
+        lambda pem: pem.replace("-----END CERTIFICATE-----", ""),
+        lambda pem: pem[:120] + pem[-26:],  # cut short in the middle
+    ],
+)
+def test_an_unreadable_certificate_has_no_expiry(damage: Callable[[str], str]) -> None:
+    pem = CertificateAuthority.create("x").issue(["localhost"]).cert_pem.decode()
+    with pytest.raises(ValueError):
+        certificate_expiry(damage(pem))
+
+
+def test_a_local_ca_whose_key_is_not_its_own_stops_local_tls_with_one_line(
+    tmp_path: Path,
+) -> None:
+    made = tls_dir(tmp_path / "config.toml")
+    ensure_generated(made)
+    (made / "ca.key").write_bytes(CertificateAuthority.create("another CA").as_keypair().key_pem)
+
+    with pytest.raises(LocalTlsError, match="cannot set up local TLS") as caught:
+        load_local_tls(tmp_path / "config.toml")
+
+    assert "\n" not in str(caught.value)
+    assert "PRIVATE KEY" not in str(caught.value)
+
+
+def test_a_certificate_the_helper_cannot_write_is_one_line_saying_why(tmp_path: Path) -> None:
+    made = tls_dir(tmp_path / "config.toml")
+    ensure_generated(made)
+    (made / "server.crt").unlink()
+    (made / "server.crt").mkdir()  # in the way of the new certificate
+
+    with pytest.raises(LocalTlsError, match="cannot set up local TLS") as caught:
+        load_local_tls(tmp_path / "config.toml")
+
+    assert "Is a directory" in str(caught.value)
+    assert "\n" not in str(caught.value)
