@@ -149,13 +149,13 @@ CLOSE_TIMEOUT_S = 10.0
 _buffers = threading.local()
 
 
-def _shared_buffers() -> tuple[memoryview, memoryview]:
-    """This thread's (socket read, decrypted output) buffers."""
-    pair: tuple[memoryview, memoryview] | None = getattr(_buffers, "pair", None)
-    if pair is None:
-        pair = (memoryview(bytearray(_READ_SIZE)), memoryview(bytearray(_READ_SIZE + _RECORD)))
-        _buffers.pair = pair
-    return pair
+def _shared_buffer() -> memoryview:
+    """This thread's socket read buffer."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = memoryview(bytearray(_READ_SIZE))
+        _buffers.view = view
+    return view
 
 
 class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
@@ -168,7 +168,7 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._read_view, self._plain_view = _shared_buffers()
+        self._read_view = _shared_buffer()
         self._tls_state = _TLS_OFF
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
@@ -212,36 +212,46 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
             self._wake()
 
     def _decrypt(self) -> None:
-        ssl_object, incoming = self._ssl, self._incoming
-        out = self._plain_view
+        # The relay's hot path: usually one small record in, one bytes object out. Each
+        # read() takes at most one record, and asking for a full record's worth (the most
+        # plaintext a TLS record holds) leaves nothing behind in the SSL object, so
+        # ``incoming.pending`` alone says whether another record is waiting.
+        read, incoming = self._ssl.read, self._incoming
+        parts: list[bytes] = []
         size = 0
-        count = 1
+        closed = False
         try:
             while True:
-                # Typeshed says bytes; with a buffer, read() returns the count it wrote.
-                count = ssl_object.read(_RECORD, out[size:])  # type: ignore[assignment]
-                if not count:
-                    break  # the server's close_notify
-                size += count
-                # Mostly one record per read: stop without raising SSLWantReadError.
-                if not incoming.pending and not ssl_object.pending():
+                chunk = read(_RECORD)
+                if not chunk:
+                    closed = True  # the server's close_notify
                     break
+                parts.append(chunk)
+                if not incoming.pending:
+                    break
+                size += len(chunk)
                 if size > _READ_SIZE:
-                    self._deliver(bytes(out[:size]))
-                    size = 0
+                    self._deliver(b"".join(parts))
+                    parts, size = [], 0
         except ssl.SSLWantReadError:
             pass  # the rest of a record is still on its way
         except ssl.SSLZeroReturnError:
-            count = 0
+            closed = True
         except ssl.SSLError:
             # A forged or corrupt record, or an alert: nothing more can be trusted.
-            if size:
-                self._deliver(bytes(out[:size]))
+            if parts:
+                self._deliver(b"".join(parts))
             self.abort()
             return
-        if size:
-            self._deliver(bytes(out[:size]))
-        if not count:
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            on_data = self.on_data
+            if on_data is not None:
+                self.bytes_in += len(data)
+                on_data(data)
+            else:
+                self._deliver(data)
+        if closed:
             self._received_close_notify()
             return
         if self._outgoing.pending:

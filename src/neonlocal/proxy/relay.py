@@ -20,6 +20,8 @@ END_WHEN_IDLE_S = 1.0
 
 # Type byte and length of a ReadyForQuery message; the status byte follows.
 _READY = b"Z\x00\x00\x00\x05"
+# ReadyForQuery with each transaction status: idle, in a transaction, in a failed one.
+_READY_MESSAGES = (_READY + b"I", _READY + b"T", _READY + b"E")
 _IDLE_STATUS = b"I"[0]
 _TERMINATE = b"X\x00\x00\x00\x04"
 
@@ -86,12 +88,13 @@ class Relay:
 
     def _from_upstream(self, data: bytes) -> None:
         self._to_client(data)
-        at_boundary = data[-6:-1] == _READY
-        self.at_boundary = self.idle = at_boundary
-        if at_boundary:
+        if data.endswith(_READY_MESSAGES):
+            self.at_boundary = self.idle = True
             self._status = data[-1]
             if self._on_boundary is not None:
                 self._on_boundary()
+        else:
+            self.at_boundary = self.idle = False
 
     # --- ends ------------------------------------------------------------------------------
 
