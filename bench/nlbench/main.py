@@ -22,6 +22,7 @@ from nlbench.paths import (
     NeonlocalDaemon,
     PathName,
     PgBouncer,
+    cpu_seconds,
     direct_target,
     find_pgbouncer,
     rss_kib,
@@ -136,19 +137,42 @@ class Bench:
         lanes.insert(2, Lane(reuse_target, (reuse_key,), " (reuse_sessions)"))
         return lanes
 
+    def proxy_pid(self, path: PathName) -> int | None:
+        if path is PathName.NEONLOCAL:
+            return self.daemon.pid
+        if path is PathName.PGBOUNCER and self.bouncer is not None:
+            return self.bouncer.pid
+        return None
+
+    def pgbench_with_cpu(
+        self, run: workloads.PgbenchRun, cpu_key: str, target: ClientTarget
+    ) -> float:
+        """tps; for a proxy also its CPU time per transaction (less noisy than tps)."""
+        pid = self.proxy_pid(target.path)
+        if pid is None:
+            return run(target, self.plan.seconds)
+        before = cpu_seconds(pid)
+        tps, transactions = run.measure(target, self.plan.seconds)
+        self.results.add(cpu_key, target.path, 1e6 * (cpu_seconds(pid) - before) / transactions)
+        return tps
+
     def pgbench(self) -> None:
         seconds = self.plan.seconds
 
         def select_only(target: ClientTarget) -> float:
             if target.path is not PathName.NEONLOCAL:
-                return workloads.SELECT_ONLY(target, seconds)
+                return self.pgbench_with_cpu(workloads.SELECT_ONLY, "select_cpu_us", target)
             with workloads.RssSampler(self.daemon.pid) as sampler:
-                tps = workloads.SELECT_ONLY(target, seconds)
+                tps = self.pgbench_with_cpu(workloads.SELECT_ONLY, "select_cpu_us", target)
             self.results.add("rss_load", PathName.NEONLOCAL, sampler.peak_kib / 1024)
             return tps
 
         self.rounds(self.lanes("select_tps"), select_only, "pgbench -S")
-        self.rounds(self.lanes("tpcb_tps"), lambda t: workloads.TPCB(t, seconds), "pgbench tpc-b")
+        self.rounds(
+            self.lanes("tpcb_tps"),
+            lambda t: self.pgbench_with_cpu(workloads.TPCB, "tpcb_cpu_us", t),
+            "pgbench tpc-b",
+        )
         reuse = self.reusing.target() if self.reusing is not None else None
         self.rounds(
             self.with_reuse("connect_tps", "connect_reuse_tps", reuse),

@@ -70,6 +70,13 @@ def _local_target(path: PathName, port: int, dbname: str = DATABASE) -> ClientTa
     return ClientTarget(path, conninfo)
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time ``pid`` has used so far, user plus system, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (proc(5)).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of ``pid`` in KiB (VmRSS)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

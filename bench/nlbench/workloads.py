@@ -18,6 +18,7 @@ from nlbench.server import COPY_TABLE
 
 _TPS = re.compile(r"^tps = ([0-9.]+)", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+_PROCESSED = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 
 
 class WorkloadError(RuntimeError):
@@ -31,6 +32,10 @@ class PgbenchRun:
     args: tuple[str, ...]
 
     def __call__(self, target: ClientTarget, seconds: int) -> float:
+        return self.measure(target, seconds)[0]
+
+    def measure(self, target: ClientTarget, seconds: int) -> tuple[float, int]:
+        """(tps, transactions processed)."""
         argv = ["pgbench", "-n", *self.args, "-T", str(seconds), target.conninfo]
         out = subprocess.run(argv, capture_output=True, text=True, env=target.env(), check=False)
         if out.returncode != 0:
@@ -39,9 +44,10 @@ class PgbenchRun:
         if failed and int(failed.group(1)):
             raise WorkloadError(f"pgbench over {target.path}: {failed.group(0)}")
         match = _TPS.search(out.stdout)
-        if match is None:
+        processed = _PROCESSED.search(out.stdout)
+        if match is None or processed is None:
             raise WorkloadError(f"no tps in pgbench output over {target.path}: {out.stdout}")
-        return float(match.group(1))
+        return float(match.group(1)), int(processed.group(1))
 
 
 SELECT_ONLY = PgbenchRun(("-S", "-c", "8", "-j", "2"))
