@@ -10,23 +10,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.daemon import LocalDaemon, branch_of_new_session, serving
 from neonlocal.pgwire import codec
 
 
 def _ready_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if "session_ready" in line]
-
-
-async def _branch_name(daemon: LocalDaemon) -> str:
-    async with await psycopg.AsyncConnection.connect(daemon.url()) as conn:
-        cur = await conn.execute("SELECT name FROM branch_info")
-        row = await cur.fetchone()
-        assert row is not None
-        return str(row[0])
 
 
 def _offer_key(daemon: LocalDaemon) -> tuple[str, int, str, str]:
@@ -40,8 +31,8 @@ async def test_the_second_login_to_a_branch_is_pipelined(
     daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The first session asks the server; the next sends SCRAM ahead and still binds."""
-    assert await _branch_name(daemon) == "main"
-    assert await _branch_name(daemon) == "main"
+    assert await branch_of_new_session(daemon) == "main"
+    assert await branch_of_new_session(daemon) == "main"
     first, second = _ready_lines(capsys.readouterr().out)
     assert "pipelined=False" in first
     assert "pipelined=True" in second
@@ -53,7 +44,7 @@ async def test_a_stale_offer_costs_a_retry_not_a_failed_client(
     daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """If the server no longer offers what we bet on, the session still comes up."""
-    await _branch_name(daemon)
+    await branch_of_new_session(daemon)
     server = daemon.daemon.server
     assert server is not None
     key = _offer_key(daemon)
@@ -61,24 +52,18 @@ async def test_a_stale_offer_costs_a_retry_not_a_failed_client(
     # As if the server had offered only plain SCRAM last time: our pipelined answer then
     # says "y" (could bind, not offered), which this server, offering PLUS, must refuse.
     server.sasl_offers[key] = (codec.SCRAM_SHA_256,)
-    assert await _branch_name(daemon) == "main"
+    assert await branch_of_new_session(daemon) == "main"
     out = capsys.readouterr().out
     assert "auth_pipelining_refused" in out
     assert server.sasl_offers[key] == real_offer
     # ...and the corrected offer is used again by the next session.
-    assert await _branch_name(daemon) == "main"
+    assert await branch_of_new_session(daemon) == "main"
     assert "pipelined=True" in _ready_lines(capsys.readouterr().out)[-1]
 
 
 @pytest.fixture
 async def unpipelined(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[LocalDaemon]:
-    config = write_config(
-        workdir / "config.toml",
-        branch_urls,
-        branch="main",
-        extra="[upstream]\npipeline_auth = false",
-    )
-    async with running_daemon(config, daemon_env(workdir)) as running:
+    async with serving(workdir, branch_urls, "[upstream]\npipeline_auth = false") as running:
         yield running
 
 
@@ -87,7 +72,7 @@ async def test_pipelining_can_be_switched_off(
 ) -> None:
     """With [upstream] pipeline_auth = false every login waits for the server's offer."""
     for _ in range(3):
-        assert await _branch_name(unpipelined) == "main"
+        assert await branch_of_new_session(unpipelined) == "main"
     lines = _ready_lines(capsys.readouterr().out)
     assert len(lines) == 3
     assert all("pipelined=False" in line for line in lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.daemon import LocalDaemon, branch_of_new_session, serving
 from fixtures.pg import TEST_PASSWORD
 from neonlocal.localpg import LocalCompute
 
@@ -24,8 +24,7 @@ async def inner(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[Loc
     """A daemon with local TLS (the default), serving the "main" compute."""
     home = workdir / "inner"
     home.mkdir(mode=0o700)
-    config = write_config(home / "config.toml", branch_urls, branch="main")
-    async with running_daemon(config, daemon_env(home)) as running:
+    async with serving(home, branch_urls) as running:
         yield running
 
 
@@ -43,14 +42,6 @@ def via(inner: LocalDaemon, negotiation: str) -> str:
     )
 
 
-async def branch_name(daemon: LocalDaemon) -> str:
-    conn = await asyncpg.connect(daemon.url(sslmode="disable"))
-    try:
-        return str(await conn.fetchval("SELECT name FROM branch_info"))
-    finally:
-        await conn.close()
-
-
 @pytest.mark.parametrize("negotiation", ["direct", "postgres"])
 async def test_the_upstream_tls_starts_as_the_branch_url_says(
     workdir: Path,
@@ -60,11 +51,8 @@ async def test_the_upstream_tls_starts_as_the_branch_url_says(
     no_unhandled_errors: list[object],
 ) -> None:
     """With sslnegotiation=direct the server sees a ClientHello first, and the session works."""
-    config = write_config(
-        workdir / "config.toml", {"chained": via(inner, negotiation)}, branch="chained"
-    )
-    async with running_daemon(config, daemon_env(workdir)) as outer:
-        assert await branch_name(outer) == "main"
+    async with serving(workdir, {"chained": via(inner, negotiation)}, branch="chained") as outer:
+        assert await branch_of_new_session(outer) == "main"
     lines = [line for line in capsys.readouterr().out.splitlines() if "session_ready" in line]
     outer_line = next(line for line in lines if "branch=chained" in line)
     inner_line = next(line for line in lines if "branch=main" in line)
@@ -78,8 +66,7 @@ async def test_direct_tls_to_a_server_without_it_says_what_to_change(
 ) -> None:
     """PostgreSQL 16 and older hang up on a ClientHello: the client is told why, in one line."""
     url = computes["main"].url(ca_file=ca_file) + "&sslnegotiation=direct"
-    config = write_config(workdir / "config.toml", {"old": url}, branch="old")
-    async with running_daemon(config, daemon_env(workdir)) as daemon:
+    async with serving(workdir, {"old": url}, branch="old") as daemon:
         with pytest.raises(asyncpg.PostgresError) as caught:
             await asyncpg.connect(daemon.url(sslmode="disable"))
         assert caught.value.sqlstate == "08006"

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from fixtures import rawpg
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string, write_config
+from fixtures.daemon import LocalDaemon, serving, toml_string
 
 pytestmark = pytest.mark.pg
 
@@ -24,13 +24,9 @@ SELECT_BRANCH = "SELECT name FROM branch_info"
 @pytest.fixture
 async def guarded(workdir: Path, branch_urls: dict[str, str]) -> AsyncIterator[LocalDaemon]:
     """A daemon serving "main" that demands LOCAL_PASSWORD from its clients."""
-    config = write_config(
-        workdir / "config.toml",
-        branch_urls,
-        branch="main",
-        extra=f"[local]\npassword = {toml_string(LOCAL_PASSWORD)}",
-    )
-    async with running_daemon(config, daemon_env(workdir)) as running:
+    async with serving(
+        workdir, branch_urls, f"[local]\npassword = {toml_string(LOCAL_PASSWORD)}"
+    ) as running:
         yield running
 
 

@@ -24,7 +24,7 @@ from fixtures import rawpg
 from fixtures.daemon import (
     LocalDaemon,
     daemon_env,
-    running_daemon,
+    serving,
     start_daemon_process,
     toml_string,
     write_config,
@@ -38,15 +38,6 @@ pytestmark = pytest.mark.pg
 SELECT_BRANCH = "SELECT name FROM branch_info"
 LOCAL_PASSWORD = "l0cal and Secret"
 LIBPQ_VERSION = psycopg.pq.version()
-
-
-@contextlib.asynccontextmanager
-async def serving(
-    workdir: Path, branch_urls: Mapping[str, str], extra: str = ""
-) -> AsyncIterator[LocalDaemon]:
-    config = write_config(workdir / "config.toml", branch_urls, branch="main", extra=extra)
-    async with running_daemon(config, daemon_env(workdir)) as running:
-        yield running
 
 
 @pytest.fixture

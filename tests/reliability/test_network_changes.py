@@ -22,7 +22,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.daemon import (
+    LocalDaemon,
+    branch_of_new_session,
+    daemon_env,
+    running_daemon,
+    write_config,
+)
 from fixtures.pg import endpoint_host
 from neonlocal.localpg import LocalCompute
 from reliability.conftest import Figures
@@ -43,14 +49,6 @@ def moving_url(compute: LocalCompute, ca_file: Path, *, hostaddr: str | None) ->
         f"postgresql://{compute.role}:{password}@{MOVING_HOST}:{compute.spec.port}/"
         f"{compute.database}?{urllib.parse.urlencode(query, safe='/:')}"
     )
-
-
-async def branch_of_new_session(daemon: LocalDaemon) -> str:
-    conn = await asyncpg.connect(daemon.url(sslmode="disable"))
-    try:
-        return str(await conn.fetchval("SELECT name FROM branch_info"))
-    finally:
-        await conn.close()
 
 
 def selected_hostaddr(daemon: LocalDaemon) -> str | None:

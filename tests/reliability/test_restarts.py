@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.daemon import branch_of_new_session as new_session_branch
 from fixtures.pg import MakeCompute
 from neonlocal.localpg import LocalCompute
 from reliability.conftest import Figures
@@ -59,11 +60,7 @@ async def daemon(
 
 async def branch_of_new_session(daemon: LocalDaemon) -> str:
     async with asyncio.timeout(CONNECT_TIMEOUT + GRACE):
-        conn = await asyncpg.connect(daemon.url(sslmode="disable"))
-        try:
-            return str(await conn.fetchval("SELECT name FROM branch_info"))
-        finally:
-            await conn.close()
+        return await new_session_branch(daemon)
 
 
 async def test_sessions_work_again_after_the_compute_restarts(
