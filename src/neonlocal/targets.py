@@ -38,6 +38,24 @@ class TlsMode(Enum):
     DISABLE = "disable"
 
 
+class Negotiation(Enum):
+    """How the upstream TLS begins."""
+
+    POSTGRES = "postgres"
+    """An SSLRequest first, then the handshake: what every PostgreSQL speaks."""
+    DIRECT = "direct"
+    """PostgreSQL 17's direct TLS: the ClientHello first, one round trip less (as libpq's
+    sslnegotiation=direct, with no fallback)."""
+    AUTO = "auto"
+    """Direct for Neon's hosts reached by their own name (Neon's edge accepts it), falling
+    back to POSTGRES, once per host, if the server will not take a ClientHello. POSTGRES for
+    any other host, and for one given a ``hostaddr``: something else may listen there."""
+
+
+# Hosts whose servers are Neon's edge, which accepts direct TLS.
+NEON_DOMAIN = ".neon.tech"
+
+
 @dataclass(frozen=True)
 class Target:
     """Everything needed to open one upstream session for a branch."""
@@ -58,14 +76,20 @@ class Target:
     sslrootcert: str | None
     channel_binding: str
     application_name: str | None
-    # PostgreSQL 17's sslnegotiation=direct: open with the TLS handshake, no SSLRequest
-    # round trip first. Neon's edge accepts it; older servers do not.
-    direct_tls: bool = False
+    # The URL's sslnegotiation (libpq 17's keyword), AUTO when it has none.
+    negotiation: Negotiation = Negotiation.AUTO
 
     @property
     def connect_host(self) -> str:
         """The address the TCP connection goes to."""
         return self.hostaddr or self.host
+
+    @property
+    def tries_direct_tls(self) -> bool:
+        """Whether a connection opens with the ClientHello (AUTO may still fall back)."""
+        if self.negotiation is Negotiation.AUTO:
+            return self.hostaddr is None and self.host.lower().rstrip(".").endswith(NEON_DOMAIN)
+        return self.negotiation is Negotiation.DIRECT
 
     @property
     def insecure(self) -> bool:
@@ -128,13 +152,17 @@ def build_target(name: str, branch: BranchSettings) -> Target:
     except ConnInfoError as exc:
         raise TargetError(name, exc.message) from None
     assert info.host is not None  # validate_upstream guarantees it
-    negotiation = info.extra.get("sslnegotiation", "postgres")
-    if negotiation not in ("postgres", "direct"):
-        raise TargetError(name, 'sslnegotiation must be "postgres" or "direct"')
-    if negotiation == "direct" and branch.tls is TlsMode.DISABLE:
-        raise TargetError(
-            name, 'sslnegotiation=direct needs TLS, but the branch has tls = "disable"'
-        )
+    negotiation = Negotiation.AUTO
+    if "sslnegotiation" in info.extra:
+        # libpq 17 knows only these two; "auto" is ours, for a URL that does not say.
+        try:
+            negotiation = Negotiation(info.extra["sslnegotiation"])
+        except ValueError:
+            negotiation = Negotiation.AUTO
+        if negotiation is Negotiation.AUTO:
+            raise TargetError(name, 'sslnegotiation must be "postgres" or "direct"')
+    if negotiation is Negotiation.DIRECT and branch.tls is TlsMode.DISABLE:
+        raise TargetError(name, 'sslnegotiation=direct needs TLS; the branch has tls = "disable"')
     sslrootcert = info.sslrootcert if info.sslrootcert != "system" else None
     return Target(
         branch=name,
@@ -151,7 +179,7 @@ def build_target(name: str, branch: BranchSettings) -> Target:
         sslrootcert=sslrootcert,
         channel_binding=info.channel_binding or "prefer",
         application_name=info.application_name,
-        direct_tls=negotiation == "direct",
+        negotiation=negotiation,
     )
 
 

@@ -15,7 +15,9 @@ import asyncpg
 import pytest
 
 from fixtures.daemon import LocalDaemon, branch_of_new_session, serving
-from fixtures.pg import TEST_PASSWORD
+from fixtures.dns import faked_dns, recorded_connects
+from fixtures.pg import TEST_PASSWORD, endpoint_host
+from neonlocal.certs import KeyPair
 from neonlocal.localpg import LocalCompute
 
 
@@ -71,3 +73,79 @@ async def test_direct_tls_to_a_server_without_it_says_what_to_change(
             await asyncpg.connect(daemon.url(sslmode="disable"))
         assert caught.value.sqlstate == "08006"
         assert "may not support sslnegotiation=direct" in str(caught.value)
+
+
+# --- no sslnegotiation in the URL: direct TLS for Neon's hosts, learned once per host ------
+
+NEON_NAMED = endpoint_host("ep-inner-600006")
+
+
+def neon_style(host: str, port: int, ca_file: Path) -> str:
+    """A URL as Neon prints it (no sslnegotiation, no hostaddr), for ``host``."""
+    query = urllib.parse.urlencode({"sslmode": "require", "sslrootcert": str(ca_file)}, safe="/")
+    return f"postgresql://neondb_owner:{TEST_PASSWORD}@{host}:{port}/neondb?{query}"
+
+
+@pytest.fixture
+async def neon_like_inner(
+    workdir: Path, branch_urls: dict[str, str], region_tls: KeyPair
+) -> AsyncIterator[LocalDaemon]:
+    """A daemon that, like Neon's edge, presents the region's certificate and takes direct
+    TLS; it serves the "main" compute."""
+    home = workdir / "inner"
+    home.mkdir(mode=0o700)
+    (home / "edge.crt").write_bytes(region_tls.cert_pem)
+    (home / "edge.key").write_bytes(region_tls.key_pem)
+    (home / "edge.key").chmod(0o600)
+    extra = f'[local]\ntls_cert = "{home / "edge.crt"}"\ntls_key = "{home / "edge.key"}"'
+    async with serving(home, branch_urls, extra) as running:
+        yield running
+
+
+async def test_a_neon_host_gets_direct_tls_without_asking(
+    workdir: Path,
+    neon_like_inner: LocalDaemon,
+    ca_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_unhandled_errors: list[object],
+) -> None:
+    """A pasted Neon URL says nothing of sslnegotiation: its host is Neon's, so the daemon
+    saves the SSLRequest round trip, on one connection per session."""
+    async with faked_dns(NEON_NAMED) as dns:
+        url = neon_style(NEON_NAMED, neon_like_inner.port, ca_file)
+        async with (
+            recorded_connects({neon_like_inner.port}, dns) as connects,
+            serving(workdir, {"neon": url}, branch="neon") as outer,
+        ):
+            assert await branch_of_new_session(outer) == "main"
+            assert await branch_of_new_session(outer) == "main"
+    assert len(connects) == 2
+    lines = [line for line in capsys.readouterr().out.splitlines() if "session_ready" in line]
+    assert all("tls_direct=True" in line for line in lines if "branch=neon" in line)
+    assert all("client_tls=direct" in line for line in lines if "branch=main" in line)
+
+
+async def test_a_neon_named_server_without_direct_tls_is_learned_once(
+    workdir: Path,
+    compute_main: LocalCompute,
+    ca_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    no_unhandled_errors: list[object],
+) -> None:
+    """PostgreSQL 16 and older hang up on a ClientHello: the first session retries with an
+    SSLRequest at once, and later ones start with it. No client sees an error."""
+    async with faked_dns(NEON_NAMED) as dns:
+        dns.answer = compute_main.spec.listen_addr
+        url = neon_style(NEON_NAMED, compute_main.spec.port, ca_file)
+        async with (
+            recorded_connects({compute_main.spec.port}, dns) as connects,
+            serving(workdir, {"old": url}, branch="old") as daemon,
+        ):
+            assert await branch_of_new_session(daemon) == "main"
+            assert len(connects) == 2  # the ClientHello refused, then the SSLRequest
+            assert await branch_of_new_session(daemon) == "main"
+            assert await branch_of_new_session(daemon) == "main"
+            assert len(connects) == 4
+    lines = [line for line in capsys.readouterr().out.splitlines() if "session_ready" in line]
+    assert len(lines) == 3
+    assert all("tls_direct=False" in line for line in lines)

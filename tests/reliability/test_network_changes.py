@@ -13,7 +13,6 @@ mDNSResponder) does not cache; that is outside the daemon.
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from fixtures.daemon import (
     running_daemon,
     write_config,
 )
+from fixtures.dns import FakeDns, faked_dns, recorded_connects
 from fixtures.pg import endpoint_host
 from neonlocal.localpg import LocalCompute
 from reliability.conftest import Figures
@@ -41,7 +41,9 @@ MOVING_HOST = endpoint_host("ep-moving-300003")
 
 def moving_url(compute: LocalCompute, ca_file: Path, *, hostaddr: str | None) -> str:
     """``compute``'s URL under the name MOVING_HOST (the wildcard certificate covers it)."""
-    query = {"sslmode": "verify-full", "sslrootcert": str(ca_file)}
+    # PostgreSQL 15 has no direct TLS: say so, as a URL for it would, so that each session
+    # here is one connection (test_direct_tls_upstream.py covers the guess on Neon's hosts).
+    query = {"sslmode": "verify-full", "sslrootcert": str(ca_file), "sslnegotiation": "postgres"}
     if hostaddr is not None:
         query["hostaddr"] = hostaddr
     password = urllib.parse.quote(compute.password, safe="")
@@ -90,38 +92,10 @@ async def test_an_edited_hostaddr_is_followed_by_new_sessions_without_restart(
             await pinned.close()
 
 
-class FakeDns:
-    """Answers for MOVING_HOST that a test changes; every other name goes to the real resolver."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.answer = "127.0.0.1"
-        self.lookups = 0
-        # A slow resolver (a DNS server across the internet): seconds each lookup takes.
-        self.delay = 0.0
-        self.pending = 0
-        self._real = loop.getaddrinfo
-
-    async def getaddrinfo(self, host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
-        if host != MOVING_HOST:
-            return await self._real(host, port, *args, **kwargs)
-        self.lookups += 1
-        self.pending += 1
-        try:
-            await asyncio.sleep(self.delay)
-        finally:
-            self.pending -= 1
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (self.answer, port))]
-
-
 @pytest.fixture
 async def fake_dns() -> AsyncIterator[FakeDns]:
-    loop = asyncio.get_running_loop()
-    dns = FakeDns(loop)
-    loop.getaddrinfo = dns.getaddrinfo  # type: ignore[method-assign]
-    try:
+    async with faked_dns(MOVING_HOST) as dns:
         yield dns
-    finally:
-        del loop.getaddrinfo  # back to the class's own method
 
 
 @pytest.fixture
@@ -159,21 +133,9 @@ async def upstream_connects(
     computes: dict[str, LocalCompute], fake_dns: FakeDns
 ) -> AsyncIterator[list[Any]]:
     """(address, lookup still pending) for each TCP connection the daemon opens to a compute."""
-    loop = asyncio.get_running_loop()
-    real = loop.create_connection
     ports = {compute.spec.port for compute in computes.values()}
-    seen: list[Any] = []
-
-    async def recording(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("port") in ports:
-            seen.append((kwargs.get("host"), fake_dns.pending > 0))
-        return await real(*args, **kwargs)
-
-    loop.create_connection = recording  # type: ignore[method-assign]
-    try:
+    async with recorded_connects(ports, fake_dns) as seen:
         yield seen
-    finally:
-        del loop.create_connection
 
 
 async def test_a_slow_lookup_runs_alongside_a_connect_to_the_last_address(

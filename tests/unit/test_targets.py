@@ -8,6 +8,7 @@ from pydantic import SecretStr
 from neonlocal.config import BranchSettings, Settings
 from neonlocal.conninfo import ConnInfoError
 from neonlocal.targets import (
+    Negotiation,
     Target,
     TargetError,
     TlsMode,
@@ -65,12 +66,25 @@ def test_sslrootcert_system_or_absent_means_the_system_store(
 
 
 @pytest.mark.parametrize(
-    ("suffix", "direct"),
-    [("", False), ("&sslnegotiation=postgres", False), ("&sslnegotiation=direct", True)],
+    ("url", "negotiation", "direct"),
+    [
+        (URL, Negotiation.AUTO, True),
+        (URL + "&sslnegotiation=postgres", Negotiation.POSTGRES, False),
+        (URL + "&sslnegotiation=direct", Negotiation.DIRECT, True),
+        (URL + "&hostaddr=10.0.0.7", Negotiation.AUTO, False),
+        ("postgresql://u:p@db.example.com/app", Negotiation.AUTO, False),
+        ("postgresql://u:p@db.example.com/app?sslnegotiation=direct", Negotiation.DIRECT, True),
+    ],
+    ids=["neon-host", "postgres", "direct", "neon-host-by-address", "other-host", "other-direct"],
 )
-def test_sslnegotiation_direct_skips_the_ssl_request(suffix: str, direct: bool) -> None:
-    """A URL written for libpq 17 with sslnegotiation=direct keeps that meaning upstream."""
-    assert build_target("b", branch(URL + suffix)).direct_tls is direct
+def test_tls_starts_direct_where_the_url_or_a_neon_host_says(
+    url: str, negotiation: Negotiation, direct: bool
+) -> None:
+    """Neon's edge takes direct TLS, so its hosts get it unless the URL says otherwise (or
+    pins an address, behind which may be anything); other servers only when the URL asks."""
+    target = build_target("b", branch(url))
+    assert target.negotiation is negotiation
+    assert target.tries_direct_tls is direct
 
 
 def test_unusable_sslnegotiation_is_refused_naming_the_branch() -> None:

@@ -28,10 +28,18 @@ def _is_ip_literal(host: str) -> bool:
 
 
 class AddressBook:
-    """The address each (host, port) was last reached at; owned by one server."""
+    """What one server has learned about each (host, port) it connects to: the address it
+    was last reached at, and whether it hung up on direct TLS."""
 
     def __init__(self) -> None:
         self._last: dict[tuple[str, int], str] = {}
+        self._no_direct_tls: set[tuple[str, int]] = set()
+
+    def refused_direct_tls(self, host: str, port: int) -> bool:
+        return (host, port) in self._no_direct_tls
+
+    def note_refused_direct_tls(self, host: str, port: int) -> None:
+        self._no_direct_tls.add((host, port))
 
     async def connect(
         self, host: str, port: int, protocol: Callable[[], asyncio.Protocol]

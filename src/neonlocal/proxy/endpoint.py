@@ -28,6 +28,15 @@ class PeerClosed(Exception):
     """The other end closed the connection while we were waiting for its bytes."""
 
 
+class NotTls(Exception):
+    """The server answered our ClientHello with bytes that are not a TLS record."""
+
+
+# The content types a TLS record may begin with (RFC 8446 5.1): ChangeCipherSpec, Alert,
+# Handshake, ApplicationData.
+_TLS_RECORD_TYPES = range(0x14, 0x18)
+
+
 class Endpoint(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -177,6 +186,9 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
         self._ssl: ssl.SSLObject
         self._eof_reported = False
         self._linger: asyncio.TimerHandle | None = None
+        # A server that does not speak TLS here (an old one sent a ClientHello, a non-TLS
+        # answer) gives itself away by its first byte: no need to wait for a whole record.
+        self._server_first_byte: int | None = None
 
     # --- raw bytes from the TCP transport ---------------------------------------------------
     # The standard loop reads into our buffer (BufferedProtocol); uvloop only does that for
@@ -193,8 +205,7 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
         elif state == _TLS_OFF:
             self._deliver(data)
         elif state == _TLS_HANDSHAKE:
-            self._incoming.write(data)
-            self._wake()
+            self._handshake_bytes(data)
         # _TLS_CLOSED: we said goodbye; whatever still comes is dropped.
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -208,8 +219,13 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
         elif state == _TLS_OFF:
             self._deliver(bytes(self._read_view[:nbytes]))
         elif state == _TLS_HANDSHAKE:
-            self._incoming.write(self._read_view[:nbytes])
-            self._wake()
+            self._handshake_bytes(self._read_view[:nbytes])
+
+    def _handshake_bytes(self, data: bytes | memoryview) -> None:
+        if self._server_first_byte is None and data:
+            self._server_first_byte = data[0]
+        self._incoming.write(data)
+        self._wake()
 
     def _decrypt(self) -> None:
         # The relay's hot path: usually one small record in, one bytes object out. Each
@@ -275,7 +291,7 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
     # --- TLS ---------------------------------------------------------------------------------
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
-        """Run the TLS handshake as the client; raises ssl.SSLError or PeerClosed."""
+        """Run the TLS handshake as the client; raises ssl.SSLError, PeerClosed or NotTls."""
         assert self.transport is not None
         assert not self._buf
         ssl_object = context.wrap_bio(
@@ -299,6 +315,9 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
                     await self._waiter
                 finally:
                     self._waiter = None
+            first = self._server_first_byte
+            if first is not None and first not in _TLS_RECORD_TYPES:
+                raise NotTls
         if self._outgoing.pending:
             self.transport.write(self._outgoing.read())  # our Finished
         self._tls_state = _TLS_OPEN

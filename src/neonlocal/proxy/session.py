@@ -522,7 +522,7 @@ class Session:
             channel_binding=login.channel_bound,
             pipelined=login.pipelined,
             tls=upstream.tls_version,
-            tls_direct=self.target.direct_tls,
+            tls_direct=upstream.direct_tls,
             client_tls=self.client_tls_negotiation,
         )
         self._status_messages = login.status_messages

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.addresses import AddressBook
-from neonlocal.proxy.endpoint import Endpoint, PeerClosed, UpstreamEndpoint
-from neonlocal.targets import Target, TlsMode
+from neonlocal.proxy.endpoint import Endpoint, NotTls, PeerClosed, UpstreamEndpoint
+from neonlocal.targets import Negotiation, Target, TlsMode
 
 
 class UpstreamError(Exception):
@@ -36,6 +36,7 @@ class Upstream:
     certificate_der: bytes | None
     tls_version: str | None
     address: str
+    direct_tls: bool = False
 
 
 def _keepalive(sock: socket.socket | None) -> None:
@@ -69,7 +70,26 @@ async def open_upstream(
         raise UpstreamError(f"timed out after {timeout:g} s (is the compute waking up?)") from None
 
 
+class _NoDirectTls(Exception):
+    """The server would not take a ClientHello as its first bytes (PostgreSQL 16 or older)."""
+
+
 async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upstream:
+    direct = target.tries_direct_tls and not (
+        target.negotiation is Negotiation.AUTO
+        and addresses.refused_direct_tls(target.host, target.port)
+    )
+    try:
+        return await _open_once(target, keepalive, addresses, direct=direct)
+    except _NoDirectTls:
+        # Learned once per server: from now on it gets the SSLRequest straight away.
+        addresses.note_refused_direct_tls(target.host, target.port)
+        return await _open_once(target, keepalive, addresses, direct=False)
+
+
+async def _open_once(
+    target: Target, keepalive: bool, addresses: AddressBook, *, direct: bool
+) -> Upstream:
     try:
         transport, protocol = await addresses.connect(
             target.connect_host, target.port, UpstreamEndpoint
@@ -88,16 +108,22 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
     address = f"{peer[0]}:{peer[1]}" if peer else target.connect_host
     if target.tls is TlsMode.DISABLE:
         return Upstream(endpoint, None, None, address)
-    if not target.direct_tls:
+    if not direct:
         await _ssl_request(endpoint, transport)
+    # Only a guess (AUTO) may fall back; a URL that asked for direct TLS gets the error.
+    may_fall_back = direct and target.negotiation is Negotiation.AUTO
     try:
         await endpoint.start_tls(tls.client_context(target), server_hostname=target.host)
     except ssl.SSLError as exc:
         transport.abort()
+        if may_fall_back and not isinstance(exc, ssl.SSLCertVerificationError):
+            raise _NoDirectTls from None
         raise UpstreamError(describe_tls_error(exc), tls=True) from None
     except PeerClosed:
         transport.abort()
-        if target.direct_tls:
+        if may_fall_back:
+            raise _NoDirectTls from None
+        if direct:
             raise UpstreamError(
                 "the server closed the connection during a direct TLS handshake: it may not "
                 "support sslnegotiation=direct (PostgreSQL 17 or newer, Neon); remove it from "
@@ -108,18 +134,29 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
         raise UpstreamError(
             "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
         ) from None
+    except NotTls:
+        transport.abort()
+        if may_fall_back:
+            raise _NoDirectTls from None
+        raise UpstreamError(
+            "the server answered the TLS handshake with something that is not TLS",
+            sqlstate.CONNECTION_FAILURE,
+            tls=True,
+        ) from None
     ssl_object = endpoint.ssl_object
     assert ssl_object is not None
-    if target.direct_tls and ssl_object.selected_alpn_protocol() != tls.ALPN:
+    if direct and ssl_object.selected_alpn_protocol() != tls.ALPN:
         # As libpq 17: without the server's agreement on ALPN, the other end may not be
         # PostgreSQL at all.
         transport.abort()
+        if may_fall_back:
+            raise _NoDirectTls
         raise UpstreamError(
             f'the server did not agree to ALPN "{tls.ALPN}" in direct TLS', tls=True
         )
     der = ssl_object.getpeercert(binary_form=True)
     version = ssl_object.version()
-    return Upstream(endpoint, der, version, address)
+    return Upstream(endpoint, der, version, address, direct_tls=direct)
 
 
 async def _ssl_request(endpoint: UpstreamEndpoint, transport: asyncio.Transport) -> None:
