@@ -146,6 +146,8 @@ async def test_a_neon_named_server_without_direct_tls_is_learned_once(
             assert await branch_of_new_session(daemon) == "main"
             assert await branch_of_new_session(daemon) == "main"
             assert len(connects) == 4
-    lines = [line for line in capsys.readouterr().out.splitlines() if "session_ready" in line]
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if "session_ready" in line]
     assert len(lines) == 3
     assert all("tls_direct=False" in line for line in lines)
+    assert out.count("direct_tls_refused") == 1

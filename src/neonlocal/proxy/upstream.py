@@ -11,11 +11,15 @@ import socket
 import ssl
 from dataclasses import dataclass
 
+import structlog
+
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.endpoint import Endpoint, NotTls, PeerClosed, UpstreamEndpoint
 from neonlocal.targets import Negotiation, Target, TlsMode
+
+log = structlog.get_logger("neonlocal.upstream")
 
 
 class UpstreamError(Exception):
@@ -84,6 +88,7 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
     except _NoDirectTls:
         # Learned once per server: from now on it gets the SSLRequest straight away.
         addresses.note_refused_direct_tls(target.host, target.port)
+        log.info("direct_tls_refused", upstream=f"{target.host}:{target.port}", then="SSLRequest")
         return await _open_once(target, keepalive, addresses, direct=False)
 
 
