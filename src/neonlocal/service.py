@@ -12,8 +12,10 @@ Every failure reaches the user as one line and a non-zero exit status.
 from __future__ import annotations
 
 import enum
+import math
 import os
 import plistlib
+import re
 import shutil
 import subprocess
 import sys
@@ -26,7 +28,12 @@ from typing import IO, Any, Protocol, TypeVar
 
 import click
 
-from neonlocal.defaults import LAUNCHD_LABEL, SERVICE_NAME
+from neonlocal.defaults import (
+    LAUNCHD_LABEL,
+    SERVICE_NAME,
+    SERVICE_STOP_GRACE_S,
+    SHUTDOWN_DEADLINE_S,
+)
 from neonlocal.paths import default_config_path, expand_user, home_dir
 
 SERVICE_UNIT = f"{SERVICE_NAME}.service"
@@ -124,6 +131,13 @@ class InstallPlan:
 
     executable: tuple[str, ...]
     config: Path
+    # The config's shutdown_deadline: the service manager must wait that long, and a little
+    # more, before it kills a stopping daemon.
+    shutdown_deadline: float = SHUTDOWN_DEADLINE_S
+
+    @property
+    def stop_timeout_s(self) -> int:
+        return math.ceil(self.shutdown_deadline + SERVICE_STOP_GRACE_S)
 
     def __post_init__(self) -> None:
         for value in (*self.executable, str(self.config)):
@@ -186,6 +200,7 @@ def render_systemd(template: str, plan: InstallPlan) -> str:
         .replace(_CONFIG_DIR, _systemd_word(str(plan.config.parent), exec_line=False))
         .replace(_CONFIG, _systemd_word(str(plan.config), exec_line=True))
     )
+    text = re.sub(r"(?m)^TimeoutStopSec=\d+$", f"TimeoutStopSec={plan.stop_timeout_s}", text)
     _check_filled(text)
     return text
 
@@ -200,7 +215,10 @@ def render_launchd(template: str, plan: InstallPlan, log_dir: Path) -> bytes:
 
     def fill(node: Any) -> Any:
         if isinstance(node, dict):
-            return {key: fill(value) for key, value in node.items()}
+            filled_dict = {key: fill(value) for key, value in node.items()}
+            if "ExitTimeOut" in filled_dict:
+                filled_dict["ExitTimeOut"] = plan.stop_timeout_s
+            return filled_dict
         if isinstance(node, list):
             filled: list[Any] = []
             for item in node:
@@ -580,14 +598,25 @@ def install(ctx: click.Context, config: Path | None, socket: bool) -> None:
     root_config = ctx.find_root().params.get("config")
     chosen = config or (Path(root_config) if root_config else None)
     chosen = expand_user(chosen or default_config_path(context.env), context.env).absolute()
-    _guard(lambda: _install(context.manager, chosen, socket))
+    _guard(lambda: _install(context.manager, chosen, socket, context.env))
 
 
-def _install(manager: ServiceManager, config: Path, socket: bool) -> None:
+def _install(manager: ServiceManager, config: Path, socket: bool, env: Mapping[str, str]) -> None:
     if not config.is_file():
         raise ServiceError(f"config file {config} does not exist: create it first or pass --config")
-    for line in manager.install(InstallPlan(find_executable(), config), socket=socket):
+    plan = InstallPlan(find_executable(), config, _shutdown_deadline(config, env))
+    for line in manager.install(plan, socket=socket):
         click.echo(line)
+
+
+def _shutdown_deadline(config: Path, env: Mapping[str, str]) -> float:
+    """The config's shutdown_deadline; a config that does not load is not installed."""
+    from neonlocal.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config, env).shutdown_deadline
+    except ConfigError as exc:
+        raise ServiceError(f"{exc} (fix the config, then install again)") from None
 
 
 @service.command()

@@ -235,6 +235,32 @@ def test_install_without_a_config_file_says_so_and_changes_nothing(machine: Mach
     assert machine.calls() == []
 
 
+def test_the_unit_waits_for_the_configured_shutdown_deadline(machine: Machine) -> None:
+    """systemd must not SIGKILL a daemon still letting sessions finish: TimeoutStopSec is
+    the config's shutdown_deadline plus the grace, whatever the user set."""
+    machine.run("--platform", "linux", "install")
+    assert _directives(_unit(machine).read_text(), "TimeoutStopSec") == ["35"]
+
+    machine.config.write_text('branch = "main"\nshutdown_deadline = 120\n')
+    result = machine.run("--platform", "linux", "install")
+
+    assert result.exit_code == 0, result.output
+    assert _directives(_unit(machine).read_text(), "TimeoutStopSec") == ["125"]
+
+
+def test_install_with_a_broken_config_says_where_and_changes_nothing(machine: Machine) -> None:
+    machine.config.write_text('branch = "main"\nshutdown_deadline = "soon"\n')
+
+    result = machine.run("--platform", "linux", "install")
+
+    assert result.exit_code == 1
+    assert result.output.startswith(f"neonlocal: {machine.config}:2: shutdown_deadline")
+    assert result.output.endswith("(fix the config, then install again)\n")
+    assert len(result.output.splitlines()) == 1
+    assert not _unit(machine).exists()
+    assert machine.calls() == []
+
+
 def test_install_where_systemctl_is_missing_says_what_is_wrong(machine: Machine) -> None:
     """No systemctl on PATH: one line asking whether this is a systemd system."""
     (machine.bin_dir / "systemctl").unlink()
@@ -391,6 +417,16 @@ def test_install_on_macos_writes_a_launch_agent_and_bootstraps_it(machine: Machi
         f"launchctl enable {target}",
         f"launchctl bootstrap gui/{os.getuid()} {_plist(machine)}",
     ]
+
+
+def test_the_launch_agent_waits_for_the_configured_shutdown_deadline(machine: Machine) -> None:
+    machine.answer("launchctl-print", err="Could not find service\n", rc=113)
+    machine.config.write_text('branch = "main"\nshutdown_deadline = 60.5\n')
+
+    result = machine.run("--platform", "darwin", "install")
+
+    assert result.exit_code == 0, result.output
+    assert plistlib.loads(_plist(machine).read_bytes())["ExitTimeOut"] == 66
 
 
 def test_install_on_macos_twice_keeps_the_loaded_agent(machine: Machine) -> None:
