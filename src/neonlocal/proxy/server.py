@@ -387,6 +387,7 @@ class Server:
                 route.process_id,
                 route.secret,
                 timeout=self.settings.upstream.connect_timeout,
+                addresses=self.addresses,
             )
         except UpstreamError as exc:
             self.metrics.error(ErrorKind.CANCEL_FAILED)

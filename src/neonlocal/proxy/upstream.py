@@ -189,9 +189,16 @@ async def _ssl_request(endpoint: UpstreamEndpoint, transport: asyncio.Transport)
         raise UpstreamError("the server sent unencrypted data after accepting TLS", tls=True)
 
 
-async def send_cancel(target: Target, process_id: int, secret: bytes, *, timeout: float) -> None:
+async def send_cancel(
+    target: Target,
+    process_id: int,
+    secret: bytes,
+    *,
+    timeout: float,
+    addresses: AddressBook | None = None,
+) -> None:
     """Deliver a CancelRequest to the server a session is pinned to, over TLS with its SNI."""
-    upstream = await open_upstream(target, timeout=timeout, keepalive=False)
+    upstream = await open_upstream(target, timeout=timeout, keepalive=False, addresses=addresses)
     try:
         upstream.endpoint.write(codec.cancel_request(process_id, secret))
         # The server closes without answering once it has read the request.
