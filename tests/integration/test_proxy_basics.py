@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,10 @@ async def test_upstream_session_is_tls_with_a_channel_bound_scram_login(
     ready = next(line for line in out.splitlines() if "session_ready" in line)
     assert "auth=SCRAM-SHA-256-PLUS" in ready
     assert "channel_binding=True" in ready
+    # How long the client waited for its session (a waking compute shows up here).
+    waited = re.search(r"ready_s=([0-9.]+)", ready)
+    assert waited is not None
+    assert 0 < float(waited.group(1)) < 30
 
 
 async def test_asyncpg_sees_the_branch_and_its_data(daemon: LocalDaemon) -> None:

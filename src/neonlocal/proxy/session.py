@@ -260,7 +260,13 @@ class Session:
                 self.cancel_pid, CancelRoute(parked.target, server_pid, server_secret)
             )
         self.auth = "reused"
-        self.server.log_session("session_ready", self, auth="reused", tls=parked.tls_version)
+        self.server.log_session(
+            "session_ready",
+            self,
+            auth="reused",
+            tls=parked.tls_version,
+            ready_s=round(time.monotonic() - self.started, 3),
+        )
         await self._relay(parked.endpoint, parked.server_key)
 
     async def _relay(self, up: Endpoint, server_key: tuple[int, bytes] | None) -> None:
@@ -524,6 +530,9 @@ class Session:
             tls=upstream.tls_version,
             tls_direct=upstream.direct_tls,
             client_tls=self.client_tls_negotiation,
+            # From the client's connect to its ReadyForQuery: seconds here are a compute that
+            # was waking (Neon starts it during the login), or a slow network.
+            ready_s=round(time.monotonic() - self.started, 3),
         )
         self._status_messages = login.status_messages
         await self._relay(up, login.server_key)
