@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -202,3 +204,32 @@ def test_a_server_that_hangs_up_mid_handshake_reads_as_peer_closed(
 
     with pytest.raises(PeerClosed):
         run(scenario())
+
+
+def test_closing_when_the_half_close_fails_drops_the_connection_quietly(
+    tls_files: tuple[Path, Path, Path],
+) -> None:
+    """`neonlocal use --terminate` closes sessions whose server may have reset a moment
+    ago; the standard loop's half-close then raises ENOTCONN, which must not escape."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def scenario() -> bool:
+        async with await serve(tls_files, handler) as server:
+            endpoint = await connect(server, tls_files[0])
+            transport = endpoint.transport
+            assert transport is not None
+
+            def reset_already(*_args: object) -> None:
+                raise OSError(errno.ENOTCONN, os.strerror(errno.ENOTCONN))
+
+            # What the kernel answers once a reset has arrived that the loop has not read.
+            transport.write_eof = reset_already  # type: ignore[method-assign]
+            endpoint.close()
+            await asyncio.wait_for(endpoint.closed, 10)
+            return endpoint.lost
+
+    with asyncio.Runner() as runner:  # the standard loop: its transports can be patched
+        assert runner.run(scenario())

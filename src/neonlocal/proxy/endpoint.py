@@ -365,7 +365,14 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
                 if self._outgoing.pending:
                     transport.write(self._outgoing.read())
                 if transport.can_write_eof():
-                    transport.write_eof()
+                    try:
+                        transport.write_eof()
+                    except OSError:
+                        # The server reset the connection and the transport has not been
+                        # told yet (the standard loop's shutdown() then raises ENOTCONN):
+                        # there is nobody left to say goodbye to.
+                        transport.abort()
+                        return
                     self._linger = asyncio.get_running_loop().call_later(
                         CLOSE_TIMEOUT_S, transport.abort
                     )
