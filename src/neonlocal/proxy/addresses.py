@@ -6,6 +6,9 @@ lookup need not be waited for before connecting: the address the name had last t
 connected to while the name is looked up. When the fresh answer still contains it (almost
 always), that connection is used and the lookup cost no time; otherwise it is dropped and
 the session connects to the fresh answer, as it would have without the head start.
+
+The book also remembers the hosts that would not take direct TLS (``proxy/upstream.py``),
+so that only the first session to such a host pays for finding out.
 """
 
 from __future__ import annotations
