@@ -403,7 +403,9 @@ class Server:
                 self.terminate_sessions(
                     keep_branch=None, message=message, reason="shutdown", grace=0.0
                 )
-                _done, pending = await asyncio.wait(pending, timeout=CANCEL_WAIT_S + 1.0)
+                # Ending a busy session sends its query a cancel: a task of its own, which
+                # must be done (or given up) before the daemon says it has stopped.
+                _done, pending = await asyncio.wait(set(self._tasks), timeout=CANCEL_WAIT_S + 1.0)
                 for task in pending:
                     task.cancel()
                 if pending:
