@@ -306,6 +306,8 @@ async def test_sigterm_lets_sessions_finish_until_the_deadline_then_ends_the_res
     closed = [e["reason"] for e in events if e["event"] == "session_closed"]
     assert len(closed) == 4
     assert closed.count("shutdown") == 2  # the raw client and `lingering`
+    # Both were idle: ending them needs no cancel request to the branch.
+    assert not [e for e in events if e["event"].startswith("cancel")]
     assert events[-1]["event"] == "daemon_stopped"
 
 

@@ -153,6 +153,11 @@ class Relay:
 
     # --- ending a session from our side ------------------------------------------------------
 
+    @property
+    def finished(self) -> bool:
+        """The client has had its error and both sides are closing: nothing to cancel."""
+        return self._finished
+
     def terminate(self, error: bytes, reason: str) -> None:
         """Send ``error`` to the client once no query runs, then end both sides.
 

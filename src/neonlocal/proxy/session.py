@@ -549,9 +549,12 @@ class Session:
         if self.relay is not None:
             relay = self.relay
             relay.terminate(error, reason)
-            if not relay.done.done():
-                loop = asyncio.get_running_loop()
-                loop.call_later(grace, self._cancel_then_end, relay, error)
+            if relay.finished:
+                pass  # nothing was running: the client has its error, both sides are closing
+            elif grace <= 0:
+                self._cancel_then_end(relay, error)
+            else:
+                asyncio.get_running_loop().call_later(grace, self._cancel_then_end, relay, error)
         else:
             self.close_reason = reason
             self.client.write(error)
@@ -560,8 +563,8 @@ class Session:
                 self.upstream.endpoint.close()
 
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
-        if relay.done.done():
-            return
+        if relay.done.done() or relay.finished:
+            return  # the query ended within the grace, and with it the session
         self.server.cancel_session_query(self)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
 
