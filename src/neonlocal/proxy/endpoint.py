@@ -102,9 +102,9 @@ class Endpoint(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def recv(self) -> bytes:
-        """Bytes received so far (waiting for some); raises PeerClosed at end of stream."""
-        while not self._buf:
+    async def _wait_until(self, has_bytes: Callable[[], object]) -> None:
+        """Wait for bytes to arrive (``has_bytes`` says when); PeerClosed at end of stream."""
+        while not has_bytes():
             if self.eof:
                 raise PeerClosed
             self._waiter = asyncio.get_running_loop().create_future()
@@ -112,6 +112,10 @@ class Endpoint(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def recv(self) -> bytes:
+        """Bytes received so far (waiting for some); raises PeerClosed at end of stream."""
+        await self._wait_until(lambda: self._buf)
         data = bytes(self._buf)
         self._buf.clear()
         return data
@@ -307,14 +311,7 @@ class UpstreamEndpoint(Endpoint, asyncio.BufferedProtocol):
                 pass
             if self._outgoing.pending:
                 self.transport.write(self._outgoing.read())
-            while not self._incoming.pending:
-                if self.eof:
-                    raise PeerClosed
-                self._waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+            await self._wait_until(lambda: self._incoming.pending)
             first = self._server_first_byte
             if first is not None and first not in _TLS_RECORD_TYPES:
                 raise NotTls
