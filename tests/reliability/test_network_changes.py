@@ -26,6 +26,7 @@ from fixtures.daemon import (
     branch_of_new_session,
     daemon_env,
     running_daemon,
+    serving,
     write_config,
 )
 from fixtures.dns import FakeDns, faked_dns, recorded_connects
@@ -106,12 +107,8 @@ async def dns_daemon(
     fake_dns: FakeDns,
     no_unhandled_errors: list[object],
 ) -> AsyncIterator[LocalDaemon]:
-    config = write_config(
-        workdir / "config.toml",
-        {"moving": moving_url(compute_main, ca_file, hostaddr=None)},
-        branch="moving",
-    )
-    async with running_daemon(config, daemon_env(workdir)) as daemon:
+    branches = {"moving": moving_url(compute_main, ca_file, hostaddr=None)}
+    async with serving(workdir, branches, branch="moving") as daemon:
         yield daemon
 
 

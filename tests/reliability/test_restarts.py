@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.daemon import LocalDaemon, serving
 from fixtures.daemon import branch_of_new_session as new_session_branch
 from fixtures.pg import MakeCompute
 from neonlocal.localpg import LocalCompute
@@ -47,13 +47,9 @@ async def daemon(
     ca_file: Path,
     no_unhandled_errors: list[object],
 ) -> AsyncIterator[LocalDaemon]:
-    config = write_config(
-        workdir / "config.toml",
-        {"main": restartable.url(ca_file=ca_file), "dev": compute_dev.url(ca_file=ca_file)},
-        branch="main",
-        extra=f"[upstream]\nconnect_timeout = {CONNECT_TIMEOUT}",
-    )
-    async with running_daemon(config, daemon_env(workdir)) as running:
+    branches = {"main": restartable.url(ca_file=ca_file), "dev": compute_dev.url(ca_file=ca_file)}
+    extra = f"[upstream]\nconnect_timeout = {CONNECT_TIMEOUT}"
+    async with serving(workdir, branches, extra) as running:
         yield running
         await eventually(lambda: not running.status()["sessions"], what="sessions to end")
 
