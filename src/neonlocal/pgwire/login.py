@@ -109,14 +109,6 @@ class UpstreamLogin:
         self.pipelined = False
 
     @property
-    def user(self) -> str:
-        return self._params.get("user", "")
-
-    @property
-    def database(self) -> str:
-        return self._params.get("database", "")
-
-    @property
     def relaying_auth(self) -> bool:
         return self._creds is None
 

@@ -235,7 +235,7 @@ class Session:
             expected_sasl=expected,
         )
         try:
-            await self._login(upstream, login, may_refresh=may_refresh)
+            await self._login(upstream, login, may_refresh=may_refresh, offer_key=offer_key)
         except SpeculationFailed as exc:
             offers.pop(offer_key, None)
             self.server.log_session("auth_pipelining_refused", self, reason=str(exc))
@@ -446,7 +446,14 @@ class Session:
         self.upstream = upstream
         return upstream
 
-    async def _login(self, upstream: Upstream, login: UpstreamLogin, *, may_refresh: bool) -> None:
+    async def _login(
+        self,
+        upstream: Upstream,
+        login: UpstreamLogin,
+        *,
+        may_refresh: bool,
+        offer_key: tuple[str, int, str, str],
+    ) -> None:
         assert self.target is not None
         up = upstream.endpoint
         up.write(login.start())
@@ -515,9 +522,7 @@ class Session:
             raise
         self.auth = login.auth_method
         if login.sasl_offer is not None and self.server.settings.upstream.pipeline_auth:
-            self.server.sasl_offers[
-                (self.target.host, self.target.port, login.user, login.database)
-            ] = login.sasl_offer
+            self.server.sasl_offers[offer_key] = login.sasl_offer
         if login.server_key is not None and self.cancel_pid is not None:
             pid, secret = login.server_key
             self.server.cancels.bind(self.cancel_pid, CancelRoute(self.target, pid, secret))
@@ -549,11 +554,10 @@ class Session:
         if self.relay is not None:
             relay = self.relay
             relay.terminate(error, reason)
-            if relay.finished:
-                pass  # nothing was running: the client has its error, both sides are closing
-            elif grace <= 0:
+            # A finished relay ran nothing: the client has its error, both sides are closing.
+            if not relay.finished and grace <= 0:
                 self._cancel_then_end(relay, error)
-            else:
+            elif not relay.finished:
                 asyncio.get_running_loop().call_later(grace, self._cancel_then_end, relay, error)
         else:
             self.close_reason = reason
