@@ -32,9 +32,10 @@ def run_daemon(
     json_logs: bool | None = None,
     ephemeral: EphemeralSpec | None = None,
 ) -> int:
-    from neonlocal.config import ConfigError, load_settings
     from neonlocal.daemon import Daemon, StartupError
     from neonlocal.proxy.server import ListenError
+    from neonlocal.settings import ConfigError
+    from neonlocal.settings_loader import SettingsLoader
     from neonlocal.sockets import SocketActivationError, inherited_sockets
 
     env = dict(env)
@@ -45,16 +46,19 @@ def run_daemon(
         print(f"neonlocal: socket activation: {exc}", file=sys.stderr)
         return 1
 
+    # The daemon's own first load is then answered from what this one checked.
+    loader = SettingsLoader(config_path, env)
     level = log_level
     if level is None:
         try:
-            level = load_settings(config_path, env).log_level
+            level = asyncio.run(loader.load()).log_level
         except ConfigError:
             level = "info"  # the daemon reports the problem itself, in one line
     nl_logging.configure(level, json=json_logs)
 
     async def main() -> None:
-        await Daemon(config_path, env, sockets=sockets, ephemeral=ephemeral).run()
+        daemon = Daemon(config_path, env, sockets=sockets, ephemeral=ephemeral, loader=loader)
+        await daemon.run()
 
     loop_class = _loop_factory()
     try:

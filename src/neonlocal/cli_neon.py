@@ -24,9 +24,9 @@ import click
 from neonlocal.cli import EXIT_USAGE, Context, fail, pass_ctx
 
 if TYPE_CHECKING:
-    from neonlocal.config import Settings
     from neonlocal.neon import Branch, Project
     from neonlocal.resolver import TargetResolver
+    from neonlocal.settings import Settings
     from neonlocal.targets import Target
 
 __all__ = ["branch", "branches", "init", "target_for_use"]

@@ -1,9 +1,13 @@
-"""Settings: one TOML file, overridden by ``NEONLOCAL_*`` environment variables.
+"""The config schema: one TOML file, overridden by ``NEONLOCAL_*`` environment variables.
 
-``load_settings(path, env)`` is the only way in. It returns a frozen Settings or raises
-ConfigError, which names the exact place of the problem: ``file:line`` for the file, the
-variable's name for the environment. Values that are secrets (branch URLs, the local
-password) are SecretStr and never appear in an error message.
+``load_settings(path, env)`` is the only way in. It checks the file and the environment
+against the schema below (pydantic-settings) and returns the plain frozen values of
+``neonlocal.settings``, or raises ConfigError, which names the exact place of the problem:
+``file:line`` for the file, the variable's name for the environment. Values that are
+secrets (branch URLs, the local password) never appear in an error message.
+
+The daemon does not import this module: ``neonlocal.settings_loader`` runs it in a
+short-lived child process, so that pydantic never stays resident.
 
 Whether ``branch`` names a configured branch is checked separately, by
 ``check_selected_branch``: a later feature may resolve names through the Neon API.
@@ -11,12 +15,13 @@ Whether ``branch`` names a configured branch is checked separately, by
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +33,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -47,91 +51,75 @@ from pydantic_settings.exceptions import SettingsError
 
 from neonlocal.conninfo import ConnInfoError, parse_conninfo
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
-from neonlocal.targets import TlsMode, UnknownBranch, validate_upstream
+from neonlocal.settings import (
+    ENV_PREFIX,
+    AdminSettings,
+    BranchSettings,
+    ConfigError,
+    ConfigProblem,
+    ControlSettings,
+    GitSettings,
+    ListenSettings,
+    LocalSettings,
+    LogLevel,
+    NeonSettings,
+    NetworkSettings,
+    Provenance,
+    Settings,
+    UpstreamSettings,
+    branch_name_problem,
+    check_selected_branch,
+    from_schema,
+    is_loopback,
+    split_host_port,
+    toml_syntax_error,
+)
+from neonlocal.targets import TlsMode, validate_upstream
+from neonlocal.tomlkeys import key_lines
 
+# The plain values are re-exported: callers that load settings get them from here too.
 __all__ = [
     "ENV_PREFIX",
+    "AdminSchema",
     "AdminSettings",
+    "BranchSchema",
     "BranchSettings",
     "ConfigError",
     "ConfigProblem",
+    "ControlSchema",
     "ControlSettings",
+    "GitSchema",
     "GitSettings",
+    "ListenSchema",
     "ListenSettings",
+    "LocalSchema",
     "LocalSettings",
+    "NeonSchema",
     "NeonSettings",
+    "NetworkSchema",
     "NetworkSettings",
     "Settings",
+    "SettingsSchema",
+    "UpstreamSchema",
     "UpstreamSettings",
     "check_selected_branch",
     "load_settings",
     "toml_syntax_error",
 ]
 
-ENV_PREFIX: Final = "NEONLOCAL_"
 _ENV_DELIMITER: Final = "__"
 # Field names whose input must never be quoted back, even by accident.
 _SECRET_FIELDS: Final = frozenset({"url", "password"})
 _BARE_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
-_TOML_POSITION: Final = re.compile(
-    r"^(?P<msg>.*?) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$", re.S
-)
-
-
-# --- errors -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigProblem:
-    """One thing wrong with the configuration, and where it is."""
-
-    line: int | None
-    message: str
-    env_var: str | None = None
-
-    def render(self, path: Path) -> str:
-        if self.env_var is not None:
-            return f"environment variable {self.env_var}: {self.message}"
-        if self.line is not None:
-            return f"{path}:{self.line}: {self.message}"
-        return f"{path}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used. ``str()`` gives ``file:line: message`` lines.
-
-    ``line`` and ``message`` describe the first problem; ``problems`` holds them all.
-    ``env_var`` is set instead of ``line`` when the bad value came from the environment.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        line: int | None,
-        message: str,
-        *,
-        env_var: str | None = None,
-        more: Sequence[ConfigProblem] = (),
-    ) -> None:
-        self.path = path
-        self.line = line
-        self.message = message
-        self.env_var = env_var
-        self.problems: tuple[ConfigProblem, ...] = (ConfigProblem(line, message, env_var), *more)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(problem.render(self.path) for problem in self.problems)
 
 
 # --- the schema -------------------------------------------------------------------------
 
 
 def _check_name(name: str) -> str:
-    if not name:
-        raise PydanticCustomError("branch_name", "a branch name cannot be empty")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        raise PydanticCustomError("branch_name", "a branch name cannot contain control characters")
+    problem = branch_name_problem(name)
+    if problem is not None:
+        raise PydanticCustomError("branch_name", problem)
     return name
 
 
@@ -176,24 +164,13 @@ def _lower(value: Any) -> Any:
 
 BranchName = Annotated[str, AfterValidator(_check_name)]
 NonEmptyStr = Annotated[str, AfterValidator(_check_not_empty)]
-LogLevel = Literal["debug", "info", "warning", "error"]
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals; a host name is assumed exposed."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ListenSettings(_Section):
+class ListenSchema(_Section):
     """``[listen]``: where clients connect."""
 
     host: Annotated[
@@ -208,7 +185,7 @@ class ListenSettings(_Section):
     unix_socket_dir: str = "auto"
 
 
-class LocalSettings(_Section):
+class LocalSchema(_Section):
     """``[local]``: how local clients authenticate."""
 
     password: SecretStr | None = None
@@ -231,7 +208,7 @@ class LocalSettings(_Section):
         return value
 
 
-class UpstreamSettings(_Section):
+class UpstreamSchema(_Section):
     """``[upstream]``: how neonlocal reaches branches."""
 
     # Long enough for a suspended Neon compute to start.
@@ -247,25 +224,10 @@ class UpstreamSettings(_Section):
     pipeline_auth: bool = True
 
 
-class ControlSettings(_Section):
+class ControlSchema(_Section):
     """``[control]``: the socket the CLI talks to the daemon through."""
 
     socket: Annotated[Path, BeforeValidator(_path_text)] | None = None
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` as (host, port); ValueError names what is wrong."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError("expected host:port, such as 127.0.0.1:9187 or [::1]:9187")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError("write an IPv6 address in brackets, such as [::1]:9187")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"port {port} is out of range")
-    return host, port
 
 
 def _check_admin_listen(text: str) -> str:
@@ -286,16 +248,11 @@ def _check_admin_listen(text: str) -> str:
     return text
 
 
-class AdminSettings(_Section):
+class AdminSchema(_Section):
     """``[admin]``: the optional HTTP listener for health checks and metrics."""
 
     # Off unless set: "127.0.0.1:9187". Port 0 asks the OS for any free port (tests).
     listen: Annotated[str, AfterValidator(_check_admin_listen)] | None = None
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        """(host, port) to listen on, or None when the listener is off."""
-        return None if self.listen is None else split_host_port(self.listen)
 
 
 def _check_ip_address(value: str) -> str:
@@ -312,7 +269,7 @@ IpAddress = Annotated[str, AfterValidator(_check_ip_address)]
 OptionalPath = Annotated[Path, BeforeValidator(_path_text)] | None
 
 
-class NeonSettings(_Section):
+class NeonSchema(_Section):
     """``[neon]``: finding branches by name through the Neon API."""
 
     # Without it, only [branches.NAME] tables with a url can be selected.
@@ -330,14 +287,14 @@ class NeonSettings(_Section):
     sslrootcert: OptionalPath = None
 
 
-class NetworkSettings(_Section):
+class NetworkSchema(_Section):
     """``[network]``: where host names really are, like curl's ``--resolve``."""
 
     # host name -> IP address to connect to; the name still drives SNI and certificates.
     resolve: dict[NonEmptyStr, IpAddress] = Field(default_factory=dict)
 
 
-class GitSettings(_Section):
+class GitSchema(_Section):
     """``[git]``: switch Neon branches as the git branch of a repository changes."""
 
     follow: bool = False
@@ -351,7 +308,7 @@ class GitSettings(_Section):
     map: dict[NonEmptyStr, BranchName] = Field(default_factory=dict)
 
 
-class BranchSettings(_Section):
+class BranchSchema(_Section):
     """``[branches.NAME]``: a static target (``url``), or options for an API-found branch."""
 
     # Without a url the branch is found by name through the Neon API ([neon] project_id).
@@ -363,7 +320,7 @@ class BranchSettings(_Section):
     pooled: bool | None = None
 
     @model_validator(mode="after")
-    def _pooled_needs_the_api(self) -> BranchSettings:
+    def _pooled_needs_the_api(self) -> BranchSchema:
         if self.url is not None and self.pooled is not None:
             raise PydanticCustomError(
                 "pooled_with_url",
@@ -388,32 +345,6 @@ class BranchSettings(_Section):
         return value
 
 
-class _Provenance:
-    """Where a Settings came from, for error messages about it after loading.
-
-    Equal to every other provenance: two Settings with the same values are the same
-    configuration, whatever comments or layout the file had.
-    """
-
-    __slots__ = ("branch_env", "branch_line", "path")
-
-    def __init__(
-        self,
-        path: Path | None = None,
-        branch_line: int | None = None,
-        branch_env: str | None = None,
-    ) -> None:
-        self.path = path
-        self.branch_line = branch_line
-        self.branch_env = branch_env
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Provenance)
-
-    def __hash__(self) -> int:
-        return 0
-
-
 @dataclass
 class _LoadRequest:
     env_source: PydanticBaseSettingsSource
@@ -425,10 +356,10 @@ class _LoadRequest:
 _LOAD_REQUEST: ContextVar[_LoadRequest | None] = ContextVar("neonlocal_load", default=None)
 
 
-class Settings(BaseSettings):
+class SettingsSchema(BaseSettings):
     """The whole configuration. Build it with ``load_settings``.
 
-    Constructed directly (``Settings(branches=...)``) it reads neither a file nor the
+    Constructed directly (``SettingsSchema(branches=...)``) it reads neither a file nor the
     environment, which is what tests of other modules want.
     """
 
@@ -444,17 +375,15 @@ class Settings(BaseSettings):
     log_level: Annotated[LogLevel, BeforeValidator(_lower)] = "info"
     # Seconds a stopping daemon lets open sessions finish before ending them with 57P01.
     shutdown_deadline: float = Field(default=SHUTDOWN_DEADLINE_S, ge=0, allow_inf_nan=False)
-    listen: ListenSettings = ListenSettings()
-    local: LocalSettings = LocalSettings()
-    upstream: UpstreamSettings = UpstreamSettings()
-    control: ControlSettings = ControlSettings()
-    admin: AdminSettings = AdminSettings()
-    neon: NeonSettings = NeonSettings()
-    network: NetworkSettings = NetworkSettings()
-    git: GitSettings = GitSettings()
-    branches: dict[BranchName, BranchSettings] = Field(default_factory=dict)
-
-    _provenance: _Provenance = PrivateAttr(default_factory=_Provenance)
+    listen: ListenSchema = ListenSchema()
+    local: LocalSchema = LocalSchema()
+    upstream: UpstreamSchema = UpstreamSchema()
+    control: ControlSchema = ControlSchema()
+    admin: AdminSchema = AdminSchema()
+    neon: NeonSchema = NeonSchema()
+    network: NetworkSchema = NetworkSchema()
+    git: GitSchema = GitSchema()
+    branches: dict[BranchName, BranchSchema] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -474,7 +403,7 @@ class Settings(BaseSettings):
         return (init_settings, request.env_source, request.toml_source)
 
     @model_validator(mode="after")
-    def _exposure_needs_password(self) -> Settings:
+    def _exposure_needs_password(self) -> SettingsSchema:
         exposed = [host for host in self.listen.host if not is_loopback(host)]
         if exposed and not (self.listen.allow_non_loopback and self.local.password is not None):
             raise PydanticCustomError(
@@ -489,7 +418,7 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _urlless_branches_need_the_api(self) -> Settings:
+    def _urlless_branches_need_the_api(self) -> SettingsSchema:
         if self.neon.project_id is not None:
             return self
         for name, branch in self.branches.items():
@@ -498,11 +427,6 @@ class Settings(BaseSettings):
                     "missing", "Field required", {"at": ("branches", name, "url")}
                 )
         return self
-
-    @property
-    def config_path(self) -> Path | None:
-        """The file these settings were loaded from (None when built directly)."""
-        return self._provenance.path
 
 
 # --- sources ----------------------------------------------------------------------------
@@ -547,7 +471,7 @@ def load_settings(
     if path.is_dir():
         raise ConfigError(path, None, "is a directory, not a config file")
     try:
-        toml_source = _TomlFileSource(Settings, path)
+        toml_source = _TomlFileSource(SettingsSchema, path)
     except tomllib.TOMLDecodeError as exc:
         raise toml_syntax_error(path, exc) from None
     except UnicodeDecodeError:
@@ -561,10 +485,10 @@ def load_settings(
             "no such file; create it (see config.example.toml) "
             f"or point --config / {ENV_PREFIX}CONFIG at one",
         )
-    env_source = _MappingEnvSource(Settings, env)
+    env_source = _MappingEnvSource(SettingsSchema, env)
     token = _LOAD_REQUEST.set(_LoadRequest(env_source, toml_source))
     try:
-        settings = Settings()
+        settings = SettingsSchema()
     except ValidationError as exc:
         locator = _Locator(path, toml_source.text, toml_source.toml_data, env_source(), env)
         raise _validation_error(locator, exc) from None
@@ -574,37 +498,7 @@ def load_settings(
         _LOAD_REQUEST.reset(token)
     locator = _Locator(path, toml_source.text, toml_source.toml_data, env_source(), env)
     line, env_var = locator.locate(("branch",))
-    settings._provenance = _Provenance(path, line, env_var)
-    return settings
-
-
-def check_selected_branch(settings: Settings) -> None:
-    """Raise ConfigError if ``branch`` is set but names no ``[branches]`` table.
-
-    With ``[neon] project_id`` any name may be a branch found through the API, which the
-    daemon checks when it resolves it.
-    """
-    name = settings.branch
-    if name is None or name in settings.branches or settings.neon.project_id is not None:
-        return
-    origin = settings._provenance
-    raise ConfigError(
-        origin.path or Path("<settings>"),
-        origin.branch_line,
-        f"branch: {UnknownBranch(name, list(settings.branches))}",
-        env_var=origin.branch_env,
-    )
-
-
-def toml_syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
-    """A ConfigError at the line and column tomllib reported."""
-    match = _TOML_POSITION.match(str(exc))
-    if match is None:
-        return ConfigError(path, None, f"invalid TOML: {exc}")
-    message = f"invalid TOML: {match['msg']}"
-    if match["line"] is None:
-        return ConfigError(path, None, f"{message} (at end of file)")
-    return ConfigError(path, int(match["line"]), f"{message} (column {match['col']})")
+    return dataclasses.replace(from_schema(settings), provenance=Provenance(path, line, env_var))
 
 
 def _env_decode_error(path: Path, exc: SettingsError, env: Mapping[str, str]) -> ConfigError:
@@ -696,7 +590,7 @@ class _Locator:
         env: Mapping[str, str],
     ) -> None:
         self.path = path
-        self._lines = _key_lines(text) if text is not None else {}
+        self._lines = key_lines(text) if text is not None else {}
         self._file_data = file_data
         self._env_data = env_data
         self._env = env
@@ -712,142 +606,3 @@ class _Locator:
             if line is not None:
                 return line, None
         return None, None
-
-
-# --- where keys are in the file ---------------------------------------------------------
-
-
-def _key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """The line on which each key path (and each table) is first defined.
-
-    A scanner, not a parser: it runs only on text tomllib has accepted, so it can skip
-    values wholesale and only needs to tell keys and headers apart from string contents.
-    """
-    lines: dict[tuple[str, ...], int] = {}
-    try:
-        for path, line in _scan_keys(text):
-            for size in range(1, len(path) + 1):
-                lines.setdefault(path[:size], line)
-    except (IndexError, ValueError):
-        pass  # a best effort: lines found so far are still right
-    return lines
-
-
-def _scan_keys(text: str) -> Iterator[tuple[tuple[str, ...], int]]:
-    table: tuple[str, ...] = ()
-    pos, line, end = 0, 1, len(text)
-    while pos < end:
-        pos = _skip_blanks(text, pos)
-        if pos >= end:
-            return
-        ch = text[pos]
-        if ch == "\n":
-            line += 1
-            pos += 1
-        elif ch in "#\r":
-            pos = _to_line_end(text, pos)
-        elif ch == "[":
-            start = pos + 2 if text.startswith("[[", pos) else pos + 1
-            found = _read_key(text, start)
-            if found is not None:
-                table = found[0]
-                yield table, line
-            pos = _to_line_end(text, pos)
-        else:
-            found = _read_key(text, pos)
-            if found is None:
-                pos = _to_line_end(text, pos)
-                continue
-            keys, pos = found
-            yield table + keys, line
-            pos, line = _skip_value(text, pos, line)
-
-
-def _skip_blanks(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t":
-        pos += 1
-    return pos
-
-
-def _to_line_end(text: str, pos: int) -> int:
-    newline = text.find("\n", pos)
-    return len(text) if newline < 0 else newline
-
-
-def _read_key(text: str, pos: int) -> tuple[tuple[str, ...], int] | None:
-    """A (dotted) key at ``pos``: its parts and the position after it."""
-    parts: list[str] = []
-    while True:
-        pos = _skip_blanks(text, pos)
-        if pos >= len(text):
-            return None
-        if text[pos] == '"':
-            close = _string_end(text, pos)
-            parts.append(tomllib.loads(f"k = {text[pos:close]}")["k"])
-            pos = close
-        elif text[pos] == "'":
-            close = text.index("'", pos + 1)
-            parts.append(text[pos + 1 : close])
-            pos = close + 1
-        else:
-            match = _BARE_KEY.match(text, pos)
-            if match is None:
-                return None
-            parts.append(match.group())
-            pos = match.end()
-        pos = _skip_blanks(text, pos)
-        if pos < len(text) and text[pos] == ".":
-            pos += 1
-            continue
-        return tuple(parts), pos
-
-
-def _string_end(text: str, pos: int) -> int:
-    """Position after the single-line basic string starting at ``pos``."""
-    index = pos + 1
-    while text[index] != '"':
-        index += 2 if text[index] == "\\" else 1
-    return index + 1
-
-
-def _skip_value(text: str, pos: int, line: int) -> tuple[int, int]:
-    """Skip ``= value`` up to the newline that ends it; multi-line strings and arrays count."""
-    depth = 0
-    end = len(text)
-    while pos < end:
-        if text.startswith(('"""', "'''"), pos):
-            quote = text[pos : pos + 3]
-            index = pos + 3
-            while not text.startswith(quote, index):
-                if index >= end:
-                    raise ValueError("unterminated multi-line string")
-                index += 2 if quote == '"""' and text[index] == "\\" else 1
-            # Up to two more quote characters may close the string (`""""` is `"` + `"""`).
-            extra = 0
-            while extra < 2 and text.startswith(quote[0], index + 3):
-                index += 1
-                extra += 1
-            index += 3
-            line += text.count("\n", pos, index)
-            pos = index
-            continue
-        ch = text[pos]
-        if ch == '"':
-            pos = _string_end(text, pos)
-            continue
-        if ch == "'":
-            pos = text.index("'", pos + 1) + 1
-            continue
-        if ch == "#":
-            pos = _to_line_end(text, pos)
-            continue
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "\n":
-            if depth <= 0:
-                return pos, line
-            line += 1
-        pos += 1
-    return pos, line

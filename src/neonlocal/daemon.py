@@ -16,27 +16,19 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from neonlocal import __version__
-from neonlocal.admin import AdminError, AdminServer
 from neonlocal.apikey import ApiKeyError, config_relative
-from neonlocal.config import (
-    ConfigError,
-    Settings,
-    check_selected_branch,
-    is_loopback,
-    load_settings,
-)
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.fdlimit import ensure_room_for
 from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
 from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.metrics import ErrorKind
-from neonlocal.neon import ApiUnreachable, Branch, NeonApiError
+from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
 from neonlocal.proxy import tls
@@ -52,7 +44,13 @@ from neonlocal.resolver import (
 )
 from neonlocal.sdnotify import Notifier
 from neonlocal.selection import switch_branch, watch_file
+from neonlocal.settings import ConfigError, Settings, check_selected_branch, is_loopback
+from neonlocal.settings_loader import SettingsLoader
 from neonlocal.targets import Target, TargetError, UnknownBranch, resolve_target
+
+if TYPE_CHECKING:
+    from neonlocal.admin import AdminServer
+    from neonlocal.neon import Branch
 
 log = structlog.get_logger("neonlocal.daemon")
 
@@ -92,6 +90,7 @@ class Daemon:
         *,
         sockets: Sequence[socket.socket] = (),
         ephemeral: EphemeralSpec | None = None,
+        loader: SettingsLoader | None = None,
     ) -> None:
         self.config_path = config_path
         # `up --ephemeral`: the branch created for this daemon replaces the file's `branch`.
@@ -100,6 +99,7 @@ class Daemon:
         self.resolver: TargetResolver | None = None
         self._pending_resolution: asyncio.Task[None] | None = None
         self.env = dict(os.environ if env is None else env)
+        self.loader = loader or SettingsLoader(config_path, self.env)
         self._inherited = list(sockets)
         self.settings: Settings | None = None
         self.server: Server | None = None
@@ -118,7 +118,7 @@ class Daemon:
 
     async def start(self) -> None:
         try:
-            settings = load_settings(self.config_path, self.env)
+            settings = await self.loader.load()
             if self.ephemeral is None:
                 check_selected_branch(settings)
         except ConfigError as exc:
@@ -183,6 +183,9 @@ class Daemon:
         address = settings.admin.address
         if address is None:
             return
+        # Only now: the HTTP server and the metrics exposition stay out of a daemon without it.
+        from neonlocal.admin import AdminError, AdminServer
+
         admin = AdminServer(*address, metrics=self.server.metrics, not_ready=self.not_ready_reason)
         try:
             await admin.start()
@@ -282,7 +285,7 @@ class Daemon:
         before = self.server.selected
         kept = self.resolver.settings
         try:
-            settings = load_settings(self.config_path, self.env)
+            settings = await self.loader.load()
             self._check_exposure(settings)
             if self.ephemeral is None:
                 check_selected_branch(settings)  # an unknown name, reported at its file:line

@@ -18,7 +18,7 @@ from typing import Final
 
 import structlog
 
-from neonlocal.neon import BranchNotFound, find_branch
+from neonlocal.neon import BranchNotFound
 from neonlocal.resolver import TargetResolver, create_branch
 from neonlocal.selection import watch_file
 
@@ -88,6 +88,8 @@ async def neon_branch_for(resolver: TargetResolver, git_branch: str) -> str:
     project = resolver.project_id
     if project is None:
         raise FollowSkipped(f"no [branches.{name}] table and no [neon] project_id to look it up")
+    from neonlocal.neon import find_branch
+
     api = await resolver.api()
     try:
         branch = await find_branch(api, project, name)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from asn1crypto import x509 as asn1_x509
 
+from neonlocal.children import child_argv, child_env
+
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The local CA may only ever vouch for these: `neonlocal trust --install` puts it in libpq's
 # trust file, and a leaked key must not be able to impersonate anything else.
@@ -129,21 +131,6 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
     return cert, key, ca_cert
 
 
-def _child_env() -> dict[str, str]:
-    """The environment for a child that must import this very neonlocal package."""
-    env = dict(os.environ)
-    package_root = Path(__file__).resolve().parent.parent
-    # The child shares everything on sys.path except the first entry (this process's cwd or
-    # script directory); only a package found there, or by an import hook, needs help. The
-    # site directories are not added: ahead of the standard library they could shadow it.
-    shared = {Path(entry).resolve() for entry in sys.path[1:] if entry}
-    if package_root not in shared:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(package_root), env.get("PYTHONPATH", "")) if p
-        )
-    return env
-
-
 def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     """`ensure_generated` for the daemon: what has to be made is made by a short-lived child
     process, so that ``cryptography`` (about 11 MB resident) never enters the daemon, which
@@ -152,14 +139,14 @@ def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     ca_cert, _ca_key, cert, key = _files(directory)
     if not _anything_to_make(directory):
         return cert, key, ca_cert
-    if not sys.executable:  # embedded without an interpreter to start: make them here
+    argv = child_argv("neonlocal.localtls", str(directory))
+    if argv is None:
         return ensure_generated(directory)
-    argv = [sys.executable, "-m", "neonlocal.localtls", str(directory)]
     try:
         done = subprocess.run(
             argv,
             cwd=directory,
-            env=_child_env(),
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=60,

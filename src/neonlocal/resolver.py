@@ -23,20 +23,15 @@ from neonlocal.neon import (
     DEFAULT_ANNOTATION,
     ApiUnreachable,
     AuthenticationError,
-    Branch,
-    EndpointState,
     NeonApiError,
     ProtectedBranch,
-    ResolvedBranch,
     RetryPolicy,
-    find_branch,
-    resolve_branch,
 )
 from neonlocal.targets import Target, TlsMode, UnknownBranch, build_target
 
 if TYPE_CHECKING:
-    from neonlocal.config import BranchSettings, Settings
-    from neonlocal.neon import NeonApi
+    from neonlocal.neon import Branch, NeonApi, ResolvedBranch
+    from neonlocal.settings import BranchSettings, Settings
 
 __all__ = [
     "API_RETRY",
@@ -56,7 +51,9 @@ NEON_PORT: Final = 5432
 # A client (or a user at the CLI) waits while we talk to the API: give up within seconds,
 # not the client's default 20 s budget. Operations are waited for, so 423 stays rare.
 API_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, budget=8.0)
-_SUSPENDED = frozenset({EndpointState.IDLE, EndpointState.INIT})
+# EndpointState.IDLE and .INIT, which equal their text: the API's models (and pydantic) are
+# loaded with the API client, not by a daemon that never asks the API.
+_SUSPENDED = frozenset({"idle", "init"})
 
 
 class BranchNotConfigured(UnknownBranch):
@@ -243,6 +240,8 @@ class TargetResolver:
         return self._api_target(name, found)
 
     async def _ask(self, wanted: _Wanted) -> ResolvedBranch:
+        from neonlocal.neon import resolve_branch
+
         api = await self.api()
         try:
             found = await resolve_branch(
@@ -343,6 +342,8 @@ async def create_branch(
     ``parent`` is a name or id (None: the project's default branch). Waiting for the
     operations means the next change to the branch will not meet 423 Locked.
     """
+    from neonlocal.neon import find_branch
+
     parent_id = (await find_branch(api, project_id, parent)).id if parent else None
     expires_at = datetime.now(UTC) + expires_in if expires_in is not None else None
     created = await api.create_branch(

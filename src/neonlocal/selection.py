@@ -22,7 +22,7 @@ import tomlkit.exceptions
 import watchfiles
 from tomlkit.items import AoT, Table
 
-from neonlocal.config import ConfigError, toml_syntax_error
+from neonlocal.settings import ConfigError, toml_syntax_error
 
 __all__ = ["read_selected", "switch_branch", "watch_file"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from neonlocal.conninfo import ConnInfo, ConnInfoError, parse_conninfo
 
 if TYPE_CHECKING:
-    from neonlocal.config import BranchSettings, Settings
+    from neonlocal.settings import BranchSettings, Settings
 
 __all__ = [
     "Target",

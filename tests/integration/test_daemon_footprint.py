@@ -1,5 +1,7 @@
-"""What a daemon serving static branch URLs keeps in memory: not the Neon API client (httpx)
-and not cryptography, which only making a certificate needs (issue 5: RSS idle).
+"""What a daemon serving static branch URLs keeps in memory: not the Neon API client (httpx),
+not cryptography, which only making a certificate needs, not pydantic, which only checking
+the config needs, and not prometheus_client, which only a metrics scrape needs (issue 5:
+RSS idle).
 
 The daemon runs as a real process (the test process has imported both) and writes the
 modules it ended with on exit, so a module imported on any path it took - start, a session,
@@ -18,9 +20,10 @@ import psycopg
 import pytest
 from cryptography import x509
 
-from fixtures.daemon import DaemonProcess, daemon_env, write_config
+from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, write_config
 from fixtures.net import free_port
 from neonlocal.certs import CertificateAuthority
+from neonlocal.control import request
 from neonlocal.localtls import (
     LocalTlsError,
     certificate_expiry,
@@ -30,7 +33,17 @@ from neonlocal.localtls import (
 )
 
 # Top-level imports of any of these come back as several MB of resident memory.
-NOT_FOR_STATIC_URLS = ("cryptography", "httpx", "neonlocal.certs", "neonlocal.neon.client")
+NOT_FOR_STATIC_URLS = (
+    "cryptography",
+    "httpx",
+    "neonlocal.certs",
+    "neonlocal.neon.client",
+    "neonlocal.config",
+    "pydantic",
+    "pydantic_core",
+    "pydantic_settings",
+    "prometheus_client",
+)
 
 # `python -m neonlocal ...`, which writes sys.modules to $CENSUS_PATH when it exits.
 _WITH_CENSUS = """
@@ -53,9 +66,15 @@ def _unreachable_url() -> str:
     )
 
 
-def _modules_of_a_daemon_run(workdir: Path, url: str, *, session_works: bool) -> list[str]:
-    """Start `neonlocal up` for one static branch, run one session through it, stop it."""
-    config = write_config(workdir / "config.toml", {"main": url}, branch="main")
+def _modules_of_a_daemon_run(
+    workdir: Path,
+    url: str,
+    *,
+    session_works: bool,
+    meanwhile: Callable[[DaemonProcess], None] | None = None,
+) -> list[str]:
+    """Start `neonlocal up` for a static branch, run one session through it, stop it."""
+    config = write_config(workdir / "config.toml", {"main": url, "other": url}, branch="main")
     env = daemon_env(workdir)
     census = workdir / "modules.txt"
     env["CENSUS_PATH"] = str(census)
@@ -78,6 +97,8 @@ def _modules_of_a_daemon_run(workdir: Path, url: str, *, session_works: bool) ->
         else:
             with pytest.raises(psycopg.OperationalError, match="neonlocal"):
                 psycopg.connect(dsn, connect_timeout=10)
+        if meanwhile is not None:
+            meanwhile(daemon)
     finally:
         assert daemon.stop() == 0, daemon.log()
     modules = census.read_text().split()
@@ -122,6 +143,35 @@ def test_a_session_over_tls_and_scram_to_a_branch_loads_neither(
 
     assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
     assert "scramp" in modules  # the session really logged in upstream
+
+
+def test_switching_and_editing_the_config_check_it_outside_the_daemon(workdir: Path) -> None:
+    """`use`, an edit, and an edit that is refused: each answered, none loads the schema."""
+
+    def edit_config(daemon: DaemonProcess) -> None:
+        use = subprocess.run(
+            [*neonlocal_cmd("--config", str(daemon.config_path), "use", "other")],
+            capture_output=True,
+            text=True,
+            env=daemon.env,
+            check=False,
+        )
+        assert use.returncode == 0, use.stderr
+        assert daemon.status()["branch"] == "other"
+        text = daemon.config_path.read_text()
+        daemon.config_path.write_text(text.replace("port = 0", "port = 0\nmax_sessions = 7"))
+        assert request(daemon.control, {"op": "reload"})["ok"]
+        daemon.config_path.write_text(text.replace("port = 0", 'port = "any"'))
+        refused = request(daemon.control, {"op": "reload"})
+        assert not refused["ok"]
+        assert "listen.port" in refused["error"]
+        assert daemon.status()["branch"] == "other"
+
+    modules = _modules_of_a_daemon_run(
+        workdir, _unreachable_url(), session_works=False, meanwhile=edit_config
+    )
+
+    assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
 
 
 @pytest.mark.parametrize("days", [1, 400, 365 * 30])  # from 2050 on: GeneralizedTime

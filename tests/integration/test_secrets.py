@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -194,7 +195,7 @@ async def test_reprs_and_errors_of_configuration_objects_hide_passwords(
 ) -> None:
     config = secret_config(workdir / "config.toml", failing_branches, branch_urls["main"])
     settings = load_settings(config, {})
-    assert_no_secret("Settings", f"{settings!s} {settings!r} {settings.model_dump()!s}")
+    assert_no_secret("Settings", f"{settings!s} {settings!r} {dataclasses.asdict(settings)!s}")
     for name, branch in settings.branches.items():
         assert_no_secret(f"BranchSettings {name}", f"{branch!s} {branch!r}")
         assert branch.url is not None

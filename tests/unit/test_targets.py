@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import SecretStr
 
-from neonlocal.config import BranchSettings, Settings
+from neonlocal.config import SettingsSchema
 from neonlocal.conninfo import ConnInfoError
+from neonlocal.settings import BranchSettings, Secret, Settings, from_schema
 from neonlocal.targets import (
     Negotiation,
     Target,
@@ -23,7 +23,9 @@ URL = f"postgresql://neondb_owner:{PASSWORD}@{HOST}/neondb?sslmode=require&chann
 
 
 def branch(url: str = URL, **fields: object) -> BranchSettings:
-    return BranchSettings.model_validate({"url": url, **fields})
+    """A [branches.b] table as the config check leaves it."""
+    checked = SettingsSchema.model_validate({"branches": {"b": {"url": url, **fields}}})
+    return from_schema(checked).branches["b"]
 
 
 def test_neon_url_becomes_a_verified_target() -> None:
@@ -159,9 +161,9 @@ def test_ipv6_hosts_are_bracketed_in_descriptions() -> None:
 
 def test_unusable_url_raises_target_error_naming_the_branch() -> None:
     """A URL that cannot be served is a TargetError (a ConnInfoError) naming the branch."""
-    # model_construct skips validation, as a caller holding unchecked settings might.
-    unchecked = BranchSettings.model_construct(
-        url=SecretStr(f"postgresql://u:{PASSWORD}@h1,h2/db"), tls=TlsMode.VERIFY_FULL
+    # Built directly, settings are not checked, as a caller holding unchecked ones might.
+    unchecked = BranchSettings(
+        url=Secret(f"postgresql://u:{PASSWORD}@h1,h2/db"), tls=TlsMode.VERIFY_FULL
     )
     with pytest.raises(TargetError) as caught:
         build_target("feat/x", unchecked)
@@ -182,7 +184,7 @@ def test_unusable_url_raises_target_error_naming_the_branch() -> None:
 )
 def test_urls_neonlocal_cannot_serve_are_refused(url: str, reason: str) -> None:
     """No host, a Unix socket, or a non-numeric hostaddr cannot make a target."""
-    unchecked = BranchSettings.model_construct(url=SecretStr(url), tls=TlsMode.VERIFY_FULL)
+    unchecked = BranchSettings(url=Secret(url), tls=TlsMode.VERIFY_FULL)
     with pytest.raises(TargetError, match=reason):
         build_target("b", unchecked)
 

@@ -4,12 +4,14 @@
         target = await resolve_branch(api, project_id, "dev-maria")
 
 Everything public is exported here; the modules behind it are private to this package.
-The client itself (``NeonApi``, ``DEFAULT_TIMEOUT``) and with it httpx are imported on
-first use: a daemon that serves static branch URLs never talks to the API.
+The client (``NeonApi``, ``DEFAULT_TIMEOUT``), the response models and branch resolution
+are imported on first use, and with them httpx and pydantic: a daemon that serves static
+branch URLs never talks to the API, and should not hold them.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from neonlocal.neon.durations import InvalidDuration, parse_duration
@@ -26,39 +28,58 @@ from neonlocal.neon.errors import (
     ProtectedBranch,
     ResolutionError,
 )
-from neonlocal.neon.models import (
-    Branch,
-    BranchOperations,
-    BranchState,
-    CreatedBranch,
-    Database,
-    DeletedBranch,
-    Endpoint,
-    EndpointState,
-    EndpointType,
-    Operation,
-    OperationStatus,
-    Project,
-    Role,
-    User,
-)
 from neonlocal.neon.options import (
     DEFAULT_ANNOTATION,
     DEFAULT_API_URL,
     RetryPolicy,
     format_timestamp,
 )
-from neonlocal.neon.resolve import ResolvedBranch, find_branch, pooler_host, resolve_branch
 
 if TYPE_CHECKING:
     from neonlocal.neon.client import DEFAULT_TIMEOUT, NeonApi
+    from neonlocal.neon.models import (
+        Branch,
+        BranchOperations,
+        BranchState,
+        CreatedBranch,
+        Database,
+        DeletedBranch,
+        Endpoint,
+        EndpointState,
+        EndpointType,
+        Operation,
+        OperationStatus,
+        Project,
+        Role,
+        User,
+    )
+    from neonlocal.neon.resolve import ResolvedBranch, find_branch, pooler_host, resolve_branch
 else:
+    _LAZY = {
+        "client": ("NeonApi", "DEFAULT_TIMEOUT"),
+        "models": (
+            "Branch",
+            "BranchOperations",
+            "BranchState",
+            "CreatedBranch",
+            "Database",
+            "DeletedBranch",
+            "Endpoint",
+            "EndpointState",
+            "EndpointType",
+            "Operation",
+            "OperationStatus",
+            "Project",
+            "Role",
+            "User",
+        ),
+        "resolve": ("ResolvedBranch", "find_branch", "pooler_host", "resolve_branch"),
+    }
 
     def __getattr__(name: str) -> Any:
-        if name in ("NeonApi", "DEFAULT_TIMEOUT"):
-            from neonlocal.neon import client
-
-            return getattr(client, name)
+        for module, names in _LAZY.items():
+            if name in names:
+                return getattr(importlib.import_module(f"{__name__}.{module}"), name)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import structlog
 
-from neonlocal.config import Settings
 from neonlocal.control import unix_socket_answers
 from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
@@ -41,6 +40,7 @@ from neonlocal.proxy.session import (
     SessionRefused,
 )
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
+from neonlocal.settings import Settings
 from neonlocal.targets import Target
 
 log = structlog.get_logger("neonlocal.server")

@@ -1,0 +1,191 @@
+"""The daemon's way to load its config without keeping the schema's libraries resident.
+
+``neonlocal.config`` checks the file with pydantic-settings, which stays in memory once
+imported (about 10 MiB). The daemon idles for weeks, so ``SettingsLoader`` runs that check
+in a short-lived child (``python -m neonlocal.settings_loader``, about 0.2 s) that sends back
+the plain values of ``neonlocal.settings`` as JSON over a pipe, or the ConfigError's
+problems.
+
+``neonlocal use`` edits only the ``branch`` key, and should take effect at once: when the
+file differs from the last one checked only in that key (and the new name is a possible
+branch name), the loader swaps it into the values it already has, without a child.
+
+A process that has imported pydantic anyway (the CLI, the tests) loads in-process: the same
+code, and nothing to keep out of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from neonlocal.children import child_argv, child_env
+from neonlocal.settings import (
+    ENV_PREFIX,
+    ConfigError,
+    ConfigProblem,
+    Settings,
+    branch_name_problem,
+    from_json,
+    to_json,
+)
+from neonlocal.tomlkeys import key_lines
+
+__all__ = ["SettingsLoader"]
+
+_MODULE = "neonlocal.settings_loader"
+# Far more than a check ever takes; a child that hangs must not hold reloads forever.
+CHECK_TIMEOUT_S = 60.0
+_BRANCH = "branch"
+
+
+class SettingsLoader:
+    """Loads one config file with the daemon's environment; raises ConfigError."""
+
+    def __init__(self, path: Path, env: Mapping[str, str], *, isolate: bool | None = None) -> None:
+        self.path = path
+        # Only NEONLOCAL_* variables are settings; the child gets nothing else from here.
+        self._env = {name: value for name, value in env.items() if _is_setting(name)}
+        self._isolate = isolate
+        # The last file that checked out, as parsed without its `branch`, and its values.
+        self._last: tuple[dict[str, Any], Settings] | None = None
+        # How many loads needed the full check (tests use it to see the quick path taken).
+        self.checks = 0
+
+    @property
+    def isolated(self) -> bool:
+        """Whether the check runs in a child: unless told, when pydantic is not loaded yet."""
+        if self._isolate is not None:
+            return self._isolate
+        return "pydantic" not in sys.modules and child_argv(_MODULE) is not None
+
+    async def load(self) -> Settings:
+        quick = self._branch_only()
+        if quick is not None:
+            return quick
+        before = self._document()
+        self.checks += 1
+        argv = child_argv(_MODULE)
+        if not self.isolated or argv is None:
+            settings = _load_here(self.path, self._env)
+        else:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=child_env(),
+            )
+            try:
+                out, _ = await asyncio.wait_for(
+                    process.communicate(self._request()), CHECK_TIMEOUT_S
+                )
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+                raise self._failed("it took too long") from None
+            settings = self._reply(process.returncode, out)
+        self._remember(before, settings)
+        return settings
+
+    # --- the quick path -----------------------------------------------------------------------
+
+    def _document(self) -> tuple[bytes, dict[str, Any]] | None:
+        """The file's bytes and its TOML without ``branch``; None when it does not parse."""
+        try:
+            data = self.path.read_bytes()
+            document = tomllib.loads(data.decode("utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None
+        document.pop(_BRANCH, None)
+        return data, document
+
+    def _remember(self, before: tuple[bytes, dict[str, Any]] | None, settings: Settings) -> None:
+        # Only if the file the check read is surely the one parsed here: it could have been
+        # replaced in between.
+        after = self._document()
+        if before is None or after is None or before[0] != after[0]:
+            self._last = None
+        else:
+            self._last = (before[1], settings)
+
+    def _branch_only(self) -> Settings | None:
+        """The last values with the file's new ``branch``, if nothing else can have changed."""
+        if self._last is None or _setting_name(_BRANCH) in {n.upper() for n in self._env}:
+            return None
+        try:
+            text = self.path.read_bytes().decode("utf-8")
+            document = tomllib.loads(text)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            return None
+        name = document.pop(_BRANCH, None)
+        rest, settings = self._last
+        if document != rest:
+            return None
+        if name is not None and (not isinstance(name, str) or branch_name_problem(name)):
+            return None  # the full check says what is wrong, at its line
+        line = key_lines(text).get((_BRANCH,)) if name is not None else None
+        provenance = dataclasses.replace(settings.provenance, branch_line=line)
+        return dataclasses.replace(settings, branch=name, provenance=provenance)
+
+    # --- the child ----------------------------------------------------------------------------
+
+    def _request(self) -> bytes:
+        return json.dumps({"path": str(self.path), "env": self._env}).encode()
+
+    def _reply(self, returncode: int | None, out: bytes) -> Settings:
+        try:
+            reply = json.loads(out)
+        except ValueError:
+            raise self._failed(f"exit status {returncode}") from None
+        if "settings" in reply:
+            return from_json(reply["settings"])
+        if "problems" in reply:
+            first, *more = (ConfigProblem(*problem) for problem in reply["problems"])
+            raise ConfigError(
+                self.path, first.line, first.message, env_var=first.env_var, more=more
+            )
+        raise self._failed(str(reply.get("crash", "no answer")))
+
+    def _failed(self, why: str) -> ConfigError:
+        return ConfigError(self.path, None, f"cannot check the config: the check failed ({why})")
+
+
+def _setting_name(key: str) -> str:
+    return f"{ENV_PREFIX}{key}".upper()
+
+
+def _is_setting(name: str) -> bool:
+    return name.upper().startswith(ENV_PREFIX)
+
+
+def _load_here(path: Path, env: Mapping[str, str]) -> Settings:
+    from neonlocal.config import load_settings
+
+    return load_settings(path, env)
+
+
+def _main() -> int:
+    """The child: a request on stdin, the values or the problems on stdout, as JSON."""
+    request = json.loads(sys.stdin.buffer.read())
+    try:
+        settings = _load_here(Path(request["path"]), request["env"])
+    except ConfigError as exc:
+        problems = [[p.line, p.message, p.env_var] for p in exc.problems]
+        reply: dict[str, Any] = {"problems": problems}
+    except Exception as exc:  # a bug; its message could quote a value, so only its kind
+        reply = {"crash": type(exc).__name__}
+    else:
+        reply = {"settings": to_json(settings)}
+    sys.stdout.write(json.dumps(reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
