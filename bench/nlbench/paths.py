@@ -142,8 +142,10 @@ class NeonlocalDaemon:
 
 def supports_session_reuse(source: Path | None) -> bool:
     """Whether the daemon's neonlocal has ``[upstream] reuse_sessions`` (opt-in reuse)."""
+    # The schema's class was UpstreamSettings before the daemon's values got that name.
     probe = (
-        "from neonlocal.config import UpstreamSettings as U;"
+        "import neonlocal.config as c;"
+        "U = getattr(c, 'UpstreamSchema', c.UpstreamSettings);"
         "print('reuse_sessions' in U.model_fields)"
     )
     env = dict(os.environ)

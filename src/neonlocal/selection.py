@@ -12,8 +12,9 @@ import contextlib
 import os
 import stat
 import tempfile
+import threading
 import tomllib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,51 +152,93 @@ async def watch_file(
     caller's last read and then), and after that for each burst of changes: edits,
     creation, deletion, and replacement by rename. The directory is watched, not the
     file, because an atomic rename puts a new inode at the same name.
+
+    The watch runs watchfiles' blocking ``watch`` in a thread of its own rather than
+    ``awatch``, which would load anyio's asyncio backend into the daemon for good (about
+    1.7 MiB resident) to do the same.
     """
     if stop.is_set():
         return
     directories, watched = _watch_plan(path)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[object] = asyncio.Queue()
+
+    def post(event: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
     def only_our_file(_change: Any, changed: str) -> bool:
         return _canonical(changed) in watched
 
-    # awatch sets its stop event when cancelled; give it our own, not the caller's.
-    halt = asyncio.Event()
-    changes = watchfiles.awatch(
-        *directories,
-        watch_filter=only_our_file,
-        debounce=debounce_ms,
-        step=WATCH_STEP_MS,
-        stop_event=halt,
-        recursive=False,
-    )
-    next_change: asyncio.Future[Any] = asyncio.ensure_future(anext(changes))
+    halt = _Halt(on_first_check=lambda: post(_IN_PLACE))
+
+    def run() -> None:
+        try:
+            for _changes in watchfiles.watch(
+                *directories,
+                watch_filter=only_our_file,
+                debounce=debounce_ms,
+                step=WATCH_STEP_MS,
+                stop_event=halt,
+                recursive=False,
+                raise_interrupt=False,
+            ):
+                post(_CHANGED)
+        except Exception as exc:  # the watch failed to start, or broke: raised below
+            post(exc)
+        post(_ENDED)
+
+    threading.Thread(target=run, name="neonlocal-watch", daemon=True).start()
     stopped = asyncio.ensure_future(stop.wait())
+    ended = False
+    event: asyncio.Future[object] | None = None
     try:
-        # awatch creates its inotify watch before its first suspension point; one turn of
-        # the loop runs it that far, so nothing after this yield goes unseen.
-        await asyncio.sleep(0)
-        if next_change.done():
-            next_change.result()  # the watch failed to start: raise why
-        yield None
         while True:
-            await asyncio.wait({next_change, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            if stopped.done():
+            event = asyncio.ensure_future(events.get())
+            await asyncio.wait({event, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
                 return
-            try:
-                next_change.result()
-            except StopAsyncIteration:
+            happened = event.result()
+            if isinstance(happened, Exception):
+                raise happened
+            if happened is _ENDED:
+                ended = True
                 return
             yield None
-            next_change = asyncio.ensure_future(anext(changes))
     finally:
         halt.set()
         stopped.cancel()
-        with contextlib.suppress(StopAsyncIteration, asyncio.CancelledError):
-            await next_change
-        await changes.aclose()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stopped
+        if event is not None and not event.done():
+            event.cancel()  # it would take the end-of-watch event from the queue below
+        # The thread sees the halt within one step; wait for it, so no watch outlives us.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WATCH_STEP_MS / 1000 * 20):
+                while not ended:
+                    ended = await events.get() is _ENDED
+
+
+_IN_PLACE, _CHANGED, _ENDED = object(), object(), object()
+
+
+class _Halt:
+    """The watcher thread's stop signal (watchfiles asks ``is_set()`` once per step).
+
+    watchfiles asks only once its watch exists, so the first question also says that the
+    watch is in place.
+    """
+
+    def __init__(self, on_first_check: Callable[[], None]) -> None:
+        self._stop = threading.Event()
+        self._first_check: Callable[[], None] | None = on_first_check
+
+    def is_set(self) -> bool:
+        if self._first_check is not None:
+            first_check, self._first_check = self._first_check, None
+            first_check()
+        return self._stop.is_set()
+
+    def set(self) -> None:
+        self._stop.set()
 
 
 def _watch_plan(path: Path) -> tuple[list[str], set[str]]:

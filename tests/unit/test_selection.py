@@ -310,15 +310,17 @@ async def test_stop_ends_the_watch(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text(ORIGINAL)
     stop = asyncio.Event()
+    in_place = asyncio.Event()
     seen = 0
 
     async def consume() -> None:
         nonlocal seen
         async for _ in watch_file(path, stop):
             seen += 1
+            in_place.set()
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(in_place.wait(), NOTICE)
     stop.set()
     await asyncio.wait_for(task, NOTICE)
     assert seen == 1  # only the "watch is in place" yield
