@@ -18,10 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
-import tomlkit
-import tomlkit.exceptions
 import watchfiles
-from tomlkit.items import AoT, Table
 
 from neonlocal.settings import ConfigError, toml_syntax_error
 
@@ -62,7 +59,7 @@ def switch_branch(path: Path, name: str) -> None:
         original = target.read_bytes()
     except FileNotFoundError:
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(target, f"{_KEY} = {tomlkit.string(name).as_string()}\n".encode(), None)
+        atomic_write(target, f"{_KEY} = {_toml_string(name)}\n".encode(), None)
         return
     text = _decode(path, original)
     updated = _with_branch(path, text, name)
@@ -70,6 +67,11 @@ def switch_branch(path: Path, name: str) -> None:
 
 
 def _with_branch(path: Path, text: str, name: str) -> str:
+    # Imported here, not by every daemon: it only writes the file when following git.
+    import tomlkit
+    import tomlkit.exceptions
+    from tomlkit.items import AoT, Table
+
     try:
         document = tomlkit.parse(text)
     except tomlkit.exceptions.ParseError as exc:
@@ -82,6 +84,12 @@ def _with_branch(path: Path, text: str, name: str) -> str:
         return document.as_string()
     document.add(_KEY, name)
     return _match_newlines(text, document.as_string())
+
+
+def _toml_string(text: str) -> str:
+    import tomlkit
+
+    return tomlkit.string(text).as_string()
 
 
 def _match_newlines(before: str, after: str) -> str:
