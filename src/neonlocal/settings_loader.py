@@ -17,6 +17,7 @@ code, and nothing to keep out of it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -75,22 +76,7 @@ class SettingsLoader:
         if not self.isolated or argv is None:
             settings = _load_here(self.path, self._env)
         else:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.DEVNULL,
-                env=child_env(),
-            )
-            try:
-                out, _ = await asyncio.wait_for(
-                    process.communicate(self._request()), CHECK_TIMEOUT_S
-                )
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-                raise self._failed("it took too long") from None
-            settings = self._reply(process.returncode, out)
+            settings = await self._check_in_child(argv)
         self._remember(before, settings)
         return settings
 
@@ -135,6 +121,29 @@ class SettingsLoader:
         return dataclasses.replace(settings, branch=name, provenance=provenance)
 
     # --- the child ----------------------------------------------------------------------------
+
+    async def _check_in_child(self, argv: list[str]) -> Settings:
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=child_env(),
+            )
+        except OSError as exc:  # out of processes or file descriptors, say
+            raise self._failed(f"cannot start it: {exc.strerror or exc}") from None
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(self._request()), CHECK_TIMEOUT_S)
+        except TimeoutError:
+            raise self._failed("it took too long") from None
+        finally:
+            # Timed out, or the daemon stops mid-check: no check outlives its question.
+            if process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                await asyncio.shield(process.wait())
+        return self._reply(process.returncode, out)
 
     def _request(self) -> bytes:
         return json.dumps({"path": str(self.path), "env": self._env}).encode()

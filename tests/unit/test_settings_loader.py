@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -326,3 +327,75 @@ def test_a_branch_chosen_by_the_environment_is_never_switched_by_the_file(
 
     assert load(loader).branch == "a"
     assert loader.checks == 2
+
+
+# --- a check that goes wrong -------------------------------------------------------------------
+
+
+def child_running(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
+    """Make the loader's child run ``code`` instead of the real check."""
+    monkeypatch.setattr(
+        "neonlocal.settings_loader.child_argv", lambda module: [sys.executable, "-c", code]
+    )
+
+
+def test_a_check_that_cannot_start_is_a_config_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of processes, say: the daemon keeps its settings and says why, in one line."""
+    monkeypatch.setattr(
+        "neonlocal.settings_loader.child_argv", lambda module: [str(tmp_path / "no-python")]
+    )
+    with pytest.raises(ConfigError) as caught:
+        load(child_loader(write(tmp_path, FULL)))
+    assert str(caught.value).endswith(
+        "cannot check the config: the check failed (cannot start it: No such file or directory)"
+    )
+
+
+def test_a_check_that_crashes_says_so_without_its_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child_running(monkeypatch, f"import sys; print('{PASSWORD}'); sys.exit(3)")
+    with pytest.raises(ConfigError, match=r"the check failed \(exit status 3\)") as caught:
+        load(child_loader(write(tmp_path, FULL)))
+    assert PASSWORD not in str(caught.value)
+
+
+def test_a_check_that_hangs_is_given_up_and_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid_file = tmp_path / "pid"
+    child_running(
+        monkeypatch,
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    )
+    monkeypatch.setattr("neonlocal.settings_loader.CHECK_TIMEOUT_S", 1.0)
+    with pytest.raises(ConfigError, match="took too long"):
+        load(child_loader(write(tmp_path, FULL)))
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_a_daemon_stopping_mid_check_leaves_no_child_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pid_file = tmp_path / "pid"
+    child_running(
+        monkeypatch,
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    )
+    loader = child_loader(write(tmp_path, FULL))
+
+    async def stop_mid_check() -> None:
+        check = asyncio.create_task(loader.load())
+        async with asyncio.timeout(10):
+            while not pid_file.exists() or not pid_file.read_text():  # noqa: ASYNC110 - another process writes it
+                await asyncio.sleep(0.01)
+        check.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await check
+
+    asyncio.run(stop_mid_check())
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
