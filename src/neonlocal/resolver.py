@@ -51,7 +51,7 @@ NEON_PORT: Final = 5432
 # A client (or a user at the CLI) waits while we talk to the API: give up within seconds,
 # not the client's default 20 s budget. Operations are waited for, so 423 stays rare.
 API_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, budget=8.0)
-# EndpointState.IDLE and .INIT, which equal their text: the API's models (and pydantic) are
+# EndpointState.IDLE and .INIT, which equal their text: the API's models (and msgspec) are
 # loaded with the API client, not by a daemon that never asks the API.
 _SUSPENDED = frozenset({"idle", "init"})
 

@@ -20,10 +20,13 @@ import psycopg
 import pytest
 from cryptography import x509
 
-from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, write_config
+from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, toml_string, write_config
 from fixtures.net import free_port
+from fixtures.pg import TEST_PASSWORD
+from neon_standin import NeonStandIn
 from neonlocal.certs import CertificateAuthority
 from neonlocal.control import request
+from neonlocal.localpg import LocalCompute
 from neonlocal.localtls import (
     LocalTlsError,
     certificate_expiry,
@@ -75,7 +78,20 @@ def _modules_of_a_daemon_run(
 ) -> list[str]:
     """Start `neonlocal up` for a static branch, run one session through it, stop it."""
     config = write_config(workdir / "config.toml", {"main": url, "other": url}, branch="main")
-    env = daemon_env(workdir)
+    return _modules_of(
+        config, daemon_env(workdir), session_works=session_works, meanwhile=meanwhile
+    )
+
+
+def _modules_of(
+    config: Path,
+    env: dict[str, str],
+    *,
+    session_works: bool,
+    meanwhile: Callable[[DaemonProcess], None] | None = None,
+) -> list[str]:
+    """`neonlocal up` with ``config``: one session through it, then stop; what it imported."""
+    workdir = config.parent
     census = workdir / "modules.txt"
     env["CENSUS_PATH"] = str(census)
     log_path = workdir / "daemon.log"
@@ -172,6 +188,43 @@ def test_switching_and_editing_the_config_check_it_outside_the_daemon(workdir: P
     )
 
     assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
+
+
+@pytest.mark.pg
+def test_a_daemon_resolving_branches_through_the_neon_api_loads_no_pydantic(
+    workdir: Path, compute_main: LocalCompute, ca_file: Path
+) -> None:
+    """The API client and its response models (msgspec) load; the config schema does not."""
+    with NeonStandIn(main_host=compute_main.spec.hostname, password=TEST_PASSWORD) as api:
+        config = workdir / "config.toml"
+        config.write_text(
+            "\n".join(
+                [
+                    'branch = "main"',
+                    "[listen]",
+                    'host = ["127.0.0.1"]',
+                    "port = 0",
+                    'unix_socket_dir = ""',
+                    "[neon]",
+                    f"project_id = {toml_string(api.project_id)}",
+                    f"api_url = {toml_string(api.base_url)}",
+                    f"sslrootcert = {toml_string(str(ca_file))}",
+                    "[network.resolve]",
+                    f"{toml_string(compute_main.spec.hostname)} = "
+                    f"{toml_string(compute_main.spec.listen_addr)}",
+                ]
+            )
+        )
+        env = daemon_env(workdir)
+        env.pop("NEON_API_HOST", None)
+        env["NEON_API_KEY"] = api.api_key
+
+        modules = _modules_of(config, env, session_works=True)
+
+        assert api.requests_to("list_branches")  # the branch was found through the API
+
+    assert "neonlocal.neon.client" in modules
+    assert _loaded(modules, ("pydantic", "pydantic_core", "neonlocal.config")) == []
 
 
 @pytest.mark.parametrize("days", [1, 400, 365 * 30])  # from 2050 on: GeneralizedTime

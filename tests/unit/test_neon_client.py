@@ -33,6 +33,7 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
+from neonlocal.neon.models import decode
 
 KEY = "nk-SECRET-7d1f0c2b9a4e"
 BASE = "https://neon.example.invalid/api/v2"
@@ -529,7 +530,7 @@ async def test_waiting_polls_each_operation_until_it_finishes() -> None:
         ok({"operation": operation_json("op-1", "running")}),
         ok({"operation": operation_json("op-1", "finished")}),
     )
-    started = [Operation.model_validate(operation_json("op-1", "scheduling"))]
+    started = [decode(Operation, operation_json("op-1", "scheduling"))]
     async with api_for(script) as api:
         final = await api.wait_for_operations(PROJECT, started, timeout=10)
     assert [op.status for op in final] == [OperationStatus.FINISHED]
@@ -538,7 +539,7 @@ async def test_waiting_polls_each_operation_until_it_finishes() -> None:
 
 async def test_a_failed_operation_raises_with_its_error() -> None:
     script = Script(ok({"operation": operation_json("op-1", "failed", error="disk full")}))
-    ops = [Operation.model_validate(operation_json("op-1", "running"))]
+    ops = [decode(Operation, operation_json("op-1", "running"))]
     async with api_for(script) as api:
         with pytest.raises(
             OperationFailed, match=r"create_branch \(op-1\) ended failed: disk full"
@@ -548,7 +549,7 @@ async def test_a_failed_operation_raises_with_its_error() -> None:
 
 async def test_waiting_gives_up_after_the_timeout_naming_what_is_pending() -> None:
     script = Script(ok({"operation": operation_json("op-1", "running")}))
-    ops = [Operation.model_validate(operation_json("op-1", "running"))]
+    ops = [decode(Operation, operation_json("op-1", "running"))]
     async with NeonApi(KEY, BASE, transport=httpx.MockTransport(script)) as api:
         with pytest.raises(OperationTimeout, match=r"create_branch \(running\)"):
             await api.wait_for_operations(PROJECT, ops, timeout=0.2, poll_interval=0.02)
@@ -558,11 +559,18 @@ async def test_waiting_gives_up_after_the_timeout_naming_what_is_pending() -> No
 
 
 def test_states_neon_adds_later_do_not_break_parsing() -> None:
-    branch = Branch.model_validate(branch_json("br-1", "a", current_state="hibernating"))
-    endpoint = Endpoint.model_validate(
-        {"id": "ep-1", "host": "h", "type": "read_write", "branch_id": "br-1", "current_state": "x"}
+    branch = decode(Branch, branch_json("br-1", "a", current_state="hibernating"))
+    endpoint = decode(
+        Endpoint,
+        {
+            "id": "ep-1",
+            "host": "h",
+            "type": "read_write",
+            "branch_id": "br-1",
+            "current_state": "x",
+        },
     )
-    op = Operation.model_validate(operation_json("op", "paused"))
+    op = decode(Operation, operation_json("op", "paused"))
     assert branch.current_state is BranchState.UNKNOWN
     assert endpoint.current_state is EndpointState.UNKNOWN
     assert op.status is OperationStatus.UNKNOWN

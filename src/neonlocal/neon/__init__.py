@@ -5,7 +5,7 @@
 
 Everything public is exported here; the modules behind it are private to this package.
 The client (``NeonApi``, ``DEFAULT_TIMEOUT``), the response models and branch resolution
-are imported on first use, and with them httpx and pydantic: a daemon that serves static
+are imported on first use, and with them httpx and msgspec: a daemon that serves static
 branch URLs never talks to the API, and should not hold them.
 """
 

@@ -21,7 +21,7 @@ from typing import Any, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
-import pydantic
+import msgspec
 import structlog
 
 from neonlocal import __version__
@@ -49,6 +49,7 @@ from neonlocal.neon.models import (
     Project,
     Role,
     User,
+    decode,
 )
 from neonlocal.neon.options import (
     DEFAULT_ANNOTATION,
@@ -60,7 +61,7 @@ from neonlocal.neon.options import (
 DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 
 _log = structlog.get_logger("neonlocal.neon")
-_M = TypeVar("_M", bound=pydantic.BaseModel)
+_M = TypeVar("_M", bound=msgspec.Struct)
 
 # Neon answers these before doing anything, so even a POST may be sent again.
 _NOTHING_DONE = frozenset({423, 429})
@@ -241,7 +242,7 @@ class NeonApi:
         context = f"POST {path}"
         branch = self._parse(Branch, data.get("branch"), context)
         if not branch.annotations and annotation:
-            branch = branch.model_copy(update={"annotations": dict(annotation)})
+            branch = msgspec.structs.replace(branch, annotations=dict(annotation))
         return CreatedBranch(
             branch,
             [self._parse(Endpoint, e, context) for e in _list_of(data, "endpoints")],
@@ -528,13 +529,12 @@ class NeonApi:
 
     def _parse(self, model: type[_M], data: Any, context: str) -> _M:
         try:
-            return model.model_validate(data)
-        except pydantic.ValidationError as exc:
-            # Name the field, never the input: inputs can hold passwords.
-            first = exc.errors(include_url=False, include_input=False)[0]
-            where = ".".join(str(part) for part in first["loc"]) or model.__name__
+            return decode(model, data)
+        except msgspec.ValidationError as exc:
+            # msgspec names the field and the expected type, never the input, which can hold
+            # passwords: "Expected `str`, got `int` - at `$.id`".
             raise NeonApiError(
-                f"unexpected response from the Neon API for {context}: {where}: {first['msg']}"
+                f"unexpected response from the Neon API for {context}: {model.__name__}: {exc}"
             ) from None
 
 
@@ -556,7 +556,7 @@ def _annotated(branch: Branch, annotation: Any) -> Branch:
     if not isinstance(value, dict) or not value:
         return branch
     notes = {str(k): str(v) for k, v in value.items()}
-    return branch.model_copy(update={"annotations": notes})
+    return msgspec.structs.replace(branch, annotations=notes)
 
 
 def _request_id(response: httpx.Response) -> str | None:
