@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 
 from neonlocal.certs import CertificateAuthority
+from neonlocal.proxy import tls
 from neonlocal.proxy.endpoint import PeerClosed, UpstreamEndpoint
+from neonlocal.settings import BranchSettings, Secret
+from neonlocal.targets import Target, build_target
 
 HOST = "ep-tls-100001.us-east-2.aws.neon.tech"
 
@@ -233,3 +236,34 @@ def test_closing_when_the_half_close_fails_drops_the_connection_quietly(
 
     with asyncio.Runner() as runner:  # the standard loop: its transports can be patched
         assert runner.run(scenario())
+
+
+# --- which CAs a branch trusts --------------------------------------------------------------
+
+
+def _target(sslrootcert: str | None) -> Target:
+    url = f"postgresql://u:pw@{HOST}/db"
+    if sslrootcert is not None:
+        url += f"?sslrootcert={sslrootcert}"
+    return build_target("b", BranchSettings(url=Secret(url)))
+
+
+def _trusted(context: ssl.SSLContext) -> set[str]:
+    return {dict(part[0] for part in ca["subject"])["commonName"] for ca in context.get_ca_certs()}
+
+
+def test_a_branch_with_sslrootcert_trusts_that_file_only_as_libpq_does(
+    tls_files: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA in the system store does not vouch for a branch whose URL names its own CA."""
+    elsewhere = tmp_path / "system.pem"
+    elsewhere.write_bytes(CertificateAuthority.create("some system CA").cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(elsewhere))  # OpenSSL's default store, for now
+    tls.forget_contexts()
+    try:
+        own_ca = str(tls_files[0])
+        assert _trusted(tls.client_context(_target(own_ca))) == {"upstream TLS test CA"}
+        assert _trusted(tls.client_context(_target("system"))) == {"some system CA"}
+        assert _trusted(tls.client_context(_target(None))) == {"some system CA"}
+    finally:
+        tls.forget_contexts()

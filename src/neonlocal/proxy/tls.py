@@ -13,11 +13,15 @@ ALPN = "postgresql"
 
 @lru_cache(maxsize=32)
 def _context(mode: TlsMode, cafile: str | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if cafile is None:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    else:
+        # As libpq's sslrootcert: that file's CAs and no others. The system store is not
+        # loaded beside it, which would trust more than the URL says (and hold about 1 MiB).
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_verify_locations(cafile=cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols([ALPN])
-    if cafile is not None:
-        ctx.load_verify_locations(cafile=cafile)
     if mode is TlsMode.VERIFY_CA:
         ctx.check_hostname = False
     elif mode is TlsMode.NO_VERIFY:
