@@ -1,7 +1,7 @@
 """A local stand-in for the Neon HTTP API v2: a real HTTP server on 127.0.0.1.
 
 It answers the routes neonlocal uses with the shapes of the real API (the JSON templates below
-are the recorded responses in ../shared/neon-api/cassettes with our own ids and hosts), keeps
+are the recorded responses in tests/data/neon-api/cassettes with our own ids and hosts), keeps
 its state in memory, and lets a test inject faults per route and read back every request.
 
 From pytest::

@@ -1,7 +1,7 @@
 """The Neon API client against the local stand-in: a real HTTP server, real sockets.
 
 Also checks the stand-in itself against the public spec and the recorded real responses in
-../shared/neon-api, so that passing here means something for the real API.
+tests/data/neon-api, so that passing here means something for the real API.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = ["neon_api"]  # the stand-in fixture, used by name below
 
 FAST = RetryPolicy(max_attempts=5, base_delay=0.02, max_delay=0.2, budget=5.0)
 MARIA_HOST = "ep-maria-100101.us-east-2.aws.neon.tech"
-NEON_API_DIR = Path(__file__).resolve().parents[3] / "shared" / "neon-api"
+NEON_API_DIR = Path(__file__).resolve().parents[1] / "data" / "neon-api"
 
 
 @pytest.fixture
@@ -417,8 +417,7 @@ async def test_the_api_key_is_never_in_errors_or_logs(
 @cache
 def _spec() -> dict[str, Any]:
     path = NEON_API_DIR / "openapi-v2.yaml"
-    if not path.exists():
-        pytest.skip(f"no Neon API spec at {path}")
+    assert path.exists(), f"the Neon API spec is missing: {path}"
     with path.open() as f:
         return dict(yaml.load(f, Loader=yaml.CSafeLoader))
 
@@ -448,8 +447,7 @@ def _properties(schema: dict[str, Any]) -> set[str]:
 def _recorded(method: str, uri_suffix: str) -> list[dict[str, Any]]:
     """Bodies of the recorded real responses to ``method`` on URIs ending ``uri_suffix``."""
     folder = NEON_API_DIR / "cassettes"
-    if not folder.is_dir():
-        pytest.skip(f"no recorded Neon API responses at {folder}")
+    assert folder.is_dir(), f"the recorded Neon API responses are missing: {folder}"
     bodies = []
     for path in sorted(folder.glob("*.yaml")):
         with path.open() as f:
