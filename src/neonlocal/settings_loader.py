@@ -67,56 +67,43 @@ class SettingsLoader:
         return "pydantic" not in sys.modules and child_argv(_MODULE) is not None
 
     async def load(self) -> Settings:
-        quick = self._branch_only()
+        file = _read(self.path)
+        quick = self._branch_only(file)
         if quick is not None:
             return quick
-        before = self._document()
         self.checks += 1
         argv = child_argv(_MODULE)
         if not self.isolated or argv is None:
             settings = _load_here(self.path, self._env)
         else:
             settings = await self._check_in_child(argv)
-        self._remember(before, settings)
+        self._remember(file, settings)
         return settings
 
     # --- the quick path -----------------------------------------------------------------------
 
-    def _document(self) -> tuple[bytes, dict[str, Any]] | None:
-        """The file's bytes and its TOML without ``branch``; None when it does not parse."""
-        try:
-            data = self.path.read_bytes()
-            document = tomllib.loads(data.decode("utf-8"))
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
-            return None
-        document.pop(_BRANCH, None)
-        return data, document
-
-    def _remember(self, before: tuple[bytes, dict[str, Any]] | None, settings: Settings) -> None:
+    def _remember(self, file: _File | None, settings: Settings) -> None:
         # Only if the file the check read is surely the one parsed here: it could have been
         # replaced in between.
-        after = self._document()
-        if before is None or after is None or before[0] != after[0]:
-            self._last = None
-        else:
-            self._last = (before[1], settings)
-
-    def _branch_only(self) -> Settings | None:
-        """The last values with the file's new ``branch``, if nothing else can have changed."""
-        if self._last is None or _setting_name(_BRANCH) in {n.upper() for n in self._env}:
-            return None
         try:
-            text = self.path.read_bytes().decode("utf-8")
-            document = tomllib.loads(text)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            unchanged = file is not None and self.path.read_bytes() == file.data
+        except OSError:
+            unchanged = False
+        self._last = (file.without_branch(), settings) if file and unchanged else None
+
+    def _branch_only(self, file: _File | None) -> Settings | None:
+        """The last values with the file's new ``branch``, if nothing else can have changed."""
+        if file is None or self._last is None:
             return None
-        name = document.pop(_BRANCH, None)
+        if _setting_name(_BRANCH) in {name.upper() for name in self._env}:
+            return None
         rest, settings = self._last
-        if document != rest:
+        if file.without_branch() != rest:
             return None
+        name = file.document.get(_BRANCH)
         if name is not None and (not isinstance(name, str) or branch_name_problem(name)):
             return None  # the full check says what is wrong, at its line
-        line = key_lines(text).get((_BRANCH,)) if name is not None else None
+        line = key_lines(file.text).get((_BRANCH,)) if name is not None else None
         provenance = dataclasses.replace(settings.provenance, branch_line=line)
         return dataclasses.replace(settings, branch=name, provenance=provenance)
 
@@ -164,6 +151,28 @@ class SettingsLoader:
 
     def _failed(self, why: str) -> ConfigError:
         return ConfigError(self.path, None, f"cannot check the config: the check failed ({why})")
+
+
+@dataclasses.dataclass(frozen=True)
+class _File:
+    """The config file as read once: its bytes, its text and its TOML."""
+
+    data: bytes
+    text: str
+    document: dict[str, Any]
+
+    def without_branch(self) -> dict[str, Any]:
+        return {key: value for key, value in self.document.items() if key != _BRANCH}
+
+
+def _read(path: Path) -> _File | None:
+    """The file, or None when it cannot be read or does not parse (the check says why)."""
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+        return _File(data, text, tomllib.loads(text))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
 
 
 def _setting_name(key: str) -> str:

@@ -339,6 +339,14 @@ def child_running(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
     )
 
 
+def child_hanging(monkeypatch: pytest.MonkeyPatch, pid_file: Path) -> None:
+    """A child that writes its pid to ``pid_file`` and then never answers."""
+    child_running(
+        monkeypatch,
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
+    )
+
+
 def test_a_check_that_cannot_start_is_a_config_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -366,10 +374,7 @@ def test_a_check_that_hangs_is_given_up_and_killed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pid_file = tmp_path / "pid"
-    child_running(
-        monkeypatch,
-        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
-    )
+    child_hanging(monkeypatch, pid_file)
     monkeypatch.setattr("neonlocal.settings_loader.CHECK_TIMEOUT_S", 1.0)
     with pytest.raises(ConfigError, match="took too long"):
         load(child_loader(write(tmp_path, FULL)))
@@ -381,10 +386,7 @@ def test_a_daemon_stopping_mid_check_leaves_no_child_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pid_file = tmp_path / "pid"
-    child_running(
-        monkeypatch,
-        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)",
-    )
+    child_hanging(monkeypatch, pid_file)
     loader = child_loader(write(tmp_path, FULL))
 
     async def stop_mid_check() -> None:

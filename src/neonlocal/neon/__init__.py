@@ -55,31 +55,16 @@ if TYPE_CHECKING:
     )
     from neonlocal.neon.resolve import ResolvedBranch, find_branch, pooler_host, resolve_branch
 else:
-    _LAZY = {
-        "client": ("NeonApi", "DEFAULT_TIMEOUT"),
-        "models": (
-            "Branch",
-            "BranchOperations",
-            "BranchState",
-            "CreatedBranch",
-            "Database",
-            "DeletedBranch",
-            "Endpoint",
-            "EndpointState",
-            "EndpointType",
-            "Operation",
-            "OperationStatus",
-            "Project",
-            "Role",
-            "User",
-        ),
-        "resolve": ("ResolvedBranch", "find_branch", "pooler_host", "resolve_branch"),
-    }
+    # Looked up in this order, so a name imports no more than it needs: a model loads only
+    # the models, a resolver function the models too, and only the client brings httpx.
+    _LAZY_MODULES = ("models", "resolve", "client")
 
     def __getattr__(name: str) -> Any:
-        for module, names in _LAZY.items():
-            if name in names:
-                return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        if name in __all__:  # anything else (an introspection probe, say) loads nothing
+            for module in _LAZY_MODULES:
+                found = getattr(importlib.import_module(f"{__name__}.{module}"), name, None)
+                if found is not None:
+                    return found
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

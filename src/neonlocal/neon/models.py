@@ -16,24 +16,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 
-__all__ = [
-    "Branch",
-    "BranchOperations",
-    "BranchState",
-    "CreatedBranch",
-    "Database",
-    "DeletedBranch",
-    "Endpoint",
-    "EndpointState",
-    "EndpointType",
-    "Operation",
-    "OperationStatus",
-    "Project",
-    "Role",
-    "User",
-    "decode",
-]
-
 
 class _Model(msgspec.Struct, frozen=True, kw_only=True):
     """A response object: built from parsed JSON by ``decode``; unknown fields are ignored."""
