@@ -29,6 +29,7 @@ import copy
 import itertools
 import json
 import re
+import ssl
 import threading
 import time
 import uuid
@@ -343,8 +344,11 @@ class NeonStandIn:
         max_page_size: int = 10000,
         lock_during_operations: bool = True,
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.api_key = api_key
+        # Serve HTTPS with this server context instead of plain HTTP.
+        self.tls = tls
         self.project_id = project_id
         self.operation_delay = operation_delay
         self.max_page_size = max_page_size
@@ -376,6 +380,10 @@ class NeonStandIn:
             owner = standin
 
         server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        if self.tls is not None:
+            # A client that refuses our certificate fails the handshake inside accept(),
+            # which the server shrugs off (an OSError) and goes on serving.
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True)
         server.daemon_threads = True
         server.block_on_close = False
         self._server = server
@@ -410,7 +418,8 @@ class NeonStandIn:
     @property
     def base_url(self) -> str:
         """What to pass as the API base URL (``[neon] api_url``)."""
-        return f"http://127.0.0.1:{self.port}{API_PREFIX}"
+        scheme = "http" if self.tls is None else "https"
+        return f"{scheme}://127.0.0.1:{self.port}{API_PREFIX}"
 
     # -- seeding and inspecting state ------------------------------------------------------
 

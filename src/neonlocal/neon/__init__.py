@@ -12,6 +12,7 @@ branch URLs never talks to the API, and should not hold them.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from neonlocal.neon.durations import InvalidDuration, parse_duration
@@ -34,6 +35,11 @@ from neonlocal.neon.options import (
     RetryPolicy,
     format_timestamp,
 )
+
+# httpx imports its command-line client whenever click and pygments happen to be installed
+# (most development environments have both): 1.5 MiB a daemon would hold and never use.
+# Set before the client module imports httpx; httpx falls back as if they were missing.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 if TYPE_CHECKING:
     from neonlocal.neon.client import DEFAULT_TIMEOUT, NeonApi

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import email.utils
 import math
+import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -57,6 +58,7 @@ from neonlocal.neon.options import (
     RetryPolicy,
     format_timestamp,
 )
+from neonlocal.system_ca import system_context
 
 DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 
@@ -115,6 +117,8 @@ class NeonApi:
             },
             timeout=self._timeout,
             transport=transport,
+            # The system's CAs, as for the computes (system_ca says why), not certifi's.
+            verify=system_context() if transport is None else True,
             follow_redirects=False,
         )
 
@@ -397,7 +401,12 @@ class NeonApi:
                 response = await self._http.request(method, path, params=params, json=json)
             except httpx.TransportError as exc:
                 failure = exc
-                retryable = idempotent and isinstance(exc, _RETRYABLE_TRANSPORT)
+                # An untrusted certificate stays untrusted: say so now, not after 20 s.
+                retryable = (
+                    idempotent
+                    and isinstance(exc, _RETRYABLE_TRANSPORT)
+                    and _untrusted_certificate(exc) is None
+                )
                 hint = None
             else:
                 status = response.status_code
@@ -596,9 +605,27 @@ def _surely_not_sent(exc: httpx.TransportError) -> bool:
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol)
 
 
+def _untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind a transport error, if that is what it is."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # httpx wraps httpcore's error, which wraps the ssl module's
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _describe_failure(failure: httpx.Response | httpx.TransportError) -> str:
     if isinstance(failure, httpx.Response):
         return f"HTTP {failure.status_code}"
+    untrusted = _untrusted_certificate(failure)
+    if untrusted is not None:
+        return (
+            "its TLS certificate is not trusted by this system's CA store "
+            f"({untrusted.verify_message})"
+        )
     if isinstance(failure, httpx.ConnectTimeout):
         return "timed out connecting"
     if isinstance(failure, httpx.ReadTimeout):

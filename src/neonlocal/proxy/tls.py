@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 from functools import lru_cache
 
+from neonlocal.system_ca import system_context
 from neonlocal.targets import Target, TlsMode
 
 # PostgreSQL's registered ALPN protocol name (required for direct TLS, harmless otherwise).
@@ -14,7 +15,7 @@ ALPN = "postgresql"
 @lru_cache(maxsize=32)
 def _context(mode: TlsMode, cafile: str | None) -> ssl.SSLContext:
     if cafile is None:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx = system_context()
     else:
         # As libpq's sslrootcert: that file's CAs and no others. The system store is not
         # loaded beside it, which would trust more than the URL says (and hold about 1 MiB).
