@@ -71,7 +71,9 @@ class Context:
             from neonlocal.paths import default_config_path
 
             config = default_config_path(env)
-        self.config_path = config.expanduser()
+        # Absolute from here on: the daemon and its helper processes do not share our idea
+        # of "here" (the certificate helper runs in the tls directory).
+        self.config_path = config.expanduser().absolute()
 
     def settings(self, *, missing_ok: bool = False) -> Any:
         from neonlocal.config import ConfigError, load_settings

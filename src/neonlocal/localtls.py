@@ -135,6 +135,7 @@ def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     """`ensure_generated` for the daemon: what has to be made is made by a short-lived child
     process, so that ``cryptography`` (about 11 MB resident) never enters the daemon, which
     may then run for weeks. Checking what is there needs only ``ssl``."""
+    directory = directory.absolute()  # the child runs in it: a relative path would double
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_cert, _ca_key, cert, key = _files(directory)
     if not _anything_to_make(directory):

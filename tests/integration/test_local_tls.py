@@ -22,8 +22,10 @@ from click.testing import CliRunner
 
 from fixtures import rawpg
 from fixtures.daemon import (
+    DaemonProcess,
     LocalDaemon,
     daemon_env,
+    neonlocal_cmd,
     serving,
     start_daemon_process,
     toml_string,
@@ -491,3 +493,42 @@ def test_the_daemon_process_serves_every_negotiation_on_its_own_event_loop(
     finally:
         proc.stop()
     assert "direct TLS without ALPN" in proc.log()
+
+
+def test_a_first_start_from_the_config_directory_with_a_relative_path_serves_tls(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """`cd ~/proj && neonlocal --config neonlocal.toml up`: the certificate lands beside it."""
+    write_config(workdir / "neonlocal.toml", branch_urls, branch="main")
+    log_path = workdir / "daemon.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            neonlocal_cmd("--config", "neonlocal.toml", "up", "--log-level", "info"),
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=daemon_env(workdir),
+            text=True,
+        )
+    daemon = DaemonProcess(proc, workdir / "neonlocal.toml", daemon_env(workdir), log_path)
+    try:
+        port = int(daemon.wait_ready()["listen"][0].rpartition(":")[2])
+        ca = workdir / "tls" / "ca.crt"
+        dsn = (
+            f"host=localhost port={port} user=neondb_owner dbname=neondb "
+            f"sslmode=verify-full sslrootcert={ca}"
+        )
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(SELECT_BRANCH).fetchone() == ("main",)
+        switched = subprocess.run(
+            neonlocal_cmd("--config", "neonlocal.toml", "use", "dev"),
+            cwd=workdir,
+            env=daemon_env(workdir),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert switched.returncode == 0, switched.stderr
+        assert "-> dev" in switched.stdout
+    finally:
+        assert daemon.stop() == 0, daemon.log()
