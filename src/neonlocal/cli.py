@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NamedTuple, NoReturn
 
 import click
 
@@ -87,6 +88,30 @@ class Context:
         from neonlocal.paths import control_socket_path
 
         return control_socket_path(self.config_path, self.env, settings.control.socket)
+
+    def quick_control_path(self) -> Path | None:
+        """The control socket as the file gives it, read without the config schema.
+
+        None when more than the file may decide it (a NEONLOCAL_* setting in the
+        environment) or the file does not simply say: the full check then decides.
+        """
+        import tomllib
+
+        from neonlocal.paths import CONFIG_ENV, control_socket_path
+
+        if any(k.upper().startswith("NEONLOCAL_") and k.upper() != CONFIG_ENV for k in self.env):
+            return None
+        try:
+            with self.config_path.open("rb") as file:
+                data = tomllib.load(file)
+        except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
+            return None
+        control = data.get("control", {})
+        configured = control.get("socket") if isinstance(control, dict) else ""
+        if configured is not None and (not isinstance(configured, str) or not configured):
+            return None
+        socket = Path(configured) if configured is not None else None
+        return control_socket_path(self.config_path, self.env, socket)
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -174,14 +199,25 @@ def use(
     NAME is a [branches.NAME] table of the config, or a branch of the Neon project
     ([neon] project_id) found by name through the API.
     """
-    from neonlocal.cli_neon import target_for_use
     from neonlocal.control import DaemonNotRunning, request
     from neonlocal.selection import switch_branch
 
-    settings = obj.settings(missing_ok=True)
-    found = target_for_use(obj, settings, name, create=create, parent=parent, expires_in=expires_in)
-    target = found.target
-    for note in found.notes:
+    checked = None if create else _check_with_daemon(obj, name, timeout)
+    if checked is None:
+        # No daemon to ask (or it cannot vouch for the file as it is now): check it all here.
+        from neonlocal.cli_neon import target_for_use
+
+        settings = obj.settings(missing_ok=True)
+        found = target_for_use(
+            obj, settings, name, create=create, parent=parent, expires_in=expires_in
+        )
+        checked = _Checked(
+            obj.control_path(settings),
+            found.target.describe(),
+            found.notes,
+            f"localhost:{settings.listen.port}",
+        )
+    for note in checked.notes:
         click.echo(f"neonlocal: {note}", err=True)
     if os.environ.get("NEONLOCAL_BRANCH"):
         click.echo(
@@ -191,10 +227,9 @@ def use(
         switch_branch(obj.config_path, name)
     except OSError as exc:
         fail(f"cannot write {obj.config_path}: {exc.strerror or exc}")
-    port = settings.listen.port
     try:
         reply = request(
-            obj.control_path(settings),
+            checked.control,
             {"op": "reload", "branch": name, "terminate": terminate},
             timeout=timeout,
         )
@@ -205,11 +240,54 @@ def use(
         fail(f"the daemon did not confirm the switch: {exc}")
     if not reply.get("ok"):
         fail(f"the daemon did not switch: {reply.get('error')}")
-    listen = reply.get("listen") or [f"localhost:{port}"]
-    line = f"{_local_name(listen[0])} -> {name} ({target.describe()})"
+    listen = reply.get("listen") or [checked.listen]
+    line = f"{_local_name(listen[0])} -> {name} ({checked.upstream})"
     if terminate:
         line += f"; ended {reply.get('terminated', 0)} session(s) on other branches"
     click.echo(line)
+
+
+class _Checked(NamedTuple):
+    """What `use` has made sure of before it writes the file."""
+
+    control: Path
+    upstream: str
+    notes: Sequence[str]
+    listen: str
+
+
+def _check_with_daemon(obj: Context, name: str, timeout: float) -> _Checked | None:
+    """The running daemon's check of NAME, or None when this process must check it.
+
+    The daemon has the config checked and the API client at hand: asking it keeps `use`
+    free of the config schema's and httpx's imports and of a second round of API calls.
+    """
+    from neonlocal.control import DaemonNotRunning, request
+
+    control = obj.quick_control_path()
+    if control is None:
+        return None
+    try:
+        answer = request(control, {"op": "can_use", "branch": name}, timeout=timeout)
+    except DaemonNotRunning:
+        return None
+    except TimeoutError:
+        fail(f"the daemon did not answer within {timeout:g} s")
+    except (OSError, ValueError):
+        return None  # the full check meets the same trouble and says what it is
+    if answer.get("ok"):
+        notes = answer.get("notes")
+        return _Checked(
+            control,
+            str(answer.get("upstream")),
+            [str(note) for note in notes] if isinstance(notes, list) else [],
+            "localhost",
+        )
+    error = answer.get("error")
+    # A daemon from before `can_use` calls it unknown: it still takes the full check's word.
+    if answer.get("fallback") or not isinstance(error, str) or error.startswith("unknown control"):
+        return None
+    fail(error, EXIT_USAGE if answer.get("usage") else EXIT_FAILURE)
 
 
 def _local_name(address: str) -> str:

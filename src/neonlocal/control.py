@@ -1,19 +1,21 @@
 """The daemon's control socket: JSON lines over a Unix socket owned by the user.
 
-The CLI asks ``status`` and ``reload`` here. The client half uses only the standard library
-so that ``neonlocal status`` stays quick to start.
+The CLI asks ``status``, ``can_use`` and ``reload`` here. The client half loads nothing but
+``json`` and ``socket`` (not asyncio either), so that ``neonlocal use`` stays quick to start.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -31,6 +33,8 @@ class ControlServer:
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
+        import asyncio
+
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if unix_socket_answers(self.path):
@@ -48,6 +52,8 @@ class ControlServer:
             os.umask(old)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        import asyncio
+
         try:
             line = await reader.readline()
             try:

@@ -25,6 +25,7 @@ from neonlocal.apikey import ApiKeyError, config_relative
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.fdlimit import ensure_room_for
+from neonlocal.filewatch import watch_file
 from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
 from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.metrics import ErrorKind
@@ -43,7 +44,7 @@ from neonlocal.resolver import (
     delete_branch_within,
 )
 from neonlocal.sdnotify import Notifier
-from neonlocal.selection import switch_branch, watch_file
+from neonlocal.selection import switch_branch
 from neonlocal.settings import ConfigError, Settings, check_selected_branch, is_loopback
 from neonlocal.settings_loader import SettingsLoader
 from neonlocal.targets import Target, TargetError, UnknownBranch, resolve_target
@@ -413,7 +414,7 @@ class Daemon:
             if self._stop.is_set():
                 return
             try:
-                resolution = await self.resolver.resolve(name)
+                resolution = await self.resolver.resolve(name, fresh=True)
             except ApiUnreachable:
                 delay = min(delay * 2, RESOLVE_RETRY_MAX_S)
                 continue
@@ -556,7 +557,39 @@ class Daemon:
                     reason=f"switched to {branch}",
                 )
             return {"ok": True, "terminated": terminated, **status}
+        if op == "can_use":
+            return await self._can_use(request.get("branch"))
         return {"ok": False, "error": f"unknown control operation {op!r}"}
+
+    async def _can_use(self, name: object) -> dict[str, Any]:
+        """Whether `neonlocal use NAME` may write NAME into the config: checked here.
+
+        The daemon holds the checked config and the API client, so the CLI need not load
+        the config schema (pydantic) or httpx, nor ask the API what the daemon then asks
+        again. It answers only for the file it has loaded and accepted; otherwise
+        ("fallback") the CLI checks everything itself, config errors included.
+        """
+        if (
+            not isinstance(name, str)
+            or self.resolver is None
+            or self.config_error is not None
+            or self.ephemeral is not None
+            or _fingerprint(self.config_path, self.env) != self._fingerprint
+        ):
+            return {"ok": False, "fallback": True}
+        try:
+            # Fresh from the API: a user switching branches wants them as they are now,
+            # and the reload that follows finds this answer instead of asking again.
+            resolution = await self.resolver.resolve(name, fresh=True)
+        except TargetError as exc:
+            return {"ok": False, "error": str(exc), "usage": True}
+        except (UnknownBranch, NeonApiError, ApiKeyError) as exc:
+            return {"ok": False, "error": str(exc)}
+        self._note_resolution(resolution)
+        notes = []
+        if resolution.compute_suspended:
+            notes.append("its compute is suspended; the first connection wakes it")
+        return {"ok": True, "upstream": resolution.target.describe(), "notes": notes}
 
     def _status_line(self) -> str:
         if self.server is None or self.server.selected is None:

@@ -18,9 +18,9 @@ from typing import Final
 
 import structlog
 
+from neonlocal.filewatch import watch_file
 from neonlocal.neon import BranchNotFound
 from neonlocal.resolver import TargetResolver, create_branch
-from neonlocal.selection import watch_file
 
 __all__ = [
     "FollowSkipped",

@@ -164,6 +164,22 @@ def test_use_of_an_unknown_branch_changes_nothing_and_lists_the_known_ones(
         assert branch_of(conn) == "main"
 
 
+def test_use_after_a_broken_edit_names_the_problem_and_switches_nothing(
+    up: DaemonProcess, cli: Cli
+) -> None:
+    """The daemon still serves the last good file; `use` judges the file as it is now."""
+    text = cli.config.read_text().replace("log_level='debug'", "log_level='loud'")
+    cli.config.write_text(text)
+
+    done = cli.run("use", "dev")
+
+    assert done.returncode == 2
+    assert re.search(r"config\.toml:4: log_level: Input should be 'debug'", done.stderr)
+    assert cli.config.read_text() == text
+    with psycopg.connect(local_url(port_of(up))) as conn:
+        assert branch_of(conn) == "main"
+
+
 def test_status_counts_open_sessions_per_branch_in_json_and_in_words(
     up: DaemonProcess, cli: Cli
 ) -> None:

@@ -191,6 +191,46 @@ def test_switching_and_editing_the_config_check_it_outside_the_daemon(workdir: P
     assert _loaded(modules, NOT_FOR_STATIC_URLS) == []
 
 
+# What `neonlocal use` must not need while a daemon runs: the daemon checks the name.
+NOT_FOR_USE = ("pydantic", "pydantic_core", "neonlocal.config", "httpx", "asyncio", "watchfiles")
+
+
+def _cli_modules(
+    daemon: DaemonProcess, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run `neonlocal --config X ARGS` in its own process; its result and what it imported."""
+    census = daemon.config_path.parent / "cli-modules.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", _WITH_CENSUS, "--config", str(daemon.config_path), *args],
+        capture_output=True,
+        text=True,
+        env={**daemon.env, "CENSUS_PATH": str(census)},
+        check=False,
+    )
+    return done, census.read_text().split()
+
+
+def test_use_with_a_daemon_running_leaves_the_checking_to_it(workdir: Path) -> None:
+    """`use` asks the daemon about the name, so it starts in a fraction of the time."""
+    seen: list[tuple[subprocess.CompletedProcess[str], list[str]]] = []
+
+    def switch(daemon: DaemonProcess) -> None:
+        seen.append(_cli_modules(daemon, "use", "other"))
+        seen.append(_cli_modules(daemon, "use", "nope"))
+        assert daemon.status()["branch"] == "other"
+
+    _modules_of_a_daemon_run(workdir, _unreachable_url(), session_works=False, meanwhile=switch)
+
+    (switched, modules), (unknown, unknown_modules) = seen
+    assert switched.returncode == 0, switched.stderr
+    assert "-> other (ep-quiet-000001.us-east-2.aws.neon.tech:" in switched.stdout
+    assert unknown.returncode == 1
+    assert 'unknown branch "nope"; known: main, other' in unknown.stderr
+    assert "neonlocal.cli" in modules  # the census is real
+    assert _loaded(modules, NOT_FOR_USE) == []
+    assert _loaded(unknown_modules, NOT_FOR_USE) == []
+
+
 @pytest.mark.pg
 def test_a_daemon_resolving_branches_through_the_neon_api_loads_no_pydantic(
     workdir: Path, compute_main: LocalCompute, ca_file: Path
@@ -220,9 +260,19 @@ def test_a_daemon_resolving_branches_through_the_neon_api_loads_no_pydantic(
         env.pop("NEON_API_HOST", None)
         env["NEON_API_KEY"] = api.api_key
 
-        modules = _modules_of(config, env, session_works=True)
+        used: list[tuple[subprocess.CompletedProcess[str], list[str]]] = []
+        modules = _modules_of(
+            config,
+            env,
+            session_works=True,
+            meanwhile=lambda daemon: used.append(_cli_modules(daemon, "use", "main")),
+        )
 
         assert api.requests_to("list_branches")  # the branch was found through the API
+    (switched, cli_modules) = used[0]
+    assert switched.returncode == 0, switched.stderr
+    # `use` of an API branch: the daemon asked the API; the command loaded no client.
+    assert _loaded(cli_modules, NOT_FOR_USE) == []
 
     assert "neonlocal.neon.client" in modules
     assert _loaded(modules, ("pydantic", "pydantic_core", "neonlocal.config")) == []

@@ -206,6 +206,22 @@ async def test_use_finds_a_branch_by_name_and_new_connections_reach_it(
         assert TEST_PASSWORD not in setup.config.read_text()
 
 
+async def test_use_asks_the_api_afresh_so_a_branch_made_again_is_reached_where_it_is_now(
+    setup: NeonSetup, compute_main: LocalCompute
+) -> None:
+    async with running_daemon(setup.config, setup.env) as daemon:
+        assert (await setup.cli("use", "dev")).code == 0
+        assert (await setup.cli("use", "main")).code == 0
+        # Someone deletes "dev" and makes it again: same name, another compute.
+        setup.standin.branch("dev").endpoints[0].host = compute_main.spec.hostname
+
+        done = await setup.cli("use", "dev")
+
+        assert done.code == 0, done.err
+        assert f"-> dev ({compute_main.spec.hostname}:5432)" in done.out
+        assert await branch_via(daemon) == "main"  # the compute "dev" has now
+
+
 async def test_use_create_makes_a_branch_with_a_compute_a_mark_and_an_expiry(
     setup: NeonSetup,
 ) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from neonlocal.config import ConfigError
-from neonlocal.selection import read_selected, switch_branch, watch_file
+from neonlocal.filewatch import watch_file
+from neonlocal.selection import read_selected, switch_branch
 
 ORIGINAL = """\
 # My neonlocal setup — keep this comment.
