@@ -7,6 +7,7 @@ Heavy modules (pydantic, the proxy, the API client) are imported inside the comm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -300,8 +301,20 @@ def _local_name(address: str) -> str:
 @pass_ctx
 def status(obj: Context, as_json: bool) -> None:
     """Show the branch served, sessions per branch and the last error."""
-    from neonlocal.config import ConfigError, load_settings
     from neonlocal.control import DaemonNotRunning, request
+
+    # A running daemon knows the config's state best (it reports a rejected edit itself):
+    # ask it first, and load the config schema only to explain a daemon that is not there.
+    quick = obj.quick_control_path()
+    answer: dict[str, Any] | None = None
+    if quick is not None:
+        with contextlib.suppress(DaemonNotRunning, OSError, ValueError):
+            answer = request(quick, {"op": "status"}, timeout=5.0)
+    if answer is not None:
+        _show_status(answer, as_json)
+        return
+
+    from neonlocal.config import ConfigError, load_settings
     from neonlocal.paths import control_socket_path
 
     problem: ConfigError | None = None
@@ -323,6 +336,10 @@ def status(obj: Context, as_json: bool) -> None:
         else:
             click.echo(f"not running (config selects {selected or 'no branch'})")
         sys.exit(3)
+    _show_status(reply, as_json)
+
+
+def _show_status(reply: dict[str, Any], as_json: bool) -> None:
     reply.pop("ok", None)
     reply["running"] = True
     if as_json:

@@ -210,18 +210,22 @@ def _cli_modules(
     return done, census.read_text().split()
 
 
-def test_use_with_a_daemon_running_leaves_the_checking_to_it(workdir: Path) -> None:
+def test_use_and_status_with_a_daemon_running_leave_the_config_to_it(workdir: Path) -> None:
     """`use` asks the daemon about the name, so it starts in a fraction of the time."""
     seen: list[tuple[subprocess.CompletedProcess[str], list[str]]] = []
 
     def switch(daemon: DaemonProcess) -> None:
         seen.append(_cli_modules(daemon, "use", "other"))
         seen.append(_cli_modules(daemon, "use", "nope"))
+        seen.append(_cli_modules(daemon, "status"))
         assert daemon.status()["branch"] == "other"
 
     _modules_of_a_daemon_run(workdir, _unreachable_url(), session_works=False, meanwhile=switch)
 
-    (switched, modules), (unknown, unknown_modules) = seen
+    (switched, modules), (unknown, unknown_modules), (status, status_modules) = seen
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("branch:     other\nupstream:   ep-quiet-000001.")
+    assert _loaded(status_modules, NOT_FOR_USE) == []
     assert switched.returncode == 0, switched.stderr
     assert "-> other (ep-quiet-000001.us-east-2.aws.neon.tech:" in switched.stdout
     assert unknown.returncode == 1
