@@ -377,10 +377,22 @@ def url(obj: Context) -> None:
         database = target.database or database
     from urllib.parse import quote
 
-    click.echo(
-        f"postgresql://{quote(user, safe='')}@localhost:{settings.listen.port}/"
-        f"{quote(database, safe='')}"
-    )
+    port = settings.listen.port or _port_the_daemon_got(obj, settings)
+    click.echo(f"postgresql://{quote(user, safe='')}@localhost:{port}/{quote(database, safe='')}")
+
+
+def _port_the_daemon_got(obj: Context, settings: Any) -> int:
+    """With ``port = 0`` the system picks the port at start: only the daemon knows it."""
+    from neonlocal.control import DaemonNotRunning, request
+
+    try:
+        listen = request(obj.control_path(settings), {"op": "status"}, timeout=5.0)["listen"]
+        return next(int(a.rpartition(":")[2]) for a in listen if not a.startswith("/"))
+    except (DaemonNotRunning, OSError, ValueError, KeyError, TypeError, StopIteration):
+        fail(
+            "[listen] port = 0: the port is picked when the daemon starts, and no running "
+            "daemon says which; start it (neonlocal up), or set a port"
+        )
 
 
 @main.command()

@@ -252,6 +252,25 @@ def test_url_prints_a_working_local_url_without_the_password(
         proc.stop()
 
 
+def test_url_with_a_port_picked_at_start_asks_the_daemon_which_it_got(
+    up: DaemonProcess, cli: Cli
+) -> None:
+    done = cli.run("url")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"postgresql://neondb_owner@localhost:{port_of(up)}/neondb"
+    with psycopg.connect(done.stdout.strip()) as conn:
+        assert branch_of(conn) == "main"
+
+
+def test_url_with_a_port_picked_at_start_and_no_daemon_says_so(cli: Cli) -> None:
+    done = cli.run("url")
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("neonlocal: [listen] port = 0: the port is picked when")
+
+
 def test_port_from_the_environment_overrides_the_file(
     workdir: Path, config: Path, cli: Cli
 ) -> None:
