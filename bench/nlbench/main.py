@@ -22,6 +22,7 @@ from nlbench.paths import (
     NeonlocalDaemon,
     PathName,
     PgBouncer,
+    compile_bytecode,
     cpu_seconds,
     direct_target,
     find_pgbouncer,
@@ -262,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     started = datetime.datetime.now()
     info = report.machine()
     info["neonlocal"] = report.source_description(args.neonlocal_src)
+    info["bytecode"] = compile_bytecode(args.neonlocal_src)
     if args.loop is not None:
         info["event loop in the daemon"] = f"{args.loop} (--loop)"
     work = Path(tempfile.mkdtemp(prefix="neonlocal-bench-", dir="/tmp"))

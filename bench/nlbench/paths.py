@@ -157,6 +157,26 @@ def supports_session_reuse(source: Path | None) -> bool:
     return out.stdout.strip() == "True"
 
 
+def compile_bytecode(source: Path | None) -> str:
+    """Compile the daemon's own modules to bytecode first, as installing the package does.
+
+    pip compiles a package's modules when it installs it; an editable checkout compiles
+    them on first import, unless PYTHONDONTWRITEBYTECODE forbids writing them (as on the
+    machines this was written on). Then every process compiles the sources again, which
+    the `--help` and `use` rows would count (`--help`: 85 against 65 ms on the fourth
+    session's host); the daemon's memory hardly changes (0.3 MiB).
+    """
+    import compileall
+
+    import neonlocal
+
+    package = source / "neonlocal" if source is not None else Path(neonlocal.__file__).parent
+    # compileall writes the files whatever PYTHONDONTWRITEBYTECODE says.
+    if not compileall.compile_dir(str(package), quiet=1):
+        raise RuntimeError(f"cannot compile {package}")
+    return f"{package} compiled before the run, as pip install does"
+
+
 def start_neonlocal(
     directory: Path,
     server: BenchServer,
