@@ -128,14 +128,18 @@ class Bench:
         return [Lane(target, (key,)) for target in self.targets]
 
     def with_reuse(self, key: str, reuse_key: str, reuse_target: ClientTarget | None) -> list[Lane]:
-        """Direct and pgbouncer samples count for both rows; each daemon for its own."""
         if self.reusing is None or reuse_target is None:
             return self.lanes(key)
+        return self.with_extra(key, reuse_key, reuse_target, " (reuse_sessions)")
+
+    def with_extra(self, key: str, extra_key: str, extra: ClientTarget, label: str) -> list[Lane]:
+        """A second neonlocal lane with a row of its own: direct and pgbouncer samples count
+        for both rows, each neonlocal lane for its own."""
         lanes = [
-            Lane(t, (key,) if t.path is PathName.NEONLOCAL else (key, reuse_key))
+            Lane(t, (key,) if t.path is PathName.NEONLOCAL else (key, extra_key))
             for t in self.targets
         ]
-        lanes.insert(2, Lane(reuse_target, (reuse_key,), " (reuse_sessions)"))
+        lanes.insert(2, Lane(extra, (extra_key,), label))
         return lanes
 
     def proxy_pid(self, path: PathName) -> int | None:
@@ -160,15 +164,19 @@ class Bench:
     def pgbench(self) -> None:
         seconds = self.plan.seconds
 
+        unix = self.daemon.unix_target()
+
         def select_only(target: ClientTarget) -> float:
             if target.path is not PathName.NEONLOCAL:
                 return self.pgbench_with_cpu(workloads.SELECT_ONLY, "select_cpu_us", target)
+            cpu_key = "select_unix_cpu_us" if target is unix else "select_cpu_us"
             with workloads.RssSampler(self.daemon.pid) as sampler:
-                tps = self.pgbench_with_cpu(workloads.SELECT_ONLY, "select_cpu_us", target)
+                tps = self.pgbench_with_cpu(workloads.SELECT_ONLY, cpu_key, target)
             self.results.add("rss_load", PathName.NEONLOCAL, sampler.peak_kib / 1024)
             return tps
 
-        self.rounds(self.lanes("select_tps"), select_only, "pgbench -S")
+        lanes = self.with_extra("select_tps", "select_unix_tps", unix, " (Unix socket)")
+        self.rounds(lanes, select_only, "pgbench -S")
         self.rounds(
             self.lanes("tpcb_tps"),
             lambda t: self.pgbench_with_cpu(workloads.TPCB, "tpcb_cpu_us", t),

@@ -114,6 +114,17 @@ class NeonlocalDaemon:
     def target(self) -> ClientTarget:
         return _local_target(PathName.NEONLOCAL, self.port)
 
+    @property
+    def socket_dir(self) -> Path:
+        return self.directory / "socket"
+
+    def unix_target(self) -> ClientTarget:
+        """Plaintext through the daemon's Unix socket, as psql with no host connects."""
+        conninfo = _conninfo(
+            host=str(self.socket_dir), port=self.port, user=ROLE, dbname=DATABASE, sslmode="disable"
+        )
+        return ClientTarget(PathName.NEONLOCAL, conninfo)
+
     def cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "neonlocal", "--config", str(self.config_path), *args]
 
@@ -204,6 +215,7 @@ def start_neonlocal(
         'host = ["127.0.0.1"]',
         f"port = {port}",
         f"max_sessions = {max_sessions}",
+        f"unix_socket_dir = {_toml_string(str(directory / 'socket'))}",
         "",
     ]
     if reuse_sessions:
@@ -215,6 +227,7 @@ def start_neonlocal(
     config_path.chmod(0o600)
     runtime = directory / "run"
     runtime.mkdir(mode=0o700)
+    (directory / "socket").mkdir(mode=0o700)
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEONLOCAL_")}
     env["XDG_RUNTIME_DIR"] = str(runtime)
     if source is not None:

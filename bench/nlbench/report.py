@@ -44,8 +44,10 @@ def _within_of_direct(delta: float) -> Callable[[Mapping[PathName, float]], bool
 
 METRICS = (
     Metric("select_tps", "pgbench -S, 8 clients", "tps", _ratio_at_least(0.80), ">= 0.80x"),
+    Metric("select_unix_tps", "pgbench -S, 8 clients, to neonlocal's Unix socket", "tps"),
     Metric("tpcb_tps", "pgbench TPC-B-like, 8 clients", "tps", _ratio_at_least(0.85), ">= 0.85x"),
     Metric("select_cpu_us", "proxy CPU per pgbench -S transaction (user + system)", "µs"),
+    Metric("select_unix_cpu_us", "the same, clients on neonlocal's Unix socket", "µs"),
     Metric("tpcb_cpu_us", "proxy CPU per TPC-B-like transaction (user + system)", "µs"),
     Metric(
         "connect_tps", "pgbench -S -C (connect per tx)", "tps", _ratio_at_least(0.90), ">= 0.90x"
