@@ -414,7 +414,7 @@ class Daemon:
             if self._stop.is_set():
                 return
             try:
-                resolution = await self.resolver.resolve(name, fresh=True)
+                resolution = await self.resolver.resolve(name)
             except ApiUnreachable:
                 delay = min(delay * 2, RESOLVE_RETRY_MAX_S)
                 continue
