@@ -108,11 +108,14 @@ class Context:
         except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             return None
         control = data.get("control", {})
-        configured = control.get("socket") if isinstance(control, dict) else ""
-        if configured is not None and (not isinstance(configured, str) or not configured):
+        if not isinstance(control, dict):
             return None
-        socket = Path(configured) if configured is not None else None
-        return control_socket_path(self.config_path, self.env, socket)
+        configured = control.get("socket")
+        if configured is None:
+            return control_socket_path(self.config_path, self.env)
+        if not isinstance(configured, str) or not configured:
+            return None
+        return control_socket_path(self.config_path, self.env, Path(configured))
 
 
 pass_ctx = click.make_pass_decorator(Context)
