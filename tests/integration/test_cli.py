@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,28 @@ def test_use_after_a_broken_edit_names_the_problem_and_switches_nothing(
     assert cli.config.read_text() == text
     with psycopg.connect(local_url(port_of(up))) as conn:
         assert branch_of(conn) == "main"
+
+
+def test_use_and_status_find_a_control_socket_the_file_names(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    config = workdir / "config.toml"
+    config.write_text(config_text(branch_urls) + '\n[control]\nsocket = "ctl.sock"\n')
+    cli = Cli(config, daemon_env(workdir))
+    proc = start_daemon_process(config, cli.env)
+    try:
+        deadline = time.monotonic() + 20
+        while cli.run("status").returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (workdir / "ctl.sock").is_socket()
+
+        switched = cli.run("use", "dev")
+
+        assert switched.returncode == 0, switched.stderr
+        assert f"-> dev ({DEV_HOST})" in switched.stdout
+        assert cli.run("status").stdout.startswith("branch:     dev\n")
+    finally:
+        proc.stop()
 
 
 def test_status_counts_open_sessions_per_branch_in_json_and_in_words(
