@@ -33,18 +33,23 @@ url = "postgresql://u@ep-b.us-east-2.aws.neon.tech/db"
 
 
 def test_switch_rewrites_only_the_branch_value(tmp_path: Path) -> None:
-    """Switching changes the branch value and leaves every other byte alone."""
+    """Switching changes the branch value and leaves every other byte alone.
+
+    The value may keep its quote style or get another (tomlkit versions differ); what a
+    user sees is that only the value changed: same key, spacing and comment around it.
+    """
     path = tmp_path / "config.toml"
     path.write_text(ORIGINAL)
     switch_branch(path, "feat/x")
     before, after = ORIGINAL.splitlines(keepends=True), path.read_text().splitlines(keepends=True)
     changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
-    assert changed == [
-        (
-            "branch   =   'dev-maria'   # the one I use today\n",
-            'branch   =   "feat/x"   # the one I use today\n',
-        )
-    ]
+    assert len(changed) == 1
+    old_line, new_line = changed[0]
+    assert old_line == "branch   =   'dev-maria'   # the one I use today\n"
+    assert new_line in (
+        "branch   =   'feat/x'   # the one I use today\n",
+        'branch   =   "feat/x"   # the one I use today\n',
+    )
     assert read_selected(path) == "feat/x"
 
 
