@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from neonlocal.errors import Refusal
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import SCRAM_SHA_256_PLUS
 from neonlocal.pgwire.errors import ProtocolError, ServerError
@@ -34,13 +35,19 @@ from neonlocal.pgwire.framing import MessageFramer
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramClientExchange
 
 
-class UpstreamRejected(Exception):
-    """The server answered with an ErrorResponse before the session was ready."""
+class UpstreamRejected(Refusal):
+    """The server answered with an ErrorResponse before the session was ready.
+
+    ``error`` holds all its fields, for the client to get them as the server sent them.
+    """
 
     def __init__(self, error: ServerError, *, during_auth: bool) -> None:
-        super().__init__(str(error))
+        super().__init__(error.message, error.sqlstate, hint=error.fields.get("H"))
         self.error = error
         self.during_auth = during_auth
+
+    def __str__(self) -> str:
+        return str(self.error)
 
 
 class SpeculationFailed(Exception):
@@ -198,14 +205,8 @@ class UpstreamLogin:
         elif kind == b"N":
             self._held.append(codec.message(kind, payload))
         elif kind == b"Z":
-            status = [codec.parameter_status(k, v) for k, v in self._extra_status.items()]
-            pid, secret = self._client_key
-            out.to_client += (
-                codec.auth_ok()
-                + b"".join(self._held)
-                + b"".join(status)
-                + codec.backend_key_data(pid, secret)
-                + codec.message(kind, payload)
+            out.to_client += codec.login_tail(
+                b"".join(self._held), self._extra_status, self._client_key, payload
             )
             self._held.clear()
             self.state = LoginState.READY
