@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from neonlocal.errors import Refusal
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.addresses import AddressBook
@@ -22,15 +23,14 @@ from neonlocal.targets import Negotiation, Target, TlsMode
 log = structlog.get_logger("neonlocal.upstream")
 
 
-class UpstreamError(Exception):
-    """Reaching a branch failed; ``tls`` when TCP connected but TLS negotiation did not."""
+class UpstreamError(Refusal):
+    """Reaching a branch failed: ``message`` is the cause, without the branch's name;
+    ``tls`` when TCP connected but TLS negotiation did not."""
 
     def __init__(
-        self, cause: str, code: str = sqlstate.UNABLE_TO_CONNECT, *, tls: bool = False
+        self, message: str, code: str = sqlstate.UNABLE_TO_CONNECT, *, tls: bool = False
     ) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.sqlstate = code
+        super().__init__(message, code)
         self.tls = tls
 
 
