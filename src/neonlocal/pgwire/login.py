@@ -136,6 +136,17 @@ class UpstreamLogin:
             self._scram.mechanism, self._scram.client_first()
         )
 
+    @property
+    def done(self) -> bool:
+        return self.state is LoginState.READY
+
+    def receive(self, data: bytes) -> Output:
+        """Bytes from whichever side the login waits for: the client when ``awaiting_client``
+        (its answer to a relayed request), else the server."""
+        if self.awaiting_client:
+            return Output(to_upstream=self.receive_client(data))
+        return self.receive_upstream(data)
+
     def receive_upstream(self, data: bytes) -> Output:
         self._upstream.feed(data)
         out = Output()

@@ -13,17 +13,23 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.errors import Refusal
 from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
 from neonlocal.pgwire import codec, sqlstate
-from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
+from neonlocal.pgwire.codec import (
+    CancelRequest,
+    GSSENCRequest,
+    Request,
+    SSLRequest,
+    StartupMessage,
+)
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
-from neonlocal.pgwire.login import LoginState, SpeculationFailed, UpstreamLogin, UpstreamRejected
+from neonlocal.pgwire.login import Output, SpeculationFailed, UpstreamLogin, UpstreamRejected
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.context import (
@@ -33,6 +39,7 @@ from neonlocal.proxy.context import (
     SessionContext,
     SessionRefused,
 )
+from neonlocal.proxy.drive import drive
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
 from neonlocal.proxy.plan import Plan, plan_login
 from neonlocal.proxy.pool import Parked, PoolKey
@@ -121,23 +128,20 @@ class Session:
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        while True:
-            event = phase.next_event()
-            if event is None:
-                phase.receive_data(await self.client.recv())
-            elif isinstance(event, SSLRequest | GSSENCRequest):
-                await self._answer_encryption_request(event, phase)
-            elif isinstance(event, CancelRequest):
-                self.close_reason = "cancel request"
-                await self._context.forward_cancel(event)
-                self.client.close()
-                return None
-            else:
-                return self._checked_startup(event, phase)
+        await drive(phase, self.client.recv, lambda event: self._answer(event, phase))
+        request = phase.result
+        if isinstance(request, CancelRequest):
+            self.close_reason = "cancel request"
+            await self._context.forward_cancel(request)
+            self.client.close()
+            return None
+        assert request is not None
+        return self._checked_startup(request, phase)
 
-    async def _answer_encryption_request(
-        self, request: SSLRequest | GSSENCRequest, phase: StartupPhase
-    ) -> None:
+    async def _answer(self, request: Request | None, phase: StartupPhase) -> None:
+        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive."""
+        if not isinstance(request, SSLRequest | GSSENCRequest):
+            return
         if isinstance(request, SSLRequest) and self.client_tls:
             raise ProtocolError("unexpected SSLRequest over an encrypted connection")
         if phase.buffered:
@@ -245,18 +249,16 @@ class Session:
             certificate_der=local_tls.certificate_der if self.client_tls and local_tls else None,
         )
         self.client.write(auth.start())
-        while not auth.done:
-            try:
-                reply = auth.receive_data(await self.client.recv())
-            except ProtocolError as exc:
-                if exc.sqlstate == sqlstate.INVALID_PASSWORD:
-                    raise SessionRefused(
-                        f'password authentication failed for user "{self.user}"',
-                        sqlstate.INVALID_PASSWORD,
-                        ErrorKind.AUTH,
-                    ) from None
-                raise
-            self.client.write(reply)
+        try:
+            await drive(auth, self.client.recv, self.client.write)
+        except ProtocolError as exc:
+            if exc.sqlstate == sqlstate.INVALID_PASSWORD:
+                raise SessionRefused(
+                    f'password authentication failed for user "{self.user}"',
+                    sqlstate.INVALID_PASSWORD,
+                    ErrorKind.AUTH,
+                ) from None
+            raise
 
     def _issue_cancel_key(self) -> tuple[int, bytes]:
         pid, secret = self._context.cancels.issue(self)
@@ -366,14 +368,16 @@ class Session:
     async def _pump_login(self, up: Endpoint, login: UpstreamLogin) -> None:
         """Carry the login's bytes until its ReadyForQuery: between us and the server, and
         the client's own answers when it logs in for itself."""
-        up.write(login.start())
-        while login.state is not LoginState.READY:
-            if login.awaiting_client:
-                up.write(login.receive_client(await self.client.recv()))
-                continue
-            out = login.receive_upstream(await self._recv_during_login(up))
+
+        def read() -> Awaitable[bytes]:
+            return self.client.recv() if login.awaiting_client else self._recv_during_login(up)
+
+        def act(out: Output) -> None:
             up.write(out.to_upstream)
             self.client.write(out.to_client)
+
+        up.write(login.start())
+        await drive(login, read, act)
 
     async def _recv_during_login(self, up: Endpoint) -> bytes:
         # A server that went silent after TLS (a stuck compute, a half-open path) must not
