@@ -21,7 +21,13 @@ from neonlocal.pgwire import codec
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.framing import Message, MessageFramer
 from neonlocal.pgwire.frontend import LocalPasswordAuth, Phase, StartupPhase
-from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, UpstreamRejected
+from neonlocal.pgwire.login import (
+    Credentials,
+    LoginState,
+    UpstreamLogin,
+    UpstreamRejected,
+    upstream_login,
+)
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
 
 SECRET = ScramSecret.from_password("fuzz-password")
@@ -256,7 +262,7 @@ def _login(mode: str) -> UpstreamLogin:
         "prefer": Credentials("u", "p"),
         "require": Credentials("u", "p", ChannelBindingPolicy.REQUIRE),
     }[mode]
-    return UpstreamLogin(
+    return upstream_login(
         {"user": "u", "database": "d"},
         credentials=creds,
         certificate_der=CERT_DER,

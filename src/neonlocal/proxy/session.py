@@ -29,7 +29,13 @@ from neonlocal.pgwire.codec import (
 )
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
-from neonlocal.pgwire.login import Output, SpeculationFailed, UpstreamLogin, UpstreamRejected
+from neonlocal.pgwire.login import (
+    Output,
+    SpeculationFailed,
+    UpstreamLogin,
+    UpstreamRejected,
+    upstream_login,
+)
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.context import (
@@ -355,7 +361,7 @@ class Session:
         pipelining = pipeline and self._context.settings.upstream.pipeline_auth
         if pipelining and plan.credentials is not None:
             expected = self._context.sasl_offers.get(_offer_key(plan))
-        return UpstreamLogin(
+        return upstream_login(
             plan.parameters,
             credentials=plan.credentials,
             certificate_der=upstream.certificate_der,
