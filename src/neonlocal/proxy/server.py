@@ -165,19 +165,26 @@ class Server:
     # --- listening -----------------------------------------------------------------------------
 
     async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
-        loop = asyncio.get_running_loop()
+        """Listen on ``sockets`` (handed over by a service manager), else on ``[listen]``."""
         if sockets:
-            for sock in sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    self._listen_tcp(sock)
-                else:
-                    self._servers.append(await loop.create_server(self._protocol, sock=sock))
-                name = sock.getsockname()
-                self.listening.append(
-                    format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
-                )
-            self.accepting = True
-            return
+            await self._listen_inherited(sockets)
+        else:
+            await self._listen_configured()
+        self.accepting = True
+
+    async def _listen_inherited(self, sockets: Sequence[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._listen_tcp(sock)
+            else:
+                self._servers.append(await loop.create_server(self._protocol, sock=sock))
+            name = sock.getsockname()
+            self.listening.append(
+                format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
+            )
+
+    async def _listen_configured(self) -> None:
         listen = self.settings.listen
         port = listen.port
         for host in listen.host:
@@ -198,7 +205,6 @@ class Server:
         if not self._tcp:
             raise ListenError("neonlocal: no address to listen on; check [listen] host")
         await self._start_unix_listener(port)
-        self.accepting = True
 
     async def _start_unix_listener(self, port: int) -> None:
         unix = await listen_unix(self._protocol, self.settings.listen.unix_socket_dir, port)
