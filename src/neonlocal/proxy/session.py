@@ -134,7 +134,9 @@ class Session:
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        await drive(phase, self.client.recv, lambda event: self._answer(event, phase))
+        await drive(
+            phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
+        )
         request = phase.result
         if isinstance(request, CancelRequest):
             self.close_reason = "cancel request"
@@ -144,7 +146,9 @@ class Session:
         assert request is not None
         return self._checked_startup(request, phase)
 
-    async def _answer(self, request: Request | None, phase: StartupPhase) -> None:
+    async def _answer_encryption_request(
+        self, request: Request | None, phase: StartupPhase
+    ) -> None:
         """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive."""
         if not isinstance(request, SSLRequest | GSSENCRequest):
             return
