@@ -45,18 +45,24 @@ def strip_routing_options(options: str) -> str:
 
 def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
     """Choose role, database, startup parameters and auth mode for a client on ``target``."""
-    client_user = client_params["user"]
-    user = target.user if target.pin_user and target.user else client_user
+    user = target.user if target.pin_user and target.user else client_params["user"]
     database = (
         target.database
         if target.pin_database and target.database
         else client_params.get("database") or target.database or user
     )
-    params: dict[str, str] = {}
-    for key, value in client_params.items():
-        if key in ("user", "database"):
-            continue
-        params[key] = value
+    params = {"user": user, "database": database, **_forwarded(target, client_params)}
+    credentials = None
+    if target.password is not None and (target.user is None or target.user == user):
+        credentials = Credentials(
+            user, target.password, ChannelBindingPolicy(target.channel_binding)
+        )
+    return Plan(target, user, database, params, credentials)
+
+
+def _forwarded(target: Target, client_params: Mapping[str, str]) -> dict[str, str]:
+    """The client's other parameters, with the URL's options and application name merged in."""
+    params = {k: v for k, v in client_params.items() if k not in ("user", "database")}
     options = " ".join(
         o
         for o in (
@@ -65,14 +71,8 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
         )
         if o
     )
-    params = {"user": user, "database": database, **params}
     if options:
         params["options"] = options
     if "application_name" not in params and target.application_name:
         params["application_name"] = target.application_name
-    credentials = None
-    if target.password is not None and (target.user is None or target.user == user):
-        credentials = Credentials(
-            user, target.password, ChannelBindingPolicy(target.channel_binding)
-        )
-    return Plan(target, user, database, params, credentials)
+    return params
