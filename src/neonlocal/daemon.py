@@ -33,8 +33,8 @@ from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
 from neonlocal.proxy import tls
+from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.server import Server
-from neonlocal.proxy.session import SessionRefused
 from neonlocal.resolver import (
     API_RETRY,
     EphemeralSpec,

@@ -39,7 +39,7 @@ from neonlocal.certs import CertificateAuthority
 from neonlocal.config import ConfigError, load_settings
 from neonlocal.conninfo import parse_conninfo
 from neonlocal.localpg import LocalCompute
-from neonlocal.proxy.session import plan_login
+from neonlocal.proxy.plan import plan_login
 from neonlocal.targets import resolve_target
 
 pytestmark = pytest.mark.pg

@@ -198,3 +198,18 @@ def test_negotiate_steps_down_a_3_2_client_without_options() -> None:
     assert negotiated == Negotiated(0, ())
     kind, length, version, count = struct.unpack("!ciii", negotiated.encode())
     assert (kind, length, version, count) == (b"v", 12, 3 << 16, 0)
+
+
+def test_receive_is_one_step_and_result_is_what_ended_the_phase() -> None:
+    """receive() feeds and returns the next event; result keeps the StartupMessage."""
+    phase = StartupPhase()
+    ssl_request = codec.ssl_request()
+    assert phase.receive(ssl_request[:3]) is None
+    assert phase.receive(ssl_request[3:]) == SSLRequest()
+    assert not phase.done
+    assert phase.result is None
+    startup = phase.receive(STARTUP)
+    assert startup == StartupMessage(3, 0, {"user": "alice", "database": "app"})
+    assert phase.done
+    assert phase.result == startup
+    assert phase.receive(b"") is None

@@ -21,7 +21,13 @@ from neonlocal.pgwire import codec
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.framing import Message, MessageFramer
 from neonlocal.pgwire.frontend import LocalPasswordAuth, Phase, StartupPhase
-from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, UpstreamRejected
+from neonlocal.pgwire.login import (
+    Credentials,
+    LoginState,
+    UpstreamLogin,
+    UpstreamRejected,
+    upstream_login,
+)
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
 
 SECRET = ScramSecret.from_password("fuzz-password")
@@ -185,7 +191,7 @@ def _drive_local_auth(chunks: list[bytes], *, with_cert: bool) -> None:
     auth.start()
     with only_protocol_errors():
         for chunk in chunks:
-            auth.receive_data(chunk)
+            auth.receive(chunk)
 
 
 @FUZZ
@@ -234,7 +240,7 @@ def test_local_auth_survives_forged_proofs(data: st.DataObject) -> None:
     """A client-final with the right nonce but junk binding/proof is refused, not crashed."""
     auth = LocalPasswordAuth(SECRET)
     first = codec.sasl_initial_response(codec.SCRAM_SHA_256, b"n,,n=,r=fuzznonce")
-    reply = auth.receive_data(first)
+    reply = auth.receive(first)
     server_first = reply[9:].decode()
     nonce = dict(item.split("=", 1) for item in server_first.split(","))["r"]
     binding = data.draw(st.sampled_from(["biws", "", "eSws", "!!", "bixh"]))
@@ -243,7 +249,7 @@ def test_local_auth_survives_forged_proofs(data: st.DataObject) -> None:
     )
     final = f"c={binding},r={nonce},p={proof}".encode()
     with only_protocol_errors():
-        auth.receive_data(codec.sasl_response(final))
+        auth.receive(codec.sasl_response(final))
         raise AssertionError("a forged proof was accepted")
 
 
@@ -256,7 +262,7 @@ def _login(mode: str) -> UpstreamLogin:
         "prefer": Credentials("u", "p"),
         "require": Credentials("u", "p", ChannelBindingPolicy.REQUIRE),
     }[mode]
-    return UpstreamLogin(
+    return upstream_login(
         {"user": "u", "database": "d"},
         credentials=creds,
         certificate_der=CERT_DER,

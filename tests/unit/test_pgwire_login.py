@@ -22,6 +22,7 @@ from neonlocal.pgwire.login import (
     SpeculationFailed,
     UpstreamLogin,
     UpstreamRejected,
+    upstream_login,
 )
 from neonlocal.pgwire.scram import ChannelBindingPolicy
 
@@ -117,7 +118,7 @@ def _login(
     *,
     expected_sasl: tuple[str, ...] | None = None,
 ) -> UpstreamLogin:
-    return UpstreamLogin(
+    return upstream_login(
         PARAMS,
         credentials=creds,
         certificate_der=cert_der,

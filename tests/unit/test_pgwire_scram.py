@@ -127,9 +127,9 @@ def _run(
     auth: LocalPasswordAuth, client: LibpqLikeClient, mechanism: str = codec.SCRAM_SHA_256
 ) -> bytes:
     """Drive a whole exchange over the wire; returns the SASLFinal data."""
-    cont = _one(auth.receive_data(codec.sasl_initial_response(mechanism, client.first())))
+    cont = _one(auth.receive(codec.sasl_initial_response(mechanism, client.first())))
     assert _auth_code(cont) == codec.AUTH_SASL_CONTINUE
-    final = _one(auth.receive_data(codec.sasl_response(client.final(cont.payload[4:]))))
+    final = _one(auth.receive(codec.sasl_response(client.final(cont.payload[4:]))))
     assert _auth_code(final) == codec.AUTH_SASL_FINAL
     assert auth.done
     return final.payload[4:]
@@ -159,9 +159,9 @@ def test_wrong_password_is_refused_with_28p01(secret: ScramSecret) -> None:
     """A wrong password ends with invalid_password, after SASLContinue."""
     client = LibpqLikeClient("not the password")
     auth = LocalPasswordAuth(secret)
-    cont = _one(auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
+    cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
     with pytest.raises(ProtocolError) as info:
-        auth.receive_data(codec.sasl_response(client.final(cont.payload[4:])))
+        auth.receive(codec.sasl_response(client.final(cont.payload[4:])))
     assert info.value.sqlstate == sqlstate.INVALID_PASSWORD
     assert not auth.done
 
@@ -177,9 +177,9 @@ def test_scramp_client_interoperates(secret: ScramSecret) -> None:
     client = scramp.ScramClient([codec.SCRAM_SHA_256], "alice", PASSWORD)
     auth = LocalPasswordAuth(secret)
     first = client.get_client_first().encode()
-    cont = _one(auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, first)))
+    cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, first)))
     client.set_server_first(cont.payload[4:].decode())
-    final = _one(auth.receive_data(codec.sasl_response(client.get_client_final().encode())))
+    final = _one(auth.receive(codec.sasl_response(client.get_client_final().encode())))
     client.set_server_final(final.payload[4:].decode())  # raises if the signature is wrong
     assert auth.done
 
@@ -189,10 +189,10 @@ def test_exchange_split_into_single_bytes_still_works(secret: ScramSecret) -> No
     client = LibpqLikeClient(PASSWORD)
     auth = LocalPasswordAuth(secret)
     initial = codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())
-    replies = b"".join(auth.receive_data(initial[i : i + 1]) for i in range(len(initial)))
+    replies = b"".join(auth.receive(initial[i : i + 1]) for i in range(len(initial)))
     cont = _one(replies)
     response = codec.sasl_response(client.final(cont.payload[4:]))
-    replies = b"".join(auth.receive_data(response[i : i + 1]) for i in range(len(response)))
+    replies = b"".join(auth.receive(response[i : i + 1]) for i in range(len(response)))
     assert client.server_signature_ok(_one(replies).payload[4:])
 
 
@@ -201,7 +201,7 @@ def test_non_password_message_during_auth_is_refused(secret: ScramSecret, kind: 
     """A query, Terminate or Parse instead of a SASL answer is a protocol violation."""
     auth = LocalPasswordAuth(secret)
     with pytest.raises(ProtocolError) as info:
-        auth.receive_data(codec.message(kind, b"SELECT 1\0"))
+        auth.receive(codec.message(kind, b"SELECT 1\0"))
     assert info.value.sqlstate == sqlstate.PROTOCOL_VIOLATION
 
 
@@ -209,26 +209,26 @@ def test_non_password_message_between_scram_steps_is_refused(secret: ScramSecret
     """After SASLContinue, anything but 'p' is refused."""
     client = LibpqLikeClient(PASSWORD)
     auth = LocalPasswordAuth(secret)
-    auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
+    auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.message(b"Q", b"SELECT 1\0"))
+        auth.receive(codec.message(b"Q", b"SELECT 1\0"))
 
 
 def test_data_after_successful_auth_is_refused(secret: ScramSecret) -> None:
     """A client pipelining bytes after its final SCRAM message is refused."""
     client = LibpqLikeClient(PASSWORD)
     auth = LocalPasswordAuth(secret)
-    cont = _one(auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
+    cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
     final = codec.sasl_response(client.final(cont.payload[4:]))
     with pytest.raises(ProtocolError):
-        auth.receive_data(final + codec.message(b"Q", b"SELECT 1\0"))
+        auth.receive(final + codec.message(b"Q", b"SELECT 1\0"))
 
 
 def test_unknown_mechanism_is_refused(secret: ScramSecret) -> None:
     """Selecting a mechanism that was not offered is refused."""
     auth = LocalPasswordAuth(secret)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abc"))
+        auth.receive(codec.sasl_initial_response("SCRAM-SHA-1", b"n,,n=,r=abc"))
 
 
 def test_plus_without_local_tls_is_refused(secret: ScramSecret) -> None:
@@ -236,24 +236,24 @@ def test_plus_without_local_tls_is_refused(secret: ScramSecret) -> None:
     client = LibpqLikeClient(PASSWORD, gs2_flag=CB_FLAG, cb_data=b"x" * 32)
     auth = LocalPasswordAuth(secret)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first()))
+        auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first()))
 
 
 def test_authorization_identity_is_refused(secret: ScramSecret) -> None:
     """A gs2 authzid (n,a=bob,) is not supported."""
     auth = LocalPasswordAuth(secret)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, b"n,a=bob,n=,r=abc"))
+        auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, b"n,a=bob,n=,r=abc"))
 
 
 def test_tampered_nonce_in_client_final_is_refused(secret: ScramSecret) -> None:
     """A client-final whose nonce is not the combined nonce is refused."""
     client = LibpqLikeClient(PASSWORD)
     auth = LocalPasswordAuth(secret)
-    cont = _one(auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
+    cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
     forged = client.final(cont.payload[4:], nonce=client.nonce + "forged")
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_response(forged))
+        auth.receive(codec.sasl_response(forged))
 
 
 def test_secret_repr_hides_keys(secret: ScramSecret) -> None:
@@ -299,11 +299,9 @@ def test_client_bound_to_a_different_certificate_fails(
         PASSWORD, gs2_flag=CB_FLAG, cb_data=_independent_end_point_hash(other_cert_der)
     )
     auth = LocalPasswordAuth(secret, certificate_der=cert_der)
-    cont = _one(
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first()))
-    )
+    cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first())))
     with pytest.raises(ProtocolError) as info:
-        auth.receive_data(codec.sasl_response(client.final(cont.payload[4:])))
+        auth.receive(codec.sasl_response(client.final(cont.payload[4:])))
     assert info.value.sqlstate == sqlstate.INVALID_PASSWORD
     assert not auth.done
 
@@ -313,7 +311,7 @@ def test_y_client_is_refused_when_plus_was_offered(secret: ScramSecret, cert_der
     client = LibpqLikeClient(PASSWORD, gs2_flag="y")
     auth = LocalPasswordAuth(secret, certificate_der=cert_der)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
+        auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
 
 
 def test_y_client_is_accepted_when_plus_was_not_offered(secret: ScramSecret) -> None:
@@ -334,7 +332,7 @@ def test_binding_flag_with_plain_mechanism_is_refused(secret: ScramSecret, cert_
     client = LibpqLikeClient(PASSWORD, gs2_flag=CB_FLAG, cb_data=end_point_hash(cert_der))
     auth = LocalPasswordAuth(secret, certificate_der=cert_der)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
+        auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first()))
 
 
 @pytest.mark.parametrize("flag", ["n", "y", "p=tls-unique"])
@@ -345,7 +343,7 @@ def test_plus_mechanism_without_end_point_binding_is_refused(
     client = LibpqLikeClient(PASSWORD, gs2_flag=flag)
     auth = LocalPasswordAuth(secret, certificate_der=cert_der)
     with pytest.raises(ProtocolError):
-        auth.receive_data(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first()))
+        auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256_PLUS, client.first()))
 
 
 def test_scramp_plus_client_interoperates(secret: ScramSecret, cert_der: bytes) -> None:

@@ -31,6 +31,16 @@ AUTH_SASL_FINAL: Final = 12
 SCRAM_SHA_256: Final = "SCRAM-SHA-256"
 SCRAM_SHA_256_PLUS: Final = "SCRAM-SHA-256-PLUS"
 
+# The one-byte answers to an SSLRequest or GSSENCRequest: go ahead with TLS, or carry on
+# unencrypted. They are not framed messages.
+ENCRYPTION_ACCEPTED: Final = b"S"
+ENCRYPTION_REFUSED: Final = b"N"
+
+# ReadyForQuery's transaction status: idle, in a transaction block, in a failed one.
+IDLE: Final = b"I"
+IN_TRANSACTION: Final = b"T"
+IN_FAILED_TRANSACTION: Final = b"E"
+
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")
 
@@ -204,8 +214,30 @@ def backend_key_data(process_id: int, secret: bytes) -> bytes:
     return message(b"K", _I32.pack(process_id) + secret)
 
 
-def ready_for_query(status: bytes = b"I") -> bytes:
+def ready_for_query(status: bytes = IDLE) -> bytes:
     return message(b"Z", status)
+
+
+def login_tail(
+    server_messages: bytes,
+    extra_status: Mapping[str, str],
+    client_key: tuple[int, bytes],
+    status: bytes = IDLE,
+) -> bytes:
+    """What a client gets once its login is done, AuthenticationOk through ReadyForQuery.
+
+    ``server_messages`` are the server's ParameterStatus and NoticeResponse messages, as
+    sent; ``extra_status`` adds our own parameters; the cancel key is ours, never the
+    server's (proxy/cancel.py).
+    """
+    pid, secret = client_key
+    return (
+        auth_ok()
+        + server_messages
+        + b"".join(parameter_status(k, v) for k, v in extra_status.items())
+        + backend_key_data(pid, secret)
+        + ready_for_query(status)
+    )
 
 
 def negotiate_protocol_version(newest_minor: int, unsupported: Iterable[str]) -> bytes:

@@ -1,24 +1,23 @@
 """Errors raised by the protocol layer.
 
-``ProtocolError`` means the peer broke the protocol; it carries the SQLSTATE and message that
-the proxy sends back in an ErrorResponse before closing. Programming errors (calling a state
-machine out of order) raise ``RuntimeError`` instead, as h11 does.
+``ProtocolError`` means the peer broke the protocol: a ``neonlocal.errors.Refusal`` whose
+SQLSTATE and message the proxy sends back in an ErrorResponse before closing. Programming
+errors (calling a state machine out of order) raise ``RuntimeError`` instead, as h11 does.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from neonlocal.errors import Refusal
 from neonlocal.pgwire import sqlstate
 
 
-class ProtocolError(Exception):
+class ProtocolError(Refusal):
     """The peer sent something we cannot accept; answer with ``sqlstate`` and close."""
 
     def __init__(self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION) -> None:
-        super().__init__(message)
-        self.message = message
-        self.sqlstate = code
+        super().__init__(message, code)
 
 
 @dataclass(frozen=True)

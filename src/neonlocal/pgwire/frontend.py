@@ -2,7 +2,8 @@
 
 ``StartupPhase`` reads what a client sends first: at most one SSLRequest and one
 GSSENCRequest, then a StartupMessage, or a CancelRequest instead. ``LocalPasswordAuth`` checks
-the optional local password with SCRAM. Both are pure state machines: bytes in, events out.
+the optional local password with SCRAM. Both are pure state machines of the package's one
+shape: ``receive(data)`` returns what to act on, until ``done``.
 """
 
 from __future__ import annotations
@@ -40,18 +41,32 @@ class Negotiated:
 
 
 class StartupPhase:
-    """Events from a client's first bytes. Feed with ``receive_data``, drain ``next_event``."""
+    """Events from a client's first bytes. Feed with ``receive_data``, drain ``next_event``;
+    or, one step at a time, ``receive`` (both at once)."""
 
     def __init__(self) -> None:
         self._framer = StartupFramer()
         self._seen_ssl = False
         self._seen_gss = False
         self.phase = Phase.NEGOTIATING
+        # What ended the phase: the StartupMessage, or a CancelRequest instead.
+        self.result: StartupMessage | CancelRequest | None = None
 
     def receive_data(self, data: bytes) -> None:
         if self.phase is Phase.DONE:
             raise RuntimeError("startup phase is over")
         self._framer.feed(data)
+
+    def receive(self, data: bytes) -> Request | None:
+        """Feed ``data`` and return the next event, if one is complete. Every event but the
+        last leaves nothing buffered in a well-behaved client, so one is all there is."""
+        if data:
+            self.receive_data(data)
+        return self.next_event()
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
 
     @property
     def buffered(self) -> int:
@@ -80,6 +95,7 @@ class StartupPhase:
             self.phase = Phase.DONE
             if isinstance(request, StartupMessage):
                 _check_startup(request)
+            self.result = request
         return request
 
     def take_rest(self) -> bytes:
@@ -124,7 +140,7 @@ class LocalPasswordAuth:
         """The AuthenticationSASL request to send the client."""
         return codec.auth_sasl(self._scram.mechanisms)
 
-    def receive_data(self, data: bytes) -> bytes:
+    def receive(self, data: bytes) -> bytes:
         """Feed client bytes; returns bytes to send back (possibly empty).
 
         Raises ProtocolError (28P01 for a wrong password) when the client must be refused.

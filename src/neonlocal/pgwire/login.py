@@ -1,10 +1,10 @@
 """Logging in to the upstream server, from StartupMessage to the first ReadyForQuery.
 
-Two modes, chosen by whether we hold the role's password:
+Two machines, chosen by whether we hold the role's password (``upstream_login`` picks):
 
-* credentials: we answer the server's authentication requests ourselves (SCRAM-SHA-256-PLUS
-  with channel binding when offered, SCRAM-SHA-256, md5 or cleartext);
-* relay: the client answers them. Requests pass through to the client with
+* ``CredentialsLogin``: we answer the server's authentication requests ourselves
+  (SCRAM-SHA-256-PLUS with channel binding when offered, SCRAM-SHA-256, md5 or cleartext);
+* ``RelayedLogin``: the client answers them. Requests pass through to the client with
   SCRAM-SHA-256-PLUS removed from the offer (a plaintext client cannot bind, and libpq aborts
   when it sees PLUS on a non-TLS connection); the client's answers pass through upstream.
 
@@ -12,7 +12,7 @@ Either way everything the server sends after AuthenticationOk is held back until
 ReadyForQuery and then handed to the client in one piece, with the server's cancel key
 replaced by ours and our own ParameterStatus added.
 
-In credentials mode the login can be pipelined: when the caller knows which SASL mechanisms
+A credentials login can be pipelined: when the caller knows which SASL mechanisms
 this server offered last time, ``start`` sends the SASLInitialResponse right behind the
 StartupMessage instead of waiting a round trip for AuthenticationSASL. PostgreSQL reads it
 from its buffer as the answer it was about to ask for. If the server asks for anything else
@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
+from neonlocal.errors import Refusal
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import SCRAM_SHA_256_PLUS
 from neonlocal.pgwire.errors import ProtocolError, ServerError
@@ -34,13 +35,19 @@ from neonlocal.pgwire.framing import MessageFramer
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramClientExchange
 
 
-class UpstreamRejected(Exception):
-    """The server answered with an ErrorResponse before the session was ready."""
+class UpstreamRejected(Refusal):
+    """The server answered with an ErrorResponse before the session was ready.
+
+    ``error`` holds all its fields, for the client to get them as the server sent them.
+    """
 
     def __init__(self, error: ServerError, *, during_auth: bool) -> None:
-        super().__init__(str(error))
+        super().__init__(error.message, error.sqlstate, hint=error.fields.get("H"))
         self.error = error
         self.during_auth = during_auth
+
+    def __str__(self) -> str:
+        return str(self.error)
 
 
 class SpeculationFailed(Exception):
@@ -68,31 +75,29 @@ class Output:
     to_client: bytes = b""
 
 
-class UpstreamLogin:
+class _Login:
+    """What both logins share: the server's messages, from its first answer until
+    ReadyForQuery, and the one piece the client then gets."""
+
+    # Whether we wait for the client's answer to a request passed on to it.
+    awaiting_client = False
+    relaying_auth = False
+    channel_bound = False
+    pipelined = False
+    # The SASL mechanisms this server offered, to pipeline the next login to it.
+    sasl_offer: tuple[str, ...] | None = None
+
     def __init__(
         self,
         parameters: Mapping[str, str],
         *,
-        credentials: Credentials | None,
-        certificate_der: bytes | None,
         client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
-        client_tls: bool = False,
-        expected_sasl: tuple[str, ...] | None = None,
     ) -> None:
         self._params = dict(parameters)
-        self._creds = credentials
-        self._cert = certificate_der
         self._client_key = client_key
         self._extra_status = dict(extra_status)
-        self._client_tls = client_tls
-        self._client_answers = 0
         self._upstream = MessageFramer()
-        self._client = MessageFramer()
-        self._scram: ScramClientExchange | None = None
-        self._scram_verified = False
-        # Pipelining: the mechanism list we bet the server will offer (credentials mode only).
-        self._expected_sasl = expected_sasl if credentials is not None else None
         self._held: list[bytes] = []
         self.state = LoginState.AUTHENTICATING
         self.server_key: tuple[int, bytes] | None = None
@@ -100,34 +105,21 @@ class UpstreamLogin:
         # The server's ParameterStatus messages as sent, to replay to a client that reuses
         # this session later.
         self.status_messages = b""
-        self.channel_bound = False
         self.auth_method: str | None = None
-        # Relay mode: the client owes the server an answer to the request we forwarded.
-        self.awaiting_client = False
-        # The SASL mechanisms this server offered, to pipeline the next login to it.
-        self.sasl_offer: tuple[str, ...] | None = None
-        self.pipelined = False
-
-    @property
-    def relaying_auth(self) -> bool:
-        return self._creds is None
 
     def start(self) -> bytes:
-        startup = codec.startup_message(self._params)
-        if self._expected_sasl is None:
-            return startup
-        try:
-            self._begin_scram(list(self._expected_sasl))
-        except ProtocolError:
-            # What we remember would not do for this login (say channel binding is now
-            # required): let the server's real offer decide, and fail on that.
-            self._scram, self.channel_bound, self.auth_method = None, False, None
-            return startup
-        assert self._scram is not None
-        self.pipelined = True
-        return startup + codec.sasl_initial_response(
-            self._scram.mechanism, self._scram.client_first()
-        )
+        return codec.startup_message(self._params)
+
+    @property
+    def done(self) -> bool:
+        return self.state is LoginState.READY
+
+    def receive(self, data: bytes) -> Output:
+        """Bytes from whichever side the login waits for: the client when ``awaiting_client``
+        (its answer to a relayed request), else the server."""
+        if self.awaiting_client:
+            return Output(to_upstream=self.receive_client(data))
+        return self.receive_upstream(data)
 
     def receive_upstream(self, data: bytes) -> Output:
         self._upstream.feed(data)
@@ -144,47 +136,33 @@ class UpstreamLogin:
         return out
 
     def receive_client(self, data: bytes) -> bytes:
-        """Client bytes during login; only SASL/password answers in relay mode are valid."""
-        if not self.relaying_auth or self.state is not LoginState.AUTHENTICATING:
-            raise ProtocolError("unexpected message from client during authentication")
-        self._client.feed(data)
-        out = b""
-        while (msg := self._client.next_message()) is not None:
-            if msg.kind != b"p":
-                raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
-            if self._client_tls and self._client_answers == 0:
-                _refuse_relayed_binding(msg.payload)
-            self._client_answers += 1
-            out += msg.encode()
-            self.awaiting_client = False
-        return out
-
-    # --- server messages ----------------------------------------------------------------------
+        """Client bytes during login: only a relayed login ever asks the client anything."""
+        raise ProtocolError("unexpected message from client during authentication")
 
     def _on_message(self, kind: bytes, payload: bytes, out: Output) -> None:
         if kind == b"E":
-            error = codec.parse_error_fields(payload)
-            if self._awaiting_sasl_offer() and error.sqlstate == sqlstate.PROTOCOL_VIOLATION:
-                # A server that reads ahead may object to our pipelined answer itself.
-                raise SpeculationFailed(error.message)
-            raise UpstreamRejected(
-                error,
-                during_auth=self.state is LoginState.AUTHENTICATING,
+            self._on_error(codec.parse_error_fields(payload))
+        elif self.state is LoginState.AUTHENTICATING:
+            self._on_auth_phase_message(kind, payload, out)
+        else:
+            self._on_startup_message(kind, payload, out)
+
+    def _on_error(self, error: ServerError) -> None:
+        raise UpstreamRejected(error, during_auth=self.state is LoginState.AUTHENTICATING)
+
+    def _on_auth_phase_message(self, kind: bytes, payload: bytes, out: Output) -> None:
+        if kind == b"R":
+            self._on_auth(codec.parse_auth_request(payload), payload, out)
+        elif kind == b"N":
+            self._held.append(codec.message(kind, payload))
+        elif kind != b"v":  # NegotiateProtocolVersion: we asked for plain 3.0 anyway
+            raise ProtocolError(
+                f"unexpected message type {kind!r} from server during authentication",
+                sqlstate.CONNECTION_FAILURE,
             )
-        if self.state is LoginState.AUTHENTICATING:
-            if kind == b"R":
-                self._on_auth(codec.parse_auth_request(payload), payload, out)
-            elif kind == b"N":
-                self._held.append(codec.message(kind, payload))
-            elif kind == b"v":
-                pass  # we asked for plain 3.0; nothing to adjust
-            else:
-                raise ProtocolError(
-                    f"unexpected message type {kind!r} from server during authentication",
-                    sqlstate.CONNECTION_FAILURE,
-                )
-            return
-        # STARTING: parameters, notices, the cancel key, then ReadyForQuery.
+
+    def _on_startup_message(self, kind: bytes, payload: bytes, out: Output) -> None:
+        """After AuthenticationOk: parameters, notices, the cancel key, then ReadyForQuery."""
         if kind == b"S":
             name, _, rest = payload.partition(b"\0")
             self.server_parameters[name.decode(errors="replace")] = rest.rstrip(b"\0").decode(
@@ -198,14 +176,8 @@ class UpstreamLogin:
         elif kind == b"N":
             self._held.append(codec.message(kind, payload))
         elif kind == b"Z":
-            status = [codec.parameter_status(k, v) for k, v in self._extra_status.items()]
-            pid, secret = self._client_key
-            out.to_client += (
-                codec.auth_ok()
-                + b"".join(self._held)
-                + b"".join(status)
-                + codec.backend_key_data(pid, secret)
-                + codec.message(kind, payload)
+            out.to_client += codec.login_tail(
+                b"".join(self._held), self._extra_status, self._client_key, payload
             )
             self._held.clear()
             self.state = LoginState.READY
@@ -215,56 +187,66 @@ class UpstreamLogin:
                 sqlstate.CONNECTION_FAILURE,
             )
 
+    def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
+        raise NotImplementedError
+
+
+class CredentialsLogin(_Login):
+    """We hold the password and answer the server ourselves."""
+
+    def __init__(
+        self,
+        parameters: Mapping[str, str],
+        *,
+        credentials: Credentials,
+        certificate_der: bytes | None,
+        client_key: tuple[int, bytes],
+        extra_status: Mapping[str, str],
+        expected_sasl: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(parameters, client_key=client_key, extra_status=extra_status)
+        self._creds = credentials
+        self._cert = certificate_der
+        self._scram: ScramClientExchange | None = None
+        self._scram_verified = False
+        # Pipelining: the mechanism list we bet the server will offer.
+        self._expected_sasl = expected_sasl
+
+    def start(self) -> bytes:
+        startup = super().start()
+        if self._expected_sasl is None:
+            return startup
+        try:
+            self._begin_scram(list(self._expected_sasl))
+        except ProtocolError:
+            # What we remember would not do for this login (say channel binding is now
+            # required): let the server's real offer decide, and fail on that.
+            self._scram, self.channel_bound, self.auth_method = None, False, None
+            return startup
+        assert self._scram is not None
+        self.pipelined = True
+        return startup + codec.sasl_initial_response(
+            self._scram.mechanism, self._scram.client_first()
+        )
+
     def _awaiting_sasl_offer(self) -> bool:
         """We pipelined a SASLInitialResponse and the server has not yet asked for SASL."""
         return self.pipelined and self.sasl_offer is None
 
+    def _on_error(self, error: ServerError) -> None:
+        if self._awaiting_sasl_offer() and error.sqlstate == sqlstate.PROTOCOL_VIOLATION:
+            # A server that reads ahead may object to our pipelined answer itself.
+            raise SpeculationFailed(error.message)
+        super()._on_error(error)
+
     def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
         if self._awaiting_sasl_offer():
-            # Anything but the same offer means the server read (or will read) our
-            # pipelined answer as something else: this connection is spoiled.
-            if request.code != codec.AUTH_SASL:
-                raise SpeculationFailed(f"the server asked for authentication code {request.code}")
-            offered = tuple(request.sasl_mechanisms())
-            if offered != self._expected_sasl:
-                raise SpeculationFailed(f"the server now offers {list(offered)}")
-            self.sasl_offer = offered
-            return
-        if request.code == codec.AUTH_OK:
-            if self._scram is not None and not self._scram_verified:
-                raise ProtocolError(
-                    "server accepted the login without proving it knows the password",
-                    sqlstate.CONNECTION_FAILURE,
-                )
-            # As libpq: "require" also refuses a server that skips authentication altogether.
-            if (
-                self._creds is not None
-                and self._creds.channel_binding is ChannelBindingPolicy.REQUIRE
-                and not (self.channel_bound and self._scram_verified)
-            ):
-                raise ProtocolError(
-                    "channel binding is required, but the server authenticated the client "
-                    "without channel binding",
-                    sqlstate.UNABLE_TO_CONNECT,
-                )
+            self._check_pipelined_offer(request)
+        elif request.code == codec.AUTH_OK:
+            self._check_server_proof()
             self.state = LoginState.STARTING
-            return
-        if self._creds is None:
-            self._relay_auth(request, payload, out)
-            return
-        if request.code == codec.AUTH_SASL:
-            mechanisms = request.sasl_mechanisms()
-            self.sasl_offer = tuple(mechanisms)
-            self._begin_scram(mechanisms)
-            assert self._scram is not None
-            out.to_upstream += codec.sasl_initial_response(
-                self._scram.mechanism, self._scram.client_first()
-            )
-        elif request.code == codec.AUTH_SASL_CONTINUE and self._scram is not None:
-            out.to_upstream += codec.sasl_response(self._scram.client_final(request.data))
-        elif request.code == codec.AUTH_SASL_FINAL and self._scram is not None:
-            self._scram.verify_server_final(request.data)
-            self._scram_verified = True
+        elif request.code in (codec.AUTH_SASL, codec.AUTH_SASL_CONTINUE, codec.AUTH_SASL_FINAL):
+            self._on_sasl(request, out)
         elif self._creds.channel_binding is ChannelBindingPolicy.REQUIRE:
             raise ProtocolError(
                 "channel binding is required, but the server asked for a password without SCRAM",
@@ -279,14 +261,59 @@ class UpstreamLogin:
             self.auth_method = "password"
             out.to_upstream += codec.password_message(self._creds.password)
         else:
+            raise _unsupported(request)
+
+    def _check_pipelined_offer(self, request: codec.AuthRequest) -> None:
+        # Anything but the same offer means the server read (or will read) our pipelined
+        # answer as something else: this connection is spoiled.
+        if request.code != codec.AUTH_SASL:
+            raise SpeculationFailed(f"the server asked for authentication code {request.code}")
+        offered = tuple(request.sasl_mechanisms())
+        if offered != self._expected_sasl:
+            raise SpeculationFailed(f"the server now offers {list(offered)}")
+        self.sasl_offer = offered
+
+    def _check_server_proof(self) -> None:
+        if self._scram is not None and not self._scram_verified:
             raise ProtocolError(
-                f"the server asked for an authentication method neonlocal does not support "
-                f"(code {request.code})",
+                "server accepted the login without proving it knows the password",
+                sqlstate.CONNECTION_FAILURE,
+            )
+        # As libpq: "require" also refuses a server that skips authentication altogether.
+        if self._creds.channel_binding is ChannelBindingPolicy.REQUIRE and not (
+            self.channel_bound and self._scram_verified
+        ):
+            raise ProtocolError(
+                "channel binding is required, but the server authenticated the client "
+                "without channel binding",
                 sqlstate.UNABLE_TO_CONNECT,
             )
 
+    def _on_sasl(self, request: codec.AuthRequest, out: Output) -> None:
+        if request.code == codec.AUTH_SASL:
+            mechanisms = request.sasl_mechanisms()
+            self.sasl_offer = tuple(mechanisms)
+            self._begin_scram(mechanisms)
+            assert self._scram is not None
+            out.to_upstream += codec.sasl_initial_response(
+                self._scram.mechanism, self._scram.client_first()
+            )
+        elif self._scram is None:
+            # SASLContinue or SASLFinal without a SASL exchange begun.
+            if self._creds.channel_binding is ChannelBindingPolicy.REQUIRE:
+                raise ProtocolError(
+                    "channel binding is required, but the server asked for a password "
+                    "without SCRAM",
+                    sqlstate.UNABLE_TO_CONNECT,
+                )
+            raise _unsupported(request)
+        elif request.code == codec.AUTH_SASL_CONTINUE:
+            out.to_upstream += codec.sasl_response(self._scram.client_final(request.data))
+        else:
+            self._scram.verify_server_final(request.data)
+            self._scram_verified = True
+
     def _begin_scram(self, offered: list[str]) -> None:
-        assert self._creds is not None
         self._scram = ScramClientExchange(
             offered,
             self._creds.user,
@@ -297,8 +324,47 @@ class UpstreamLogin:
         self.channel_bound = self._scram.channel_bound
         self.auth_method = self._scram.mechanism
 
-    def _relay_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
-        if request.code == codec.AUTH_SASL:
+
+class RelayedLogin(_Login):
+    """The client answers the server's requests itself; we pass them through both ways."""
+
+    relaying_auth = True
+
+    def __init__(
+        self,
+        parameters: Mapping[str, str],
+        *,
+        client_key: tuple[int, bytes],
+        extra_status: Mapping[str, str],
+        client_tls: bool = False,
+    ) -> None:
+        super().__init__(parameters, client_key=client_key, extra_status=extra_status)
+        self._client_tls = client_tls
+        self._client_answers = 0
+        self._client = MessageFramer()
+        # The client owes the server an answer to the request we passed on.
+        self.awaiting_client = False
+
+    def receive_client(self, data: bytes) -> bytes:
+        """Client bytes during login; only SASL/password answers are valid."""
+        if self.state is not LoginState.AUTHENTICATING:
+            return super().receive_client(data)
+        self._client.feed(data)
+        out = b""
+        while (msg := self._client.next_message()) is not None:
+            if msg.kind != b"p":
+                raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
+            if self._client_tls and self._client_answers == 0:
+                _refuse_relayed_binding(msg.payload)
+            self._client_answers += 1
+            out += msg.encode()
+            self.awaiting_client = False
+        return out
+
+    def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
+        if request.code == codec.AUTH_OK:
+            self.state = LoginState.STARTING
+        elif request.code == codec.AUTH_SASL:
             offered = [m for m in request.sasl_mechanisms() if m != SCRAM_SHA_256_PLUS]
             if not offered:
                 raise ProtocolError(
@@ -323,11 +389,43 @@ class UpstreamLogin:
             # SASLFinal is followed by AuthenticationOk without an answer from the client.
             self.awaiting_client = request.code != codec.AUTH_SASL_FINAL
         else:
-            raise ProtocolError(
-                f"the server asked for an authentication method neonlocal does not support "
-                f"(code {request.code})",
-                sqlstate.UNABLE_TO_CONNECT,
-            )
+            raise _unsupported(request)
+
+
+UpstreamLogin = CredentialsLogin | RelayedLogin
+
+
+def upstream_login(
+    parameters: Mapping[str, str],
+    *,
+    credentials: Credentials | None,
+    certificate_der: bytes | None,
+    client_key: tuple[int, bytes],
+    extra_status: Mapping[str, str],
+    client_tls: bool = False,
+    expected_sasl: tuple[str, ...] | None = None,
+) -> UpstreamLogin:
+    """The login for what we hold: our own with ``credentials``, else the client's, relayed."""
+    if credentials is None:
+        return RelayedLogin(
+            parameters, client_key=client_key, extra_status=extra_status, client_tls=client_tls
+        )
+    return CredentialsLogin(
+        parameters,
+        credentials=credentials,
+        certificate_der=certificate_der,
+        client_key=client_key,
+        extra_status=extra_status,
+        expected_sasl=expected_sasl,
+    )
+
+
+def _unsupported(request: codec.AuthRequest) -> ProtocolError:
+    return ProtocolError(
+        f"the server asked for an authentication method neonlocal does not support "
+        f"(code {request.code})",
+        sqlstate.UNABLE_TO_CONNECT,
+    )
 
 
 def _refuse_relayed_binding(payload: bytes) -> None:

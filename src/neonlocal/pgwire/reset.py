@@ -32,7 +32,11 @@ class ResetExchange:
     def request() -> bytes:
         return codec.message(b"Q", RESET_QUERY.encode() + b"\0")
 
-    def receive_data(self, data: bytes) -> ResetResult:
+    @property
+    def done(self) -> bool:
+        return self.result is not ResetResult.PENDING
+
+    def receive(self, data: bytes) -> ResetResult:
         if self.result is not ResetResult.PENDING:
             # Anything after the answer (a shutdown notice, say) spoils the session.
             self.result = ResetResult.UNUSABLE

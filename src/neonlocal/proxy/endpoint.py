@@ -6,12 +6,11 @@ is written straight into the peer's transport, and the peer's flow control pause
 Using Protocols rather than streams keeps the relay to one callback and one write per chunk.
 
 The upstream side is an ``UpstreamEndpoint``, which does its own TLS over the raw TCP
-transport (an ``ssl.SSLObject`` between two memory BIOs) instead of ``loop.start_tls``. The
-standard loop's TLS layer is pure Python: relaying through it took a third more CPU per
-message (bench/RESULTS.md). uvloop's compiled one costs about what this does, so with uvloop
-the gain is nil, but both loops now behave and cost the same, and the handshake is ours
-(where direct TLS negotiation would go). On a 2-core machine the relay's CPU per message is
-what decides how much is left for the client and the server.
+transport (an ``ssl.SSLObject`` between two memory BIOs) instead of ``loop.start_tls``: the
+standard loop's TLS layer is pure Python and costs the relay more CPU per message than this
+(bench/RESULTS.md has the figures), and owning the handshake is what lets direct TLS
+negotiation fall back. The relay's CPU per message is what a small machine has left for
+the client and the server.
 """
 
 from __future__ import annotations

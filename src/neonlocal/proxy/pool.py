@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from neonlocal.pgwire.reset import ResetExchange, ResetResult
-from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.drive import drive
+from neonlocal.proxy.endpoint import Endpoint, PeerClosed
 from neonlocal.targets import Target
 
 log = structlog.get_logger("neonlocal.pool")
@@ -88,33 +89,17 @@ class SessionPool:
         task.add_done_callback(self._tasks.discard)
 
     async def _reset_and_keep(self, key: PoolKey, parked: Parked) -> None:
+        # The relay has let go of the endpoint: what the server sends now waits in recv().
         endpoint = parked.endpoint
         reset = ResetExchange()
-        answered: asyncio.Future[ResetResult] = asyncio.get_running_loop().create_future()
-
-        def on_data(data: bytes) -> None:
-            result = reset.receive_data(data)
-            if result is not ResetResult.PENDING and not answered.done():
-                answered.set_result(result)
-
-        def on_gone() -> None:
-            if not answered.done():
-                answered.set_result(ResetResult.UNUSABLE)
-
-        def on_eof() -> bool:
-            on_gone()
-            return False
-
-        endpoint.on_data = on_data
-        endpoint.on_lost = on_gone
-        endpoint.on_eof = on_eof
         endpoint.write(ResetExchange.request())
         try:
             async with asyncio.timeout(RESET_TIMEOUT_S):
-                result = await answered
-        except TimeoutError:
-            result = ResetResult.UNUSABLE
-        if result is not ResetResult.CLEAN:
+                await drive(reset, endpoint.recv, _ignore)
+        except (TimeoutError, PeerClosed):
+            endpoint.close()
+            return
+        if reset.result is not ResetResult.CLEAN:
             endpoint.close()
             return
         self._keep(key, parked)
@@ -177,3 +162,7 @@ class SessionPool:
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=1.0)
+
+
+def _ignore(_result: ResetResult) -> None:
+    pass

@@ -18,12 +18,14 @@ from neonlocal.proxy.endpoint import Endpoint
 # the client's next request to answer it with the error, before sending it unasked.
 END_WHEN_IDLE_S = 1.0
 
-# Type byte and length of a ReadyForQuery message; the status byte follows.
-_READY = b"Z\x00\x00\x00\x05"
-# ReadyForQuery with each transaction status: idle, in a transaction, in a failed one.
-_READY_MESSAGES = (_READY + b"I", _READY + b"T", _READY + b"E")
-_IDLE_STATUS = b"I"[0]
-_TERMINATE = b"X\x00\x00\x00\x04"
+# ReadyForQuery with each transaction status, as whole messages: a chunk ending in one of
+# them ends on a message boundary.
+_READY_MESSAGES = tuple(
+    codec.ready_for_query(status)
+    for status in (codec.IDLE, codec.IN_TRANSACTION, codec.IN_FAILED_TRANSACTION)
+)
+_IDLE_STATUS = codec.IDLE[0]
+_TERMINATE = codec.terminate()
 
 
 class Relay:
@@ -45,13 +47,13 @@ class Relay:
         # idle session outside a transaction; the upstream then belongs to the caller.
         self.release: Callable[[], None] | None = None
         self.released = False
-        self._status = b"I"[0]
+        self._status = _IDLE_STATUS
         self._client_tls = False
         self._to_upstream: Callable[[bytes], None] = _discard
         self._to_client: Callable[[bytes], None] = _discard
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def start(self, leftover_client: bytes = b"") -> None:
+    def start(self) -> None:
         client, upstream = self.client, self.upstream
         assert client.transport is not None
         assert upstream.transport is not None
@@ -68,7 +70,7 @@ class Relay:
         upstream.on_eof = self._upstream_eof_received
         client.on_lost = self._lost
         upstream.on_lost = self._lost
-        early = client.take_buffered() + leftover_client
+        early = client.take_buffered()
         if early:
             self._from_client(early)
         if client.lost or upstream.lost:

@@ -2,7 +2,8 @@
 
 The server owns every listening socket and every session task. It knows the currently
 selected target (set by the daemon on start and on each reload) and counts sessions per
-branch for ``status``.
+branch for ``status``. To its sessions it is a ``SessionContext`` (proxy/context.py), and
+they are ``LiveSession``s to it: neither reads the other's insides.
 """
 
 from __future__ import annotations
@@ -10,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import os
 import socket
 import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import structlog
 
-from neonlocal.control import unix_socket_answers
+from neonlocal.errors import UserError
 from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
@@ -29,16 +28,20 @@ from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
-from neonlocal.proxy.endpoint import Endpoint
-from neonlocal.proxy.listener import TcpListener, bind_tcp
-from neonlocal.proxy.pool import SessionPool
-from neonlocal.proxy.session import (
+from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     STARTUP_TIMEOUT_S,
     TERMINATE_GRACE_S,
-    Session,
+    LiveSession,
+    SaslOffers,
     SessionRefused,
+    SessionReport,
 )
+from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.listener import TcpListener, bind_tcp
+from neonlocal.proxy.pool import SessionPool
+from neonlocal.proxy.session import Session
+from neonlocal.proxy.unix import listen_unix
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.settings import Settings
 from neonlocal.targets import Target
@@ -49,8 +52,8 @@ log = structlog.get_logger("neonlocal.server")
 CredentialRefresher = Callable[[str, Target], Awaitable[Target | None]]
 
 
-class ListenError(Exception):
-    """A listening address could not be bound; one line for the user."""
+class ListenError(UserError):
+    """A listening address could not be bound."""
 
 
 def format_address(host: str, port: int) -> str:
@@ -61,7 +64,7 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cancels = CancelRegistry()
-        self.sessions: set[Session] = set()
+        self.sessions: set[LiveSession] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._servers: list[asyncio.Server] = []
         # TCP listeners accept themselves, to see PostgreSQL 17 direct TLS (listener.py).
@@ -80,9 +83,7 @@ class Server:
         self._configure_pool()
         self._unix_path: Path | None = None
         self._scram_cache: dict[str, ScramSecret] = {}
-        # (host, port, role, database) -> the SASL mechanisms that server offered last time:
-        # what lets the next login to it be pipelined (pgwire/login.py).
-        self.sasl_offers: dict[tuple[str, int, str, str], tuple[str, ...]] = {}
+        self.sasl_offers: SaslOffers = {}
         self.addresses = AddressBook()
         self.metrics = Metrics(self._live_state)
         self._set_local_password()
@@ -164,19 +165,26 @@ class Server:
     # --- listening -----------------------------------------------------------------------------
 
     async def start(self, sockets: Sequence[socket.socket] = ()) -> None:
-        loop = asyncio.get_running_loop()
+        """Listen on ``sockets`` (handed over by a service manager), else on ``[listen]``."""
         if sockets:
-            for sock in sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    self._listen_tcp(sock)
-                else:
-                    self._servers.append(await loop.create_server(self._protocol, sock=sock))
-                name = sock.getsockname()
-                self.listening.append(
-                    format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
-                )
-            self.accepting = True
-            return
+            await self._listen_inherited(sockets)
+        else:
+            await self._listen_configured()
+        self.accepting = True
+
+    async def _listen_inherited(self, sockets: Sequence[socket.socket]) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                self._listen_tcp(sock)
+            else:
+                self._servers.append(await loop.create_server(self._protocol, sock=sock))
+            name = sock.getsockname()
+            self.listening.append(
+                format_address(name[0], name[1]) if isinstance(name, tuple) else str(name)
+            )
+
+    async def _listen_configured(self) -> None:
         listen = self.settings.listen
         port = listen.port
         for host in listen.host:
@@ -197,31 +205,13 @@ class Server:
         if not self._tcp:
             raise ListenError("neonlocal: no address to listen on; check [listen] host")
         await self._start_unix_listener(port)
-        self.accepting = True
 
     async def _start_unix_listener(self, port: int) -> None:
-        directory = unix_socket_dir(self.settings.listen.unix_socket_dir)
-        if directory is None:
-            return
-        path = directory / f".s.PGSQL.{port}"
-        if path.exists() or path.is_symlink():
-            if unix_socket_answers(path, timeout=0.5):
-                log.warning("unix_socket_in_use", path=str(path))
-                return
-            path.unlink()
-        old_umask = os.umask(0o177)  # the socket is ours alone, like our database credentials
-        try:
-            srv = await asyncio.get_running_loop().create_unix_server(
-                self._protocol, path=str(path)
-            )
-        except OSError as exc:
-            log.warning("unix_socket_skipped", path=str(path), reason=exc.strerror or str(exc))
-            return
-        finally:
-            os.umask(old_umask)
-        self._servers.append(srv)
-        self._unix_path = path
-        self.listening.append(str(path))
+        unix = await listen_unix(self._protocol, self.settings.listen.unix_socket_dir, port)
+        if unix is not None:
+            srv, self._unix_path = unix
+            self._servers.append(srv)
+            self.listening.append(str(self._unix_path))
 
     def _listen_tcp(self, sock: socket.socket) -> None:
         listener = TcpListener(
@@ -282,7 +272,7 @@ class Server:
 
     # --- sessions ------------------------------------------------------------------------------
 
-    def admit(self, session: Session) -> None:
+    def admit(self, session: LiveSession) -> None:
         limit = self.settings.listen.max_sessions
         if len(self.sessions) >= limit:
             raise SessionRefused(
@@ -293,35 +283,19 @@ class Server:
             )
         self.sessions.add(session)
 
-    def session_started(self, session: Session) -> None:
-        self.sessions_total += 1
-        if session.branch is not None:
-            self.metrics.session_opened(session.branch)
-        self.log_session("session_opened", session)
-
-    def session_ended(self, session: Session) -> None:
-        if session not in self.sessions:
-            return
+    def release(self, session: LiveSession) -> None:
         self.sessions.discard(session)
-        fields: dict[str, Any] = {
-            "duration_s": round(time.monotonic() - session.started, 3),
-            "reason": session.close_reason,
-        }
-        if session.relay is not None:
-            fields["bytes_from_client"] = session.client.bytes_in
-            fields["bytes_from_server"] = session.relay.upstream.bytes_in
-        if session.branch is not None:
-            self.log_session("session_closed", session, **fields)
-            # Read once at the end: the relay's hot path stays free of metrics work.
-            upstream = session.upstream
-            self.metrics.session_closed(
-                session.branch,
-                to_upstream=session.client.bytes_in if upstream is not None else 0,
-                to_client=upstream.endpoint.bytes_in if upstream is not None else 0,
-            )
 
-    def log_session(self, event: str, session: Session, **fields: Any) -> None:
-        log.info(event, **session.log_fields(), **fields)
+    def report(self, session_id: int) -> SessionReport:
+        return SessionReport(
+            session_id,
+            self.metrics,
+            record_error=self.record_error,
+            count_session=self._count_session,
+        )
+
+    def _count_session(self) -> None:
+        self.sessions_total += 1
 
     def sessions_by_branch(self) -> dict[str, int]:
         return dict(Counter(s.branch for s in self.sessions if s.branch is not None))
@@ -356,12 +330,6 @@ class Server:
         self.last_error = message.removeprefix("neonlocal: ")
         self.last_error_at = time.time()
 
-    def observe_connect(self, seconds: float, branch: str | None = None) -> None:
-        if branch is not None:
-            self.metrics.upstream_connected(branch, seconds)
-        if seconds > 2.0:
-            log.info("upstream_slow_connect", seconds=round(seconds, 2))
-
     async def forward_cancel(self, request: CancelRequest) -> None:
         route = self.cancels.lookup(request.process_id, request.secret)
         if route is None:
@@ -369,11 +337,9 @@ class Server:
             return
         await self._send_cancel(route)
 
-    def cancel_session_query(self, session: Session) -> None:
-        """Cancel what ``session`` runs upstream (we are ending it)."""
-        if session.cancel_pid is None:
-            return
-        route = self.cancels.route_of(session.cancel_pid)
+    def cancel_query(self, cancel_pid: int) -> None:
+        """Cancel what the session holding ``cancel_pid`` runs upstream (we are ending it)."""
+        route = self.cancels.route_of(cancel_pid)
         if route is None:
             return
         task = asyncio.get_running_loop().create_task(self._send_cancel(route))
@@ -391,7 +357,7 @@ class Server:
             )
         except UpstreamError as exc:
             self.metrics.error(ErrorKind.CANCEL_FAILED)
-            log.warning("cancel_failed", upstream=route.target.describe(), cause=exc.cause)
+            log.warning("cancel_failed", upstream=route.target.describe(), cause=exc.message)
             return
         log.info("cancel_forwarded", upstream=route.target.describe())
 
@@ -416,22 +382,6 @@ class Server:
         if self.pool is not None:
             await self.pool.close()
         await self.drain(deadline, "neonlocal is shutting down")
-
-
-# Where libpq looks for `.s.PGSQL.<port>` when no host is given: Debian and Ubuntu build it
-# with /var/run/postgresql, upstream PostgreSQL (macOS, most others) with /tmp.
-_LIBPQ_SOCKET_DIRS = ("/var/run/postgresql", "/tmp")  # noqa: S108 - libpq's own default
-
-
-def unix_socket_dir(setting: str) -> Path | None:
-    if not setting:
-        return None
-    if setting != "auto":
-        return Path(setting).expanduser()
-    for candidate in _LIBPQ_SOCKET_DIRS:
-        if os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return Path(candidate)
-    return None
 
 
 def _listen_problem(host: str, port: int, exc: OSError) -> str:

@@ -1,7 +1,9 @@
-"""One client session: negotiate, authenticate both sides, then relay.
+"""One client session: negotiate, admit, plan, authenticate locally, log in upstream, relay.
 
 The session chooses its branch once, when the StartupMessage arrives, and keeps it until it
-closes: switching the selection never moves an open session.
+closes: switching the selection never moves an open session. It sees the server only through
+``SessionContext`` (proxy/context.py). After the first ReadyForQuery it is a relay
+(proxy/relay.py) and does no work per message.
 """
 
 from __future__ import annotations
@@ -11,130 +13,60 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections.abc import Awaitable, Callable, Mapping
+from typing import NoReturn
 
+from neonlocal.errors import Refusal
 from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
 from neonlocal.pgwire import codec, sqlstate
-from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
+from neonlocal.pgwire.codec import (
+    CancelRequest,
+    GSSENCRequest,
+    Request,
+    SSLRequest,
+    StartupMessage,
+)
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
-    Credentials,
-    LoginState,
+    Output,
     SpeculationFailed,
     UpstreamLogin,
     UpstreamRejected,
+    upstream_login,
 )
-from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
+from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
+from neonlocal.proxy.context import (
+    CANCEL_WAIT_S,
+    STARTUP_TIMEOUT_S,
+    TERMINATE_GRACE_S,
+    SessionContext,
+    SessionRefused,
+)
+from neonlocal.proxy.drive import drive
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.proxy.plan import Plan, plan_login
 from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
 
-if TYPE_CHECKING:
-    from neonlocal.proxy.server import Server
+# The parameter that tells a client which branch it is on.
+BRANCH_PARAMETER = "neonlocal.branch"
 
-# How long a client may take to send its startup packet and answer local authentication
-# (PostgreSQL's authentication_timeout). Waiting for the upstream is bounded separately.
-STARTUP_TIMEOUT_S = 60.0
-
-# Startup parameters that choose where a Neon session goes; we route by SNI ourselves and a
-# real PostgreSQL would reject them as unknown options.
-_NEON_ROUTING_OPTIONS = ("endpoint=", "project=")
-
-# `use --terminate`: how long a query in flight may run before it is cancelled, and how long
-# the cancelled query then has to come back before the sockets are simply closed.
-TERMINATE_GRACE_S = 5.0
-CANCEL_WAIT_S = 2.0
+# What the server answers our own login with when the password we hold is stale.
+_STALE_PASSWORD_STATES = (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION)
 
 _ids = itertools.count(1)
 
 
-class _StaleCredentials(Exception):
-    """The server refused the password we hold; worth one refresh and retry."""
-
-
-class SessionRefused(Exception):
-    """End the session before relaying, with this SQLSTATE and message for the client."""
-
-    def __init__(
-        self, message: str, code: str, kind: ErrorKind | None = None, *, hint: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.sqlstate = code
-        self.kind = kind
-        self.hint = hint
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where and how a session logs in upstream."""
-
-    target: Target
-    user: str
-    database: str
-    parameters: dict[str, str]
-    credentials: Credentials | None
-
-
-def strip_routing_options(options: str) -> str:
-    words = [w for w in options.split() if not w.startswith(_NEON_ROUTING_OPTIONS)]
-    # Neon also accepts "-c endpoint=..." style; drop a dangling "-c" left behind.
-    cleaned: list[str] = []
-    for word in words:
-        if cleaned and cleaned[-1] == "-c" and word == "-c":
-            continue
-        cleaned.append(word)
-    if cleaned and cleaned[-1] == "-c":
-        cleaned.pop()
-    return " ".join(cleaned)
-
-
-def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
-    """Choose role, database, startup parameters and auth mode for a client on ``target``."""
-    client_user = client_params["user"]
-    user = target.user if target.pin_user and target.user else client_user
-    database = (
-        target.database
-        if target.pin_database and target.database
-        else client_params.get("database") or target.database or user
-    )
-    params: dict[str, str] = {}
-    for key, value in client_params.items():
-        if key in ("user", "database"):
-            continue
-        params[key] = value
-    options = " ".join(
-        o
-        for o in (
-            strip_routing_options(target.options or ""),
-            strip_routing_options(params.pop("options", "")),
-        )
-        if o
-    )
-    params = {"user": user, "database": database, **params}
-    if options:
-        params["options"] = options
-    if "application_name" not in params and target.application_name:
-        params["application_name"] = target.application_name
-    credentials = None
-    if target.password is not None and (target.user is None or target.user == user):
-        credentials = Credentials(
-            user, target.password, ChannelBindingPolicy(target.channel_binding)
-        )
-    return Plan(target, user, database, params, credentials)
-
-
 class Session:
-    def __init__(self, server: Server, client: Endpoint) -> None:
+    def __init__(self, context: SessionContext, client: Endpoint) -> None:
         self.id = next(_ids)
-        self.server = server
+        self._context = context
+        self._report = context.report(self.id)
         self.client = client
         self.branch: str | None = None
         self.target: Target | None = None
@@ -144,12 +76,11 @@ class Session:
         self.started = time.monotonic()
         self.close_reason = "client closed"
         self.user: str | None = None
-        self.database: str | None = None
         self.auth: str | None = None
-        self._stale_message = ""
         self.client_tls = False
         # How the client's TLS began: "direct" (PostgreSQL 17) or "ssl_request".
         self.client_tls_negotiation: str | None = None
+        self._admitted = False
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
 
@@ -157,27 +88,22 @@ class Session:
     def busy(self) -> bool:
         return self.relay is not None and not self.relay.idle
 
-    # --- lifecycle -----------------------------------------------------------------------------
+    # --- the story -----------------------------------------------------------------------------
 
     async def run(self) -> None:
         try:
             await self._run()
         except ProtocolError as exc:
-            self.close_reason = f"protocol error: {exc.message}"
-            self.server.metrics.error(ErrorKind.PROTOCOL)
-            self._refuse(exc.message, exc.sqlstate)
+            self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
-            self.close_reason = exc.message
-            self.server.metrics.error(exc.kind or _kind_of_sqlstate(exc.sqlstate))
-            self._refuse(exc.message, exc.sqlstate, hint=exc.hint)
+            self._refuse(exc, exc.message, exc.kind)
+        except UpstreamRejected as exc:
+            self._pass_on_rejection(exc)
         except PeerClosed as exc:
             self.close_reason = str(exc) or "client closed during startup"
         except TimeoutError:
-            self.close_reason = "startup timed out"
-            self.server.metrics.error(ErrorKind.STARTUP_TIMEOUT)
-            self._refuse(
-                "timeout while waiting for the startup packet", sqlstate.PROTOCOL_VIOLATION
-            )
+            timed_out = ProtocolError("timeout while waiting for the startup packet")
+            self._refuse(timed_out, "startup timed out", ErrorKind.STARTUP_TIMEOUT)
         finally:
             self._cleanup()
 
@@ -185,165 +111,72 @@ class Session:
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             startup = await self._negotiate()
         if startup is None:
-            return
-        self.server.admit(self)
-        params, negotiated = negotiate(startup)
-        if negotiated is not None:
-            self.client.write(negotiated.encode())
+            return  # a CancelRequest, now forwarded
+        self._context.admit(self)
+        self._admitted = True
+        params = self._accept_startup(startup)
         plan = self._plan(params)
-        secret = self._local_secret(plan)
-        if secret is not None:
-            async with asyncio.timeout(STARTUP_TIMEOUT_S):
-                await self._local_auth(secret)
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+            await self._authenticate_locally(plan)
         client_key = self._issue_cancel_key()
-        pool = self.server.pool
-        if pool is not None and plan.credentials is not None:
-            self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
-            parked = pool.take(self._pool_key)
-            if parked is not None:
-                await self._resume(parked, client_key)
-                return
-        try:
-            await self._connect_and_login(plan, client_key, may_refresh=True)
-        except _StaleCredentials:
-            # A reset branch or a changed password: fetch the credentials again, once,
-            # before the client sees an error.
-            fresh = await self.server.refresh_credentials(self.branch or "", plan.target)
-            if fresh is None:
-                self.server.record_error(self._stale_message)
-                raise SessionRefused(self._stale_message, sqlstate.INVALID_PASSWORD) from None
-            self.target = fresh
-            plan = plan_login(fresh, params)
-            await self._connect_and_login(plan, client_key, may_refresh=False)
+        parked = self._take_parked(plan)
+        if parked is not None:
+            await self._resume(parked, client_key)
+            return
+        upstream, login = await self._log_in_upstream(plan, params, client_key)
+        self._logged_in(upstream, login, plan)
+        await self._relay(upstream.endpoint, login.server_key)
 
-    async def _connect_and_login(
-        self, plan: Plan, client_key: tuple[int, bytes], *, may_refresh: bool
-    ) -> None:
-        offers = self.server.sasl_offers
-        offer_key = (plan.target.host, plan.target.port, plan.user, plan.database)
-        expected = None
-        if plan.credentials is not None and self.server.settings.upstream.pipeline_auth:
-            expected = offers.get(offer_key)
-        upstream = await self._connect(plan.target)
-        login = UpstreamLogin(
-            plan.parameters,
-            credentials=plan.credentials,
-            certificate_der=upstream.certificate_der,
-            client_key=client_key,
-            extra_status={"neonlocal.branch": self.branch or ""},
-            client_tls=self.client_tls,
-            expected_sasl=expected,
-        )
-        try:
-            await self._login(upstream, login, may_refresh=may_refresh, offer_key=offer_key)
-        except SpeculationFailed as exc:
-            offers.pop(offer_key, None)
-            self.server.log_session("auth_pipelining_refused", self, reason=str(exc))
-            await self._connect_and_login(plan, client_key, may_refresh=may_refresh)
-
-    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
-        """Serve the client on a reused upstream session: no handshake upstream at all."""
-        assert self.target is not None
-        self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
-        pid, secret = client_key
-        self.client.write(
-            codec.auth_ok()
-            + parked.status_messages
-            + codec.parameter_status("neonlocal.branch", self.branch or "")
-            + codec.backend_key_data(pid, secret)
-            + codec.ready_for_query()
-        )
-        self._status_messages = parked.status_messages
-        if parked.server_key is not None and self.cancel_pid is not None:
-            server_pid, server_secret = parked.server_key
-            self.server.cancels.bind(
-                self.cancel_pid, CancelRoute(parked.target, server_pid, server_secret)
-            )
-        self.auth = "reused"
-        self.server.log_session(
-            "session_ready",
-            self,
-            auth="reused",
-            tls=parked.tls_version,
-            ready_s=round(time.monotonic() - self.started, 3),
-        )
-        await self._relay(parked.endpoint, parked.server_key)
-
-    async def _relay(self, up: Endpoint, server_key: tuple[int, bytes] | None) -> None:
-        relay = Relay(self.client, up)
-        self.relay = relay
-        pool, key = self.server.pool, self._pool_key
-        if pool is not None and key is not None and self.upstream is not None:
-            upstream = self.upstream
-            target = self.target
-            assert target is not None
-
-            def release() -> None:
-                pool.park(
-                    key,
-                    Parked(
-                        up,
-                        target,
-                        self._status_messages,
-                        server_key,
-                        upstream.tls_version,
-                        upstream.address,
-                    ),
-                )
-
-            relay.release = release
-        relay.start()
-        await relay.done
-        self.close_reason = relay.close_reason
-        if relay.released:
-            self.close_reason = "client closed; upstream session kept for reuse"
-            self.upstream = None
-
-    def _issue_cancel_key(self) -> tuple[int, bytes]:
-        pid, secret = self.server.cancels.issue(self)
-        self.cancel_pid = pid
-        return pid, secret
+    # --- the client's first bytes --------------------------------------------------------------
 
     async def _negotiate(self) -> StartupMessage | None:
         ssl_object = self.client.extra("ssl_object")  # noqa: S610 - a transport's, not Django's
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        while True:
-            event = phase.next_event()
-            if event is None:
-                phase.receive_data(await self.client.recv())
-                continue
-            if isinstance(event, SSLRequest) and self.client_tls:
-                raise ProtocolError("unexpected SSLRequest over an encrypted connection")
-            if isinstance(event, SSLRequest | GSSENCRequest):
-                if phase.buffered:
-                    raise ProtocolError("received unencrypted data after SSL request")
-                local_tls = self.server.local_tls
-                if isinstance(event, GSSENCRequest) or local_tls is None:
-                    self.client.write(b"N")
-                else:
-                    self.client.write(b"S")
-                    await self._start_client_tls(local_tls.context)
-            elif isinstance(event, CancelRequest):
-                self.close_reason = "cancel request"
-                await self.server.forward_cancel(event)
-                self.client.close()
-                return None
-            else:
-                if phase.take_rest():
-                    raise ProtocolError("unexpected data after the startup packet")
-                if (
-                    self.server.settings.local.require_tls
-                    and not self.client_tls
-                    and not self._on_unix_socket()
-                ):
-                    raise SessionRefused(
-                        "neonlocal requires TLS from clients ([local] require_tls): "
-                        "connect with sslmode=require",
-                        sqlstate.INVALID_AUTHORIZATION,
-                    )
-                return event
+        await drive(
+            phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
+        )
+        request = phase.result
+        if isinstance(request, CancelRequest):
+            self.close_reason = "cancel request"
+            await self._context.forward_cancel(request)
+            self.client.close()
+            return None
+        assert request is not None
+        return self._checked_startup(request, phase)
+
+    async def _answer_encryption_request(
+        self, request: Request | None, phase: StartupPhase
+    ) -> None:
+        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive."""
+        if not isinstance(request, SSLRequest | GSSENCRequest):
+            return
+        if isinstance(request, SSLRequest) and self.client_tls:
+            raise ProtocolError("unexpected SSLRequest over an encrypted connection")
+        if phase.buffered:
+            raise ProtocolError("received unencrypted data after SSL request")
+        local_tls = self._context.local_tls
+        if isinstance(request, GSSENCRequest) or local_tls is None:
+            self.client.write(codec.ENCRYPTION_REFUSED)
+        else:
+            self.client.write(codec.ENCRYPTION_ACCEPTED)
+            await self._start_client_tls(local_tls.context)
+
+    def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
+        if phase.take_rest():
+            raise ProtocolError("unexpected data after the startup packet")
+        if (
+            self._context.settings.local.require_tls
+            and not self.client_tls
+            and not self._on_unix_socket()
+        ):
+            raise SessionRefused(
+                "neonlocal requires TLS from clients ([local] require_tls): "
+                "connect with sslmode=require",
+                sqlstate.INVALID_AUTHORIZATION,
+            )
+        return startup
 
     def _on_unix_socket(self) -> bool:
         """libpq never uses TLS on a Unix socket, and ours is for its owner alone; like
@@ -384,151 +217,216 @@ class Session:
 
     def _refuse_tls(self, reason: str) -> NoReturn:
         """End a client whose TLS failed; no ErrorResponse is possible, so log why."""
-        self.server.metrics.error(ErrorKind.PROTOCOL)
-        self.server.log_session("local_tls_failed", self, reason=reason)
+        self._report.error(ErrorKind.PROTOCOL)
+        self._report.event("local_tls_failed", reason=reason)
         raise PeerClosed(reason)
 
+    def _accept_startup(self, startup: StartupMessage) -> dict[str, str]:
+        params, negotiated = negotiate(startup)
+        if negotiated is not None:
+            self.client.write(negotiated.encode())
+        return params
+
+    # --- where to, and who may ---------------------------------------------------------------
+
     def _plan(self, params: Mapping[str, str]) -> Plan:
-        branch, target = self.server.current_target()
+        branch, target = self._context.current_target()
         self.branch, self.target = branch, target
-        self.server.session_started(self)
+        self._report.bind(branch=branch, upstream=target.describe())
+        self._report.opened(branch)
         plan = plan_login(target, params)
-        self.user, self.database = plan.user, plan.database
+        self.user = plan.user
+        self._report.bind(user=plan.user, database=plan.database)
         return plan
 
     def _local_secret(self, plan: Plan) -> ScramSecret | None:
         """What a local client must prove, if anything, before we log in upstream for it."""
         if plan.credentials is None:
             return None  # the client's own login is relayed; the server checks it
-        if self.server.local_secret is not None:
-            return self.server.local_secret
-        if self.client_tls and self.server.settings.local.tls_auth == "password":
-            return self.server.scram_secret_for(plan.credentials.password)
+        if self._context.local_secret is not None:
+            return self._context.local_secret
+        if self.client_tls and self._context.settings.local.tls_auth == "password":
+            return self._context.scram_secret_for(plan.credentials.password)
         return None
 
-    async def _local_auth(self, secret: ScramSecret) -> None:
-        local_tls = self.server.local_tls
+    async def _authenticate_locally(self, plan: Plan) -> None:
+        secret = self._local_secret(plan)
+        if secret is None:
+            return
+        local_tls = self._context.local_tls
         auth = LocalPasswordAuth(
             secret,
             certificate_der=local_tls.certificate_der if self.client_tls and local_tls else None,
         )
         self.client.write(auth.start())
-        while not auth.done:
+        try:
+            await drive(auth, self.client.recv, self.client.write)
+        except ProtocolError as exc:
+            if exc.sqlstate == sqlstate.INVALID_PASSWORD:
+                raise SessionRefused(
+                    f'password authentication failed for user "{self.user}"',
+                    sqlstate.INVALID_PASSWORD,
+                    ErrorKind.AUTH,
+                ) from None
+            raise
+
+    def _issue_cancel_key(self) -> tuple[int, bytes]:
+        pid, secret = self._context.cancels.issue(self)
+        self.cancel_pid = pid
+        return pid, secret
+
+    def _bind_cancel(self, target: Target, server_key: tuple[int, bytes] | None) -> None:
+        if server_key is not None and self.cancel_pid is not None:
+            pid, secret = server_key
+            self._context.cancels.bind(self.cancel_pid, CancelRoute(target, pid, secret))
+
+    def _branch_status(self) -> dict[str, str]:
+        return {BRANCH_PARAMETER: self.branch or ""}
+
+    # --- an upstream session -------------------------------------------------------------------
+
+    def _take_parked(self, plan: Plan) -> Parked | None:
+        pool = self._context.pool
+        if pool is None or plan.credentials is None:
+            return None
+        self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
+        return pool.take(self._pool_key)
+
+    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
+        """Serve the client on a reused upstream session: no handshake upstream at all."""
+        self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
+        self.client.write(
+            codec.login_tail(parked.status_messages, self._branch_status(), client_key)
+        )
+        self._status_messages = parked.status_messages
+        self._bind_cancel(parked.target, parked.server_key)
+        self.auth = "reused"
+        self._report.event(
+            "session_ready",
+            auth="reused",
+            tls=parked.tls_version,
+            ready_s=round(time.monotonic() - self.started, 3),
+        )
+        await self._relay(parked.endpoint, parked.server_key)
+
+    async def _log_in_upstream(
+        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+    ) -> tuple[Upstream, UpstreamLogin]:
+        """Connect and log in; a new connection at most once for a pipelined login the
+        server did not expect, and once with fresh credentials for a refused password."""
+        may_pipeline = may_refresh = True
+        while True:
+            upstream = await self._connect(plan.target)
+            login = self._upstream_login(plan, upstream, client_key, pipeline=may_pipeline)
             try:
-                reply = auth.receive_data(await self.client.recv())
-            except ProtocolError as exc:
-                if exc.sqlstate == sqlstate.INVALID_PASSWORD:
-                    raise SessionRefused(
-                        f'password authentication failed for user "{self.user}"',
-                        sqlstate.INVALID_PASSWORD,
-                        ErrorKind.AUTH,
-                    ) from None
+                await self._pump_login(upstream.endpoint, login)
+            except SpeculationFailed as exc:
+                upstream.endpoint.close()
+                self._context.sasl_offers.pop(_offer_key(plan), None)
+                self._report.event("auth_pipelining_refused", reason=str(exc))
+                may_pipeline = False
+            except UpstreamRejected as exc:
+                upstream.endpoint.close()
+                if not (may_refresh and _is_stale_password(login, exc)):
+                    raise
+                # A reset branch or a changed password: fetch the credentials again, once,
+                # before the client sees an error.
+                self.upstream, may_refresh = None, False
+                plan = plan_login(await self._fresh_target(exc), params)
+            except BaseException:
+                upstream.endpoint.close()
                 raise
-            self.client.write(reply)
+            else:
+                return upstream, login
 
     async def _connect(self, target: Target) -> Upstream:
-        settings = self.server.settings.upstream
+        settings = self._context.settings.upstream
         began = time.monotonic()
         try:
             upstream = await open_upstream(
                 target,
                 timeout=settings.connect_timeout,
                 keepalive=settings.keepalive,
-                addresses=self.server.addresses,
+                addresses=self._context.addresses,
             )
         except UpstreamError as exc:
-            message = (
-                f'neonlocal: cannot reach branch "{self.branch}" ({target.describe()}): {exc.cause}'
-            )
-            self.server.record_error(message)
-            raise SessionRefused(message, exc.sqlstate, _kind_of_upstream_error(exc)) from None
-        self.server.observe_connect(time.monotonic() - began, self.branch)
+            kind = ErrorKind.TLS if exc.tls else ErrorKind.UPSTREAM_UNREACHABLE
+            raise self._upstream_failure(
+                f": {exc.message}", exc.sqlstate, kind, unreached=True
+            ) from None
+        self._report.connected(self.branch, time.monotonic() - began)
         self.upstream = upstream
         return upstream
 
-    async def _login(
-        self,
-        upstream: Upstream,
-        login: UpstreamLogin,
-        *,
-        may_refresh: bool,
-        offer_key: tuple[str, int, str, str],
-    ) -> None:
-        assert self.target is not None
-        up = upstream.endpoint
+    def _upstream_login(
+        self, plan: Plan, upstream: Upstream, client_key: tuple[int, bytes], *, pipeline: bool
+    ) -> UpstreamLogin:
+        expected = None
+        pipelining = pipeline and self._context.settings.upstream.pipeline_auth
+        if pipelining and plan.credentials is not None:
+            expected = self._context.sasl_offers.get(_offer_key(plan))
+        return upstream_login(
+            plan.parameters,
+            credentials=plan.credentials,
+            certificate_der=upstream.certificate_der,
+            client_key=client_key,
+            extra_status=self._branch_status(),
+            client_tls=self.client_tls,
+            expected_sasl=expected,
+        )
+
+    async def _pump_login(self, up: Endpoint, login: UpstreamLogin) -> None:
+        """Carry the login's bytes until its ReadyForQuery: between us and the server, and
+        the client's own answers when it logs in for itself."""
+
+        def read() -> Awaitable[bytes]:
+            return self.client.recv() if login.awaiting_client else self._recv_during_login(up)
+
+        def act(out: Output) -> None:
+            up.write(out.to_upstream)
+            self.client.write(out.to_client)
+
         up.write(login.start())
+        await drive(login, read, act)
+
+    async def _recv_during_login(self, up: Endpoint) -> bytes:
+        # A server that went silent after TLS (a stuck compute, a half-open path) must not
+        # hold the client forever: each wait is bounded like the connect.
+        timeout = self._context.settings.upstream.connect_timeout
         try:
-            while login.state is not LoginState.READY:
-                if login.awaiting_client:
-                    up.write(login.receive_client(await self.client.recv()))
-                    continue
-                # A server that went silent after TLS (a stuck compute, a half-open path)
-                # must not hold the client forever: each wait is bounded like the connect.
-                timeout = self.server.settings.upstream.connect_timeout
-                try:
-                    async with asyncio.timeout(timeout):
-                        data = await up.recv()
-                except PeerClosed:
-                    message = (
-                        f'neonlocal: branch "{self.branch}" ({self.target.describe()}) closed the '
-                        "connection during login"
-                    )
-                    self.server.record_error(message)
-                    raise SessionRefused(
-                        message, sqlstate.CONNECTION_FAILURE, ErrorKind.UPSTREAM_CLOSED
-                    ) from None
-                except TimeoutError:
-                    message = (
-                        f'neonlocal: branch "{self.branch}" ({self.target.describe()}) did not '
-                        f"answer during login within {timeout:g} s ([upstream] connect_timeout)"
-                    )
-                    self.server.record_error(message)
-                    raise SessionRefused(
-                        message, sqlstate.UNABLE_TO_CONNECT, ErrorKind.UPSTREAM_UNREACHABLE
-                    ) from None
-                out = login.receive_upstream(data)
-                up.write(out.to_upstream)
-                self.client.write(out.to_client)
-        except UpstreamRejected as exc:
-            up.close()
-            error = exc.error
-            message = (
-                f'neonlocal: branch "{self.branch}" ({self.target.describe()}): {error.message}'
+            async with asyncio.timeout(timeout):
+                return await up.recv()
+        except PeerClosed:
+            raise self._upstream_failure(
+                " closed the connection during login",
+                sqlstate.CONNECTION_FAILURE,
+                ErrorKind.UPSTREAM_CLOSED,
+            ) from None
+        except TimeoutError:
+            raise self._upstream_failure(
+                f" did not answer during login within {timeout:g} s ([upstream] connect_timeout)",
+                sqlstate.UNABLE_TO_CONNECT,
+                ErrorKind.UPSTREAM_UNREACHABLE,
+            ) from None
+
+    async def _fresh_target(self, stale: UpstreamRejected) -> Target:
+        assert self.target is not None
+        fresh = await self._context.refresh_credentials(self.branch or "", self.target)
+        if fresh is None:
+            raise self._upstream_failure(
+                f": {stale.error.message}", sqlstate.INVALID_PASSWORD, ErrorKind.AUTH
             )
-            if (
-                may_refresh
-                and exc.during_auth
-                and not login.relaying_auth
-                and error.sqlstate in (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION)
-            ):
-                self._stale_message = message
-                self.upstream = None
-                raise _StaleCredentials from None
-            fields = dict(error.fields)
-            fields["S"] = fields["V"] = "FATAL"
-            fields["M"] = message
-            self.close_reason = f"upstream refused: {error.sqlstate}"
-            self.server.metrics.error(
-                ErrorKind.AUTH
-                if exc.during_auth or error.sqlstate.startswith("28")
-                else ErrorKind.UPSTREAM_REJECTED
-            )
-            self.server.record_error(message)
-            self.client.write(codec.error_from_fields(fields))
-            self.client.close()
-            return
-        except BaseException:
-            up.close()
-            raise
+        self.target = fresh
+        self._report.bind(upstream=fresh.describe())
+        return fresh
+
+    def _logged_in(self, upstream: Upstream, login: UpstreamLogin, plan: Plan) -> None:
         self.auth = login.auth_method
-        if login.sasl_offer is not None and self.server.settings.upstream.pipeline_auth:
-            self.server.sasl_offers[offer_key] = login.sasl_offer
-        if login.server_key is not None and self.cancel_pid is not None:
-            pid, secret = login.server_key
-            self.server.cancels.bind(self.cancel_pid, CancelRoute(self.target, pid, secret))
-        self.server.log_session(
+        if login.sasl_offer is not None and self._context.settings.upstream.pipeline_auth:
+            self._context.sasl_offers[_offer_key(plan)] = login.sasl_offer
+        self._bind_cancel(plan.target, login.server_key)
+        self._report.event(
             "session_ready",
-            self,
             auth=login.auth_method,
             channel_binding=login.channel_bound,
             pipelined=login.pipelined,
@@ -540,7 +438,48 @@ class Session:
             ready_s=round(time.monotonic() - self.started, 3),
         )
         self._status_messages = login.status_messages
-        await self._relay(up, login.server_key)
+
+    def _upstream_message(self, problem: str, *, unreached: bool = False) -> str:
+        """Every failure upstream names the branch and its host, then what went wrong."""
+        assert self.target is not None
+        where = f'branch "{self.branch}" ({self.target.describe()})'
+        return f"neonlocal: {'cannot reach ' if unreached else ''}{where}{problem}"
+
+    def _upstream_failure(
+        self, problem: str, code: str, kind: ErrorKind, *, unreached: bool = False
+    ) -> SessionRefused:
+        """The refusal for a failure upstream, also kept as the last error for ``status``."""
+        message = self._upstream_message(problem, unreached=unreached)
+        self._report.failure(message)
+        return SessionRefused(message, code, kind)
+
+    # --- the relay -----------------------------------------------------------------------------
+
+    async def _relay(self, up: Endpoint, server_key: tuple[int, bytes] | None) -> None:
+        relay = Relay(self.client, up)
+        self.relay = relay
+        relay.release = self._parking(up, server_key)
+        relay.start()
+        await relay.done
+        self.close_reason = relay.close_reason
+        if relay.released:
+            self.close_reason = "client closed; upstream session kept for reuse"
+            self.upstream = None
+
+    def _parking(
+        self, up: Endpoint, server_key: tuple[int, bytes] | None
+    ) -> Callable[[], None] | None:
+        """How the relay hands this upstream session to the pool, if it may be reused."""
+        pool, key, upstream, target = self._context.pool, self._pool_key, self.upstream, self.target
+        if pool is None or key is None or upstream is None or target is None:
+            return None
+        status = self._status_messages
+
+        def release() -> None:
+            parked = Parked(up, target, status, server_key, upstream.tls_version, upstream.address)
+            pool.park(key, parked)
+
+        return release
 
     # --- ending --------------------------------------------------------------------------------
 
@@ -569,44 +508,74 @@ class Session:
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
         if relay.done.done() or relay.finished:
             return  # the query ended within the grace, and with it the session
-        self.server.cancel_session_query(self)
+        if self.cancel_pid is not None:
+            self._context.cancel_query(self.cancel_pid)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
 
-    def _refuse(self, message: str, code: str, *, hint: str | None = None) -> None:
-        self.client.write(codec.error_response(message, code, hint=hint))
+    def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
+        self.close_reason = reason
+        self._report.error(kind)
+        self._end_with(codec.error_response(refusal.message, refusal.sqlstate, hint=refusal.hint))
+
+    def _pass_on_rejection(self, rejected: UpstreamRejected) -> None:
+        """The server's own ErrorResponse, all its fields kept, with our message in front."""
+        error = rejected.error
+        message = self._upstream_message(f": {error.message}")
+        fields = dict(error.fields)
+        fields["S"] = fields["V"] = "FATAL"
+        fields["M"] = message
+        self.close_reason = f"upstream refused: {error.sqlstate}"
+        during_auth = rejected.during_auth or error.sqlstate.startswith("28")
+        self._report.error(ErrorKind.AUTH if during_auth else ErrorKind.UPSTREAM_REJECTED)
+        self._report.failure(message)
+        self._end_with(codec.error_from_fields(fields))
+
+    def _end_with(self, error: bytes) -> None:
+        self.client.write(error)
         self.client.close()
         if self.upstream is not None:
             self.upstream.endpoint.close()
 
     def _cleanup(self) -> None:
         if self.cancel_pid is not None:
-            self.server.cancels.release(self.cancel_pid)
+            self._context.cancels.release(self.cancel_pid)
         if not self.client.lost:
             self.client.close()
         if self.upstream is not None and not self.upstream.endpoint.lost:
             self.upstream.endpoint.close()
-        self.server.session_ended(self)
+        if self._admitted:
+            self._context.release(self)
+            self._report_closed()
 
-    def log_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"session": self.id, "branch": self.branch}
-        if self.target is not None:
-            fields["upstream"] = self.target.describe()
-        if self.user is not None:
-            fields["user"] = self.user
-            fields["database"] = self.database
-        return fields
+    def _report_closed(self) -> None:
+        if self.branch is None:
+            return
+        upstream = self.upstream
+        # Read once at the end: the relay's hot path stays free of metrics work.
+        traffic: dict[str, int] = {}
+        if self.relay is not None:
+            traffic = {
+                "bytes_from_client": self.client.bytes_in,
+                "bytes_from_server": self.relay.upstream.bytes_in,
+            }
+        self._report.closed(
+            self.branch,
+            to_upstream=self.client.bytes_in if upstream is not None else 0,
+            to_client=upstream.endpoint.bytes_in if upstream is not None else 0,
+            duration_s=round(time.monotonic() - self.started, 3),
+            reason=self.close_reason,
+            **traffic,
+        )
 
 
-def _kind_of_upstream_error(exc: UpstreamError) -> ErrorKind:
-    return ErrorKind.TLS if exc.tls else ErrorKind.UPSTREAM_UNREACHABLE
+def _offer_key(plan: Plan) -> tuple[str, int, str, str]:
+    return (plan.target.host, plan.target.port, plan.user, plan.database)
 
 
-def _kind_of_sqlstate(code: str) -> ErrorKind:
-    """For refusals raised without a kind: the SQLSTATE class says enough."""
-    if code == sqlstate.TOO_MANY_CONNECTIONS:
-        return ErrorKind.TOO_MANY
-    if code.startswith("28"):
-        return ErrorKind.AUTH
-    if code.startswith("08") and code != sqlstate.PROTOCOL_VIOLATION:
-        return ErrorKind.UPSTREAM_UNREACHABLE
-    return ErrorKind.PROTOCOL
+def _is_stale_password(login: UpstreamLogin, rejected: UpstreamRejected) -> bool:
+    """Our own password refused during our own login: worth one refresh and retry."""
+    return (
+        rejected.during_auth
+        and not login.relaying_auth
+        and rejected.error.sqlstate in _STALE_PASSWORD_STATES
+    )

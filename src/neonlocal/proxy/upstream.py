@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from neonlocal.errors import Refusal
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.addresses import AddressBook
@@ -22,15 +23,14 @@ from neonlocal.targets import Negotiation, Target, TlsMode
 log = structlog.get_logger("neonlocal.upstream")
 
 
-class UpstreamError(Exception):
-    """Reaching a branch failed; ``tls`` when TCP connected but TLS negotiation did not."""
+class UpstreamError(Refusal):
+    """Reaching a branch failed: ``message`` is the cause, without the branch's name;
+    ``tls`` when TCP connected but TLS negotiation did not."""
 
     def __init__(
-        self, cause: str, code: str = sqlstate.UNABLE_TO_CONNECT, *, tls: bool = False
+        self, message: str, code: str = sqlstate.UNABLE_TO_CONNECT, *, tls: bool = False
     ) -> None:
-        super().__init__(cause)
-        self.cause = cause
-        self.sqlstate = code
+        super().__init__(message, code)
         self.tls = tls
 
 
@@ -95,6 +95,24 @@ async def _open(target: Target, keepalive: bool, addresses: AddressBook) -> Upst
 async def _open_once(
     target: Target, keepalive: bool, addresses: AddressBook, *, direct: bool
 ) -> Upstream:
+    transport, endpoint = await _connect(target, addresses)
+    if keepalive:
+        _keepalive(transport.get_extra_info("socket"))
+    peer = transport.get_extra_info("peername")
+    address = f"{peer[0]}:{peer[1]}" if peer else target.connect_host
+    if target.tls is TlsMode.DISABLE:
+        return Upstream(endpoint, None, None, address)
+    if not direct:
+        await _ssl_request(endpoint, transport)
+    ssl_object = await _tls_handshake(target, endpoint, transport, direct=direct)
+    der = ssl_object.getpeercert(binary_form=True)
+    version = ssl_object.version()
+    return Upstream(endpoint, der, version, address, direct_tls=direct)
+
+
+async def _connect(
+    target: Target, addresses: AddressBook
+) -> tuple[asyncio.Transport, UpstreamEndpoint]:
     try:
         transport, protocol = await addresses.connect(
             target.connect_host, target.port, UpstreamEndpoint
@@ -106,48 +124,23 @@ async def _open_once(
     except OSError as exc:
         raise UpstreamError(exc.strerror or str(exc)) from None
     assert isinstance(protocol, UpstreamEndpoint)
-    endpoint = protocol
-    if keepalive:
-        _keepalive(transport.get_extra_info("socket"))
-    peer = transport.get_extra_info("peername")
-    address = f"{peer[0]}:{peer[1]}" if peer else target.connect_host
-    if target.tls is TlsMode.DISABLE:
-        return Upstream(endpoint, None, None, address)
-    if not direct:
-        await _ssl_request(endpoint, transport)
+    return transport, protocol
+
+
+async def _tls_handshake(
+    target: Target, endpoint: UpstreamEndpoint, transport: asyncio.Transport, *, direct: bool
+) -> ssl.SSLObject:
+    """TLS with SNI and the certificate checked; _NoDirectTls when a guessed direct TLS
+    should be retried the classic way."""
     # Only a guess (AUTO) may fall back; a URL that asked for direct TLS gets the error.
     may_fall_back = direct and target.negotiation is Negotiation.AUTO
     try:
         await endpoint.start_tls(tls.client_context(target), server_hostname=target.host)
-    except ssl.SSLError as exc:
+    except (ssl.SSLError, PeerClosed, NotTls) as exc:
         transport.abort()
         if may_fall_back and not isinstance(exc, ssl.SSLCertVerificationError):
             raise _NoDirectTls from None
-        raise UpstreamError(describe_tls_error(exc), tls=True) from None
-    except PeerClosed:
-        transport.abort()
-        if may_fall_back:
-            raise _NoDirectTls from None
-        if direct:
-            raise UpstreamError(
-                "the server closed the connection during a direct TLS handshake: it may not "
-                "support sslnegotiation=direct (PostgreSQL 17 or newer, Neon); remove it from "
-                "the branch URL",
-                sqlstate.CONNECTION_FAILURE,
-                tls=True,
-            ) from None
-        raise UpstreamError(
-            "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
-        ) from None
-    except NotTls:
-        transport.abort()
-        if may_fall_back:
-            raise _NoDirectTls from None
-        raise UpstreamError(
-            "the server answered the TLS handshake with something that is not TLS",
-            sqlstate.CONNECTION_FAILURE,
-            tls=True,
-        ) from None
+        raise _handshake_failure(exc, direct=direct) from None
     ssl_object = endpoint.ssl_object
     assert ssl_object is not None
     if direct and ssl_object.selected_alpn_protocol() != tls.ALPN:
@@ -159,9 +152,29 @@ async def _open_once(
         raise UpstreamError(
             f'the server did not agree to ALPN "{tls.ALPN}" in direct TLS', tls=True
         )
-    der = ssl_object.getpeercert(binary_form=True)
-    version = ssl_object.version()
-    return Upstream(endpoint, der, version, address, direct_tls=direct)
+    return ssl_object
+
+
+def _handshake_failure(exc: Exception, *, direct: bool) -> UpstreamError:
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamError(describe_tls_error(exc), tls=True)
+    if isinstance(exc, NotTls):
+        return UpstreamError(
+            "the server answered the TLS handshake with something that is not TLS",
+            sqlstate.CONNECTION_FAILURE,
+            tls=True,
+        )
+    if direct:
+        return UpstreamError(
+            "the server closed the connection during a direct TLS handshake: it may not "
+            "support sslnegotiation=direct (PostgreSQL 17 or newer, Neon); remove it from "
+            "the branch URL",
+            sqlstate.CONNECTION_FAILURE,
+            tls=True,
+        )
+    return UpstreamError(
+        "connection lost during TLS handshake", sqlstate.CONNECTION_FAILURE, tls=True
+    )
 
 
 async def _ssl_request(endpoint: UpstreamEndpoint, transport: asyncio.Transport) -> None:

@@ -1,0 +1,51 @@
+"""plan_login: which role, database and parameters a client's session logs in upstream with."""
+
+from __future__ import annotations
+
+from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.proxy.plan import plan_login, strip_routing_options
+from neonlocal.settings import BranchSettings, Secret
+from neonlocal.targets import Target, build_target
+
+URL = "postgresql://owner:pw@ep-x.us-east-2.aws.neon.tech/neondb"
+
+
+def target(url: str = URL, **settings: str) -> Target:
+    return build_target("main", BranchSettings(url=Secret(url), **settings))  # type: ignore[arg-type]
+
+
+def test_the_client_chooses_role_and_database_unless_the_branch_pins_them() -> None:
+    plan = plan_login(target(), {"user": "alice", "database": "app"})
+    assert (plan.user, plan.database) == ("alice", "app")
+    pinned = plan_login(
+        target(user="owner", database="neondb"), {"user": "alice", "database": "app"}
+    )
+    assert (pinned.user, pinned.database) == ("owner", "neondb")
+
+
+def test_we_log_in_ourselves_only_as_the_role_whose_password_we_hold() -> None:
+    own = plan_login(target(), {"user": "owner"})
+    assert own.credentials is not None
+    assert own.credentials.user == "owner"
+    assert own.credentials.channel_binding is ChannelBindingPolicy.PREFER
+    assert own.database == "neondb"  # the URL's database when the client names none
+    assert plan_login(target(), {"user": "alice"}).credentials is None
+
+
+def test_neon_routing_options_are_dropped_and_the_rest_forwarded_in_order() -> None:
+    url = URL + "?options=endpoint%3Dep-x%20-c%20search_path%3Dapp&application_name=urlapp"
+    plan = plan_login(target(url), {"user": "owner", "options": "-c endpoint=ep-x", "x": "1"})
+    assert plan.parameters == {
+        "user": "owner",
+        "database": "neondb",
+        "x": "1",
+        "options": "-c search_path=app",
+        "application_name": "urlapp",
+    }
+    assert list(plan.parameters) == ["user", "database", "x", "options", "application_name"]
+
+
+def test_a_dangling_c_is_removed_with_its_routing_option() -> None:
+    assert strip_routing_options("-c endpoint=ep-x") == ""
+    assert strip_routing_options("-c endpoint=ep-x -c work_mem=4MB") == "-c work_mem=4MB"
+    assert strip_routing_options("project=p --search_path=a") == "--search_path=a"

@@ -1,0 +1,180 @@
+"""A session over an in-memory client and a fake context: its refusals, with no socket at all."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from neonlocal.localtls import LocalTls
+from neonlocal.metrics import ErrorKind, Metrics
+from neonlocal.pgwire import codec, sqlstate
+from neonlocal.pgwire.codec import CancelRequest
+from neonlocal.pgwire.errors import ServerError
+from neonlocal.pgwire.framing import MessageFramer
+from neonlocal.pgwire.scram import ScramSecret
+from neonlocal.proxy.addresses import AddressBook
+from neonlocal.proxy.cancel import CancelRegistry
+from neonlocal.proxy.context import LiveSession, SaslOffers, SessionRefused, SessionReport
+from neonlocal.proxy.endpoint import Endpoint
+from neonlocal.proxy.pool import SessionPool
+from neonlocal.proxy.session import Session
+from neonlocal.settings import ListenSettings, Settings
+from neonlocal.targets import Target
+
+STARTUP = codec.startup_message({"user": "alice", "database": "app"})
+
+
+class MemoryTransport(asyncio.Transport):
+    """The client's side of a connection that exists only in memory."""
+
+    def __init__(self, protocol: Endpoint) -> None:
+        super().__init__()
+        self.protocol = protocol
+        self.sent = bytearray()
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class FakeContext:
+    """A server with nothing selected, or full, that remembers what sessions asked of it."""
+
+    def __init__(self, *, max_sessions: int = 10) -> None:
+        self.settings = Settings(listen=ListenSettings(max_sessions=max_sessions))
+        self.local_tls: LocalTls | None = None
+        self.local_secret: ScramSecret | None = None
+        self.cancels = CancelRegistry()
+        self.pool: SessionPool | None = None
+        self.addresses = AddressBook()
+        self.sasl_offers: SaslOffers = {}
+        self.metrics = Metrics()
+        self.sessions: set[LiveSession] = set()
+        self.forwarded: list[CancelRequest] = []
+        self.errors: list[str] = []
+        self.opened = 0
+
+    def scram_secret_for(self, password: str) -> ScramSecret:
+        return ScramSecret.from_password(password)
+
+    def current_target(self) -> tuple[str, Target]:
+        raise SessionRefused(
+            "neonlocal: no branch is selected",
+            sqlstate.UNABLE_TO_CONNECT,
+            ErrorKind.NO_BRANCH,
+            hint="Select one with `neonlocal use NAME`.",
+        )
+
+    async def refresh_credentials(self, branch: str, stale: Target) -> Target | None:
+        return None
+
+    async def forward_cancel(self, request: CancelRequest) -> None:
+        self.forwarded.append(request)
+
+    def cancel_query(self, cancel_pid: int) -> None:
+        pass
+
+    def admit(self, session: LiveSession) -> None:
+        if len(self.sessions) >= self.settings.listen.max_sessions:
+            raise SessionRefused("too many", sqlstate.TOO_MANY_CONNECTIONS, ErrorKind.TOO_MANY)
+        self.sessions.add(session)
+
+    def release(self, session: LiveSession) -> None:
+        self.sessions.discard(session)
+
+    def report(self, session_id: int) -> SessionReport:
+        return SessionReport(
+            session_id, self.metrics, record_error=self.errors.append, count_session=self._count
+        )
+
+    def _count(self) -> None:
+        self.opened += 1
+
+
+async def run_session(context: FakeContext, *chunks: bytes) -> tuple[Session, bytes]:
+    """A session whose client sends ``chunks``, one read each, run to its end; returns what
+    the session wrote back."""
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    loop = asyncio.get_running_loop()
+    for delay, chunk in enumerate(chunks):
+        loop.call_later(delay * 0.01, client.data_received, chunk)
+    session = Session(context, client)
+    async with asyncio.timeout(5):
+        await session.run()
+    return session, bytes(transport.sent)
+
+
+def error_of(data: bytes) -> ServerError:
+    framer = MessageFramer()
+    framer.feed(data)
+    message = framer.next_message()
+    assert message is not None
+    assert message.kind == b"E"
+    return codec.parse_error_fields(message.payload)
+
+
+def errors_counted(metrics: Metrics, kind: ErrorKind) -> bool:
+    return f'neonlocal_errors_total{{kind="{kind.value}"}} 1.0' in metrics.exposition().decode()
+
+
+async def test_without_a_selected_branch_the_client_is_told_how_to_select_one() -> None:
+    context = FakeContext()
+    session, sent = await run_session(context, STARTUP)
+    error = error_of(sent)
+    assert error.sqlstate == sqlstate.UNABLE_TO_CONNECT
+    assert error.message == "neonlocal: no branch is selected"
+    assert error.fields["H"] == "Select one with `neonlocal use NAME`."
+    assert session.close_reason == "neonlocal: no branch is selected"
+    assert errors_counted(context.metrics, ErrorKind.NO_BRANCH)
+    assert not context.sessions  # admitted, then let go
+    assert context.opened == 0  # never counted as opened: it had no branch
+    assert len(context.cancels) == 0
+
+
+async def test_a_full_server_refuses_with_too_many_connections() -> None:
+    context = FakeContext(max_sessions=0)
+    _session, sent = await run_session(context, STARTUP)
+    assert error_of(sent).sqlstate == sqlstate.TOO_MANY_CONNECTIONS
+    assert errors_counted(context.metrics, ErrorKind.TOO_MANY)
+
+
+async def test_a_cancel_request_is_forwarded_and_answered_with_nothing() -> None:
+    context = FakeContext()
+    session, sent = await run_session(context, codec.cancel_request(77, b"\1\2\3\4"))
+    assert context.forwarded == [CancelRequest(77, b"\1\2\3\4")]
+    assert sent == b""
+    assert session.close_reason == "cancel request"
+    assert not context.sessions
+
+
+async def test_a_malformed_startup_packet_is_a_protocol_violation() -> None:
+    context = FakeContext()
+    session, sent = await run_session(context, b"\0\0\0\3garbage")
+    error = error_of(sent)
+    assert error.sqlstate == sqlstate.PROTOCOL_VIOLATION
+    assert session.close_reason.startswith("protocol error: invalid length of startup packet")
+    assert errors_counted(context.metrics, ErrorKind.PROTOCOL)
+
+
+async def test_an_ssl_request_without_local_tls_is_answered_no() -> None:
+    """As PostgreSQL without ssl: 'N', then the client carries on in plaintext."""
+    context = FakeContext()
+    _session, sent = await run_session(context, codec.ssl_request(), STARTUP)
+    assert sent[:1] == codec.ENCRYPTION_REFUSED
+    assert error_of(sent[1:]).sqlstate == sqlstate.UNABLE_TO_CONNECT
