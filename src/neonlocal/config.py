@@ -211,8 +211,11 @@ class LocalSchema(_Section):
 class UpstreamSchema(_Section):
     """``[upstream]``: how neonlocal reaches branches."""
 
-    # Long enough for a suspended Neon compute to start.
+    # Bounds TCP, TLS and the authentication exchange with a branch.
     connect_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    # Bounds the wait after the last authentication message, while Neon's edge wakes a
+    # suspended compute (it says nothing meanwhile): as long as a real wake can take.
+    wake_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
     keepalive: bool = True
     # Opt-in: keep a closed client's upstream session (reset with DISCARD ALL) for the next
     # client of the same branch, role and database, for at most reuse_idle_timeout seconds.

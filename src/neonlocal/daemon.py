@@ -522,6 +522,8 @@ class Daemon:
             "listen": list(self.server.listening),
             "sessions": self.server.sessions_by_branch(),
             "sessions_total": self.server.sessions_total,
+            # Sessions whose login waits for Neon to wake the branch's compute.
+            "sessions_waking": len(self.server.waking),
             "last_error": self.server.last_error,
             "config_error": self.config_error,
             "warnings": list(self.warnings),

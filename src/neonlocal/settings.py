@@ -209,6 +209,7 @@ class UpstreamSettings:
     """``[upstream]``: how neonlocal reaches branches."""
 
     connect_timeout: float = 30.0
+    wake_timeout: float = 120.0
     keepalive: bool = True
     reuse_sessions: bool = False
     reuse_idle_timeout: float = 60.0

@@ -85,7 +85,14 @@ class FakeServer:
         assert msg.kind == b"p"
         self.mechanism, first = codec.parse_sasl_initial_response(msg.payload)
         self.client_first = first.decode()
-        self.scram.set_client_first(self.client_first)
+        # Like libpq, the login sends an empty user name (n=,), which PostgreSQL accepts and
+        # scramp's server does not: it parses a stand-in name, then signs the real message.
+        header, _, bare = self.client_first.partition(",,")
+        if bare.startswith("n=,"):
+            self.scram.set_client_first(f"{header},,n=*,{bare[3:]}")
+            self.scram.client_first_bare = bare
+        else:
+            self.scram.set_client_first(self.client_first)
         return codec.auth_sasl_continue(self.scram.get_server_first().encode())
 
     def on_final(self, data: bytes) -> bytes:
@@ -646,3 +653,44 @@ def test_client_bytes_are_refused_in_credentials_mode() -> None:
     login.receive_upstream(codec.auth_sasl([codec.SCRAM_SHA_256]))
     with pytest.raises(ProtocolError):
         login.receive_client(codec.password_message(PASSWORD))
+
+
+def test_our_scram_login_sends_an_empty_user_name_as_libpq_does() -> None:
+    """n=, : PostgreSQL takes the role from the startup packet; Neon's edge expects it empty."""
+    login = _login()
+    server = FakeServer(PASSWORD, cert_der=None)
+    _scram_login(login, server, [codec.SCRAM_SHA_256])
+    assert server.client_first.startswith("n,,n=,r=")
+    assert login.done
+
+
+def test_the_wait_for_a_compute_begins_after_the_last_scram_message() -> None:
+    """Neon's edge wakes a compute after the client's final SCRAM message, silently: only
+    from then on may the daemon wait for it longer than for a network step."""
+    login = _login()
+    server = FakeServer(PASSWORD, cert_der=None)
+    out = login.receive_upstream(codec.auth_sasl([codec.SCRAM_SHA_256]))
+    assert not login.awaiting_compute
+    out = login.receive_upstream(server.on_initial(out.to_upstream))
+    assert login.awaiting_compute
+
+
+def test_a_relayed_login_waits_for_a_compute_after_the_clients_last_answer() -> None:
+    login = _relay()
+    login.receive_upstream(codec.auth_sasl([codec.SCRAM_SHA_256]))
+    login.receive_client(codec.sasl_initial_response(codec.SCRAM_SHA_256, b"n,,n=,r=abc"))
+    assert not login.awaiting_compute
+    login.receive_upstream(codec.auth_sasl_continue(b"r=abcdef,s=c2FsdA==,i=4096"))
+    assert not login.awaiting_compute
+    login.receive_client(codec.sasl_response(b"c=biws,r=abcdef,p=cHJvb2Y="))
+    assert login.awaiting_compute
+
+
+def test_a_neon_host_asking_for_a_cleartext_password_is_told_the_endpoint() -> None:
+    """The edge asks for cleartext only when it cannot tell the endpoint (no usable SNI) and
+    then takes "endpoint=<id>;<password>"."""
+    creds = Credentials(USER, PASSWORD, neon_endpoint="ep-cool-rain-123456")
+    out = _login(creds).receive_upstream(codec.message(b"R", (3).to_bytes(4, "big")))
+    assert out.to_upstream == codec.password_message(f"endpoint=ep-cool-rain-123456;{PASSWORD}")
+    plain = _login().receive_upstream(codec.message(b"R", (3).to_bytes(4, "big")))
+    assert plain.to_upstream == codec.password_message(PASSWORD)

@@ -33,16 +33,41 @@ def test_we_log_in_ourselves_only_as_the_role_whose_password_we_hold() -> None:
 
 
 def test_neon_routing_options_are_dropped_and_the_rest_forwarded_in_order() -> None:
+    """To a Neon host: routing options go (SNI routes), and a setting the edge would drop
+    (here "x") travels in options after the URL's own, so it still takes effect."""
     url = URL + "?options=endpoint%3Dep-x%20-c%20search_path%3Dapp&application_name=urlapp"
     plan = plan_login(target(url), {"user": "owner", "options": "-c endpoint=ep-x", "x": "1"})
     assert plan.parameters == {
         "user": "owner",
         "database": "neondb",
-        "x": "1",
-        "options": "-c search_path=app",
+        "options": "-c search_path=app -c x=1",
         "application_name": "urlapp",
     }
-    assert list(plan.parameters) == ["user", "database", "x", "options", "application_name"]
+    assert plan.ignored_by_pooler == ()
+
+
+def test_another_host_gets_the_parameters_and_routing_options_as_they_are() -> None:
+    """A custom domain or an IP in front of Neon can only be routed by endpoint= in options."""
+    url = "postgresql://owner:pw@db.example.com/neondb?options=endpoint%3Dep-x"
+    plan = plan_login(target(url), {"user": "owner", "TimeZone": "UTC"})
+    assert plan.parameters == {
+        "user": "owner",
+        "database": "neondb",
+        "TimeZone": "UTC",
+        "options": "endpoint=ep-x",
+    }
+    assert plan.credentials is not None
+    assert plan.credentials.neon_endpoint is None
+
+
+def test_a_pooled_host_gets_the_parameters_as_a_direct_pooled_connection_would() -> None:
+    url = "postgresql://owner:pw@ep-x-pooler.us-east-2.aws.neon.tech/neondb"
+    plan = plan_login(target(url), {"user": "owner", "TimeZone": "UTC", "search_path": "a"})
+    assert plan.parameters["TimeZone"] == "UTC"
+    assert "options" not in plan.parameters
+    assert plan.ignored_by_pooler == ("TimeZone", "search_path")
+    assert plan.credentials is not None
+    assert plan.credentials.neon_endpoint == "ep-x-pooler"
 
 
 def test_a_dangling_c_is_removed_with_its_routing_option() -> None:

@@ -88,6 +88,9 @@ class FakeContext:
     def cancel_query(self, cancel_pid: int) -> None:
         pass
 
+    def login_slots(self, target: Target) -> asyncio.Semaphore:
+        return asyncio.Semaphore(1)
+
     def admit(self, session: LiveSession) -> None:
         if len(self.sessions) >= self.settings.listen.max_sessions:
             raise SessionRefused("too many", sqlstate.TOO_MANY_CONNECTIONS, ErrorKind.TOO_MANY)

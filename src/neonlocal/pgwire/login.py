@@ -65,6 +65,14 @@ class Credentials:
     user: str
     password: str = field(repr=False)
     channel_binding: ChannelBindingPolicy = ChannelBindingPolicy.PREFER
+    # The Neon endpoint id, for a Neon host: its edge asks for a cleartext password only when
+    # it cannot tell the endpoint, and then takes "endpoint=<id>;<password>" (neon-notes.md).
+    neon_endpoint: str | None = None
+
+    def cleartext_password(self) -> str:
+        if self.neon_endpoint is None:
+            return self.password
+        return f"endpoint={self.neon_endpoint};{self.password}"
 
 
 @dataclass
@@ -81,6 +89,9 @@ class _Login:
 
     # Whether we wait for the client's answer to a request passed on to it.
     awaiting_client = False
+    # Whether the last authentication message has gone to the server: from then on Neon's
+    # edge may be silently waking the compute (``[upstream] wake_timeout`` bounds the wait).
+    awaiting_compute = False
     relaying_auth = False
     channel_bound = False
     pipelined = False
@@ -257,9 +268,11 @@ class CredentialsLogin(_Login):
             out.to_upstream += codec.password_message(
                 _md5_password(self._creds.user, self._creds.password, request.data)
             )
+            self.awaiting_compute = True
         elif request.code == codec.AUTH_CLEARTEXT:
             self.auth_method = "password"
-            out.to_upstream += codec.password_message(self._creds.password)
+            out.to_upstream += codec.password_message(self._creds.cleartext_password())
+            self.awaiting_compute = True
         else:
             raise _unsupported(request)
 
@@ -309,6 +322,7 @@ class CredentialsLogin(_Login):
             raise _unsupported(request)
         elif request.code == codec.AUTH_SASL_CONTINUE:
             out.to_upstream += codec.sasl_response(self._scram.client_final(request.data))
+            self.awaiting_compute = True
         else:
             self._scram.verify_server_final(request.data)
             self._scram_verified = True
@@ -344,6 +358,8 @@ class RelayedLogin(_Login):
         self._client = MessageFramer()
         # The client owes the server an answer to the request we passed on.
         self.awaiting_client = False
+        # Whether the client's next answer is its last (to SASLContinue, md5 or cleartext).
+        self._final_answer_due = False
 
     def receive_client(self, data: bytes) -> bytes:
         """Client bytes during login; only SASL/password answers are valid."""
@@ -359,6 +375,7 @@ class RelayedLogin(_Login):
             self._client_answers += 1
             out += msg.encode()
             self.awaiting_client = False
+            self.awaiting_compute = self._final_answer_due
         return out
 
     def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
@@ -388,6 +405,7 @@ class RelayedLogin(_Login):
             out.to_client += codec.message(b"R", payload)
             # SASLFinal is followed by AuthenticationOk without an answer from the client.
             self.awaiting_client = request.code != codec.AUTH_SASL_FINAL
+            self._final_answer_due = request.code != codec.AUTH_SASL_FINAL
         else:
             raise _unsupported(request)
 

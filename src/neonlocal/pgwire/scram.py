@@ -83,7 +83,19 @@ class ScramClientExchange:
         self.channel_bound = bind
 
     def client_first(self) -> bytes:
-        return str(self._client.get_client_first()).encode()
+        """The client-first message with an empty user name (``n=,``), as libpq sends it.
+
+        PostgreSQL takes the role from the StartupMessage and ignores this one; Neon's edge
+        accepts an empty one and only tolerates others (proxy/src/sasl/ in neondatabase/neon).
+        scramp insists on a user name, so its message is rewritten, together with the bare
+        part that its client proof signs.
+        """
+        first: str = self._client.get_client_first()
+        bare: str = self._client.client_first_bare
+        _user, _, rest = bare.partition(",")  # the user is escaped: it holds no comma
+        anonymous = "n=," + rest
+        self._client.client_first_bare = anonymous
+        return (first[: len(first) - len(bare)] + anonymous).encode()
 
     def client_final(self, server_first: bytes) -> bytes:
         iterations = dict(_attributes_lenient(server_first)).get(b"i", b"0")

@@ -7,6 +7,7 @@ so a session can be built in a test over a fake context, without a listener or a
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -37,6 +38,15 @@ CANCEL_WAIT_S: Final = 2.0
 
 # An upstream connect slower than this is worth a line in the log.
 SLOW_CONNECT_S: Final = 2.0
+
+# A login silent this long after its last authentication message is waiting for Neon to
+# wake the compute: worth a log line and a count in `status`.
+WAKE_NOTICE_S: Final = 1.0
+
+# Logins in flight at once to one branch host. Neon's edge allows 100 concurrent connects
+# per compute and rate-limits bursts (proxy/src/rate_limiter/); a pool opening fifty
+# connections at once must not trip that for everyone sharing the endpoint.
+MAX_CONCURRENT_LOGINS: Final = 32
 
 # (host, port, role, database) -> the SASL mechanisms that server offered last time: what
 # lets the next login to it be pipelined (pgwire/login.py).
@@ -76,11 +86,16 @@ class SessionReport:
         *,
         record_error: Callable[[str], None],
         count_session: Callable[[], None],
+        waking: set[int] | None = None,
+        warned: set[tuple[str, ...]] | None = None,
     ) -> None:
+        self._id = session_id
         self._log = log.bind(session=session_id, branch=None)
         self._metrics = metrics
         self._record_error = record_error
         self._count_session = count_session
+        self._waking = waking if waking is not None else set()
+        self._warned = warned if warned is not None else set()
 
     def bind(self, **fields: Any) -> None:
         """Fields every later event of this session carries (branch, upstream, role)."""
@@ -95,6 +110,20 @@ class SessionReport:
     def failure(self, message: str) -> None:
         """The client-facing text of a failure, kept for ``status``."""
         self._record_error(message)
+
+    def warn_once(self, key: tuple[str, ...], name: str, **fields: Any) -> None:
+        """A warning worth saying once per daemon for each ``key``, not once per session."""
+        if key not in self._warned:
+            self._warned.add(key)
+            self._log.warning(name, **fields)
+
+    def waking(self, waiting: bool, **fields: Any) -> None:
+        """The session waits (or no longer waits) for a compute to wake; ``status`` counts."""
+        if waiting and self._id not in self._waking:
+            self._waking.add(self._id)
+            self.event("compute_waking", **fields)
+        elif not waiting:
+            self._waking.discard(self._id)
 
     def opened(self, branch: str) -> None:
         self._count_session()
@@ -149,6 +178,9 @@ class SessionContext(Protocol):
 
     @property
     def sasl_offers(self) -> SaslOffers: ...
+
+    def login_slots(self, target: Target) -> asyncio.Semaphore:
+        """The logins to ``target``'s host that may be in flight at once."""
 
     def admit(self, session: LiveSession) -> None:
         """Count ``session`` as open; SessionRefused when the server is full."""

@@ -3,6 +3,11 @@
 The role and database (the client's, unless the branch URL pins them), the startup
 parameters to forward, and whether we hold the password (then we log in ourselves) or the
 client's own login is relayed.
+
+For Neon's own hosts the parameters are shaped for its edge (neon/edge.py): settings it would
+drop silently travel in ``options``, so a client's TimeZone or search_path takes effect as it
+would straight on PostgreSQL. A pooled (``-pooler``) host gets them as they are, as a direct
+pooled connection would, and the caller warns that PgBouncer does not apply them.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from neonlocal.neon.edge import dropped_by_edge, fold_into_options, is_neon_host, is_pooler_host
 from neonlocal.pgwire.login import Credentials
 from neonlocal.pgwire.scram import ChannelBindingPolicy
 from neonlocal.targets import Target
 
-# Startup parameters that choose where a Neon session goes; we route by SNI ourselves and a
-# real PostgreSQL would reject them as unknown options.
+# Startup parameters that choose where a Neon session goes. To Neon's own names we route by
+# SNI, so they go; to any other name (a custom domain, a CNAME, an IP) they are the only way
+# the edge can tell the endpoint, so they stay.
 _NEON_ROUTING_OPTIONS = ("endpoint=", "project=")
 
 
@@ -28,6 +35,8 @@ class Plan:
     database: str
     parameters: dict[str, str]
     credentials: Credentials | None
+    # Settings a pooled Neon host will not apply (PgBouncer behind the edge never sees them).
+    ignored_by_pooler: tuple[str, ...] = ()
 
 
 def strip_routing_options(options: str) -> str:
@@ -52,24 +61,33 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
         else client_params.get("database") or target.database or user
     )
     params = {"user": user, "database": database, **_forwarded(target, client_params)}
+    ignored: tuple[str, ...] = ()
+    if is_pooler_host(target.host):
+        ignored = tuple(dropped_by_edge(params))
+    elif is_neon_host(target.host):
+        params = fold_into_options(params)
     credentials = None
     if target.password is not None and (target.user is None or target.user == user):
         credentials = Credentials(
-            user, target.password, ChannelBindingPolicy(target.channel_binding)
+            user,
+            target.password,
+            ChannelBindingPolicy(target.channel_binding),
+            neon_endpoint=_endpoint_id(target.host),
         )
-    return Plan(target, user, database, params, credentials)
+    return Plan(target, user, database, params, credentials, ignored)
+
+
+def _endpoint_id(host: str) -> str | None:
+    """A Neon host's endpoint id: its first label (``-pooler`` included, as the edge reads it)."""
+    return host.split(".", 1)[0].lower() if is_neon_host(host) else None
 
 
 def _forwarded(target: Target, client_params: Mapping[str, str]) -> dict[str, str]:
     """The client's other parameters, with the URL's options and application name merged in."""
     params = {k: v for k, v in client_params.items() if k not in ("user", "database")}
+    keep = (lambda o: o) if not is_neon_host(target.host) else strip_routing_options
     options = " ".join(
-        o
-        for o in (
-            strip_routing_options(target.options or ""),
-            strip_routing_options(params.pop("options", "")),
-        )
-        if o
+        o for o in (keep(target.options or ""), keep(params.pop("options", ""))) if o
     )
     if options:
         params["options"] = options

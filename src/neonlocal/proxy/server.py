@@ -30,6 +30,7 @@ from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
+    MAX_CONCURRENT_LOGINS,
     STARTUP_TIMEOUT_S,
     TERMINATE_GRACE_S,
     LiveSession,
@@ -84,6 +85,10 @@ class Server:
         self._unix_path: Path | None = None
         self._scram_cache: dict[str, ScramSecret] = {}
         self.sasl_offers: SaslOffers = {}
+        self._login_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        # Sessions whose login waits for a compute to wake, for `status`.
+        self.waking: set[int] = set()
+        self._warned: set[tuple[str, ...]] = set()
         self.addresses = AddressBook()
         self.metrics = Metrics(self._live_state)
         self._set_local_password()
@@ -292,7 +297,16 @@ class Server:
             self.metrics,
             record_error=self.record_error,
             count_session=self._count_session,
+            waking=self.waking,
+            warned=self._warned,
         )
+
+    def login_slots(self, target: Target) -> asyncio.Semaphore:
+        key = (target.connect_host, target.port)
+        slots = self._login_slots.get(key)
+        if slots is None:
+            slots = self._login_slots[key] = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
+        return slots
 
     def _count_session(self) -> None:
         self.sessions_total += 1

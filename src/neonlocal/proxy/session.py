@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import socket
 import ssl
 import time
@@ -19,6 +20,7 @@ from typing import NoReturn
 from neonlocal.errors import Refusal
 from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
+from neonlocal.neon.edge import EdgeMeaning, Retry, meaning_of
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import (
     CancelRequest,
@@ -42,6 +44,7 @@ from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     STARTUP_TIMEOUT_S,
     TERMINATE_GRACE_S,
+    WAKE_NOTICE_S,
     SessionContext,
     SessionRefused,
 )
@@ -58,6 +61,11 @@ BRANCH_PARAMETER = "neonlocal.branch"
 
 # What the server answers our own login with when the password we hold is stale.
 _STALE_PASSWORD_STATES = (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION)
+
+# Retrying a login the edge refused for a passing reason (neon/edge.py): the first pause,
+# doubled each time up to the cap, with full jitter so a pool's connects spread out.
+RETRY_FIRST_PAUSE_S = 0.1
+RETRY_MAX_PAUSE_S = 2.0
 
 _ids = itertools.count(1)
 
@@ -81,6 +89,7 @@ class Session:
         # How the client's TLS began: "direct" (PostgreSQL 17) or "ssl_request".
         self.client_tls_negotiation: str | None = None
         self._admitted = False
+        self._holds_password = False
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
 
@@ -236,7 +245,16 @@ class Session:
         self._report.opened(branch)
         plan = plan_login(target, params)
         self.user = plan.user
+        self._holds_password = plan.credentials is not None
         self._report.bind(user=plan.user, database=plan.database)
+        if plan.ignored_by_pooler:
+            self._report.warn_once(
+                ("pooler_parameters", branch, *plan.ignored_by_pooler),
+                "pooler_ignores_parameters",
+                parameters=list(plan.ignored_by_pooler),
+                detail="a -pooler host (PgBouncer) does not apply startup settings; use the "
+                "unpooled host, or SET them in the session",
+            )
         return plan
 
     def _local_secret(self, plan: Plan) -> ScramSecret | None:
@@ -312,9 +330,20 @@ class Session:
     async def _log_in_upstream(
         self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
     ) -> tuple[Upstream, UpstreamLogin]:
-        """Connect and log in; a new connection at most once for a pipelined login the
-        server did not expect, and once with fresh credentials for a refused password."""
+        """Connect and log in, one login to a host at a time beyond its slots."""
+        async with self._context.login_slots(plan.target):
+            return await self._log_in_with_retries(plan, params, client_key)
+
+    async def _log_in_with_retries(
+        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+    ) -> tuple[Upstream, UpstreamLogin]:
+        """A new connection at most once for a pipelined login the server did not expect,
+        once with fresh credentials for a refused password, and, within the connect
+        budget, again for what Neon's edge says is passing (a rate limit, a compute it
+        could not reach, a password it has not yet learnt was changed)."""
         may_pipeline = may_refresh = True
+        retry_until = time.monotonic() + self._context.settings.upstream.connect_timeout
+        retries = 0
         while True:
             upstream = await self._connect(plan.target)
             login = self._upstream_login(plan, upstream, client_key, pipeline=may_pipeline)
@@ -327,12 +356,19 @@ class Session:
                 may_pipeline = False
             except UpstreamRejected as exc:
                 upstream.endpoint.close()
-                if not (may_refresh and _is_stale_password(login, exc)):
+                self.upstream = None
+                if may_refresh and _is_stale_password(login, exc):
+                    # A reset branch or a changed password: fetch the credentials again,
+                    # once, before the client sees an error.
+                    may_refresh = False
+                    plan = plan_login(await self._fresh_target(exc), params)
+                    continue
+                pause = _retry_pause(retries, exc, refreshed=not may_refresh)
+                if pause is None or time.monotonic() + pause > retry_until:
                     raise
-                # A reset branch or a changed password: fetch the credentials again, once,
-                # before the client sees an error.
-                self.upstream, may_refresh = None, False
-                plan = plan_login(await self._fresh_target(exc), params)
+                retries += 1
+                self._report.event("login_retry", reason=exc.error.message, pause_s=pause)
+                await asyncio.sleep(pause)
             except BaseException:
                 upstream.endpoint.close()
                 raise
@@ -380,7 +416,9 @@ class Session:
         the client's own answers when it logs in for itself."""
 
         def read() -> Awaitable[bytes]:
-            return self.client.recv() if login.awaiting_client else self._recv_during_login(up)
+            if login.awaiting_client:
+                return self.client.recv()
+            return self._recv_during_login(up, waking=login.awaiting_compute)
 
         def act(out: Output) -> None:
             up.write(out.to_upstream)
@@ -389,10 +427,19 @@ class Session:
         up.write(login.start())
         await drive(login, read, act)
 
-    async def _recv_during_login(self, up: Endpoint) -> bytes:
-        # A server that went silent after TLS (a stuck compute, a half-open path) must not
-        # hold the client forever: each wait is bounded like the connect.
-        timeout = self._context.settings.upstream.connect_timeout
+    async def _recv_during_login(self, up: Endpoint, *, waking: bool) -> bytes:
+        """The server's next bytes. A server that went silent (a stuck compute, a half-open
+        path) must not hold the client forever: each wait is bounded like the connect, and
+        the wait after our last authentication message as long as a compute may take to
+        wake (Neon's edge says nothing until it is up)."""
+        settings = self._context.settings.upstream
+        timeout = settings.wake_timeout if waking else settings.connect_timeout
+        knob = "wake_timeout" if waking else "connect_timeout"
+        notice = None
+        if waking:
+            notice = asyncio.get_running_loop().call_later(
+                WAKE_NOTICE_S, lambda: self._report.waking(True, timeout_s=timeout)
+            )
         try:
             async with asyncio.timeout(timeout):
                 return await up.recv()
@@ -404,10 +451,14 @@ class Session:
             ) from None
         except TimeoutError:
             raise self._upstream_failure(
-                f" did not answer during login within {timeout:g} s ([upstream] connect_timeout)",
+                f" did not answer during login within {timeout:g} s ([upstream] {knob})",
                 sqlstate.UNABLE_TO_CONNECT,
                 ErrorKind.UPSTREAM_UNREACHABLE,
             ) from None
+        finally:
+            if notice is not None:
+                notice.cancel()
+                self._report.waking(False)
 
     async def _fresh_target(self, stale: UpstreamRejected) -> Target:
         assert self.target is not None
@@ -438,6 +489,16 @@ class Session:
             ready_s=round(time.monotonic() - self.started, 3),
         )
         self._status_messages = login.status_messages
+
+    def _advice(self, meaning: EdgeMeaning) -> str | None:
+        """What the user can do about an edge error, said in the client's HINT."""
+        if meaning.sqlstate == sqlstate.INVALID_PASSWORD and self._holds_password:
+            return (
+                f"neonlocal logs in with the password it holds for this branch: if the branch "
+                f"was reset or its password changed, `neonlocal use {self.branch}` fetches it "
+                "again (or update the branch URL in the config)"
+            )
+        return meaning.advice
 
     def _upstream_message(self, problem: str, *, unreached: bool = False) -> str:
         """Every failure upstream names the branch and its host, then what went wrong."""
@@ -524,8 +585,17 @@ class Session:
         fields = dict(error.fields)
         fields["S"] = fields["V"] = "FATAL"
         fields["M"] = message
-        self.close_reason = f"upstream refused: {error.sqlstate}"
-        during_auth = rejected.during_auth or error.sqlstate.startswith("28")
+        meaning = _edge_meaning(rejected)
+        if meaning is not None:
+            # Neon's edge sends every login error as XX000; a driver decides by the code
+            # PostgreSQL itself would have sent.
+            fields["C"] = meaning.sqlstate
+            hint = self._advice(meaning)
+            if hint is not None:
+                fields["H"] = hint
+        code = fields.get("C", error.sqlstate)
+        self.close_reason = f"upstream refused: {code}"
+        during_auth = rejected.during_auth or code.startswith("28")
         self._report.error(ErrorKind.AUTH if during_auth else ErrorKind.UPSTREAM_REJECTED)
         self._report.failure(message)
         self._end_with(codec.error_from_fields(fields))
@@ -568,14 +638,27 @@ class Session:
         )
 
 
+def _edge_meaning(rejected: UpstreamRejected) -> EdgeMeaning | None:
+    return meaning_of(rejected.error.sqlstate, rejected.error.message)
+
+
+def _retry_pause(retries: int, rejected: UpstreamRejected, *, refreshed: bool) -> float | None:
+    """How long to wait before logging in again, or None when trying again cannot help."""
+    meaning = _edge_meaning(rejected)
+    if meaning is None:
+        return None
+    if meaning.retry is Retry.TRANSIENT or (meaning.retry is Retry.AFTER_REFRESH and refreshed):
+        ceiling = min(RETRY_MAX_PAUSE_S, RETRY_FIRST_PAUSE_S * 2**retries)
+        return random.uniform(RETRY_FIRST_PAUSE_S / 2, ceiling)  # noqa: S311 - jitter
+    return None
+
+
 def _offer_key(plan: Plan) -> tuple[str, int, str, str]:
     return (plan.target.host, plan.target.port, plan.user, plan.database)
 
 
 def _is_stale_password(login: UpstreamLogin, rejected: UpstreamRejected) -> bool:
     """Our own password refused during our own login: worth one refresh and retry."""
-    return (
-        rejected.during_auth
-        and not login.relaying_auth
-        and rejected.error.sqlstate in _STALE_PASSWORD_STATES
-    )
+    meaning = _edge_meaning(rejected)
+    code = meaning.sqlstate if meaning is not None else rejected.error.sqlstate
+    return rejected.during_auth and not login.relaying_auth and code in _STALE_PASSWORD_STATES

@@ -71,7 +71,9 @@ async def open_upstream(
         async with asyncio.timeout(timeout):
             return await _open(target, keepalive, addresses or AddressBook())
     except TimeoutError:
-        raise UpstreamError(f"timed out after {timeout:g} s (is the compute waking up?)") from None
+        # Neon's edge answers TCP and TLS at once even for a suspended compute (it wakes it
+        # later, during the login), so a timeout here is the network or the host.
+        raise UpstreamError(f"timed out after {timeout:g} s ([upstream] connect_timeout)") from None
 
 
 class _NoDirectTls(Exception):
