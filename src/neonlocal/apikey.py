@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from neonlocal.config.values import Settings
     from neonlocal.neon import NeonApi
-    from neonlocal.settings import Settings
 
 __all__ = [
     "API_HOST_ENV",

@@ -32,10 +32,10 @@ def run_daemon(
     json_logs: bool | None = None,
     ephemeral: EphemeralSpec | None = None,
 ) -> int:
+    from neonlocal.config.errors import ConfigError
+    from neonlocal.config.loader import SettingsLoader
     from neonlocal.daemon import Daemon, StartupError
     from neonlocal.proxy.server import ListenError
-    from neonlocal.settings import ConfigError
-    from neonlocal.settings_loader import SettingsLoader
     from neonlocal.sockets import SocketActivationError, inherited_sockets
 
     env = dict(env)

@@ -22,12 +22,15 @@ import structlog
 
 from neonlocal import __version__
 from neonlocal.apikey import ApiKeyError, config_relative
+from neonlocal.config.errors import ConfigError, UnknownBranch
+from neonlocal.config.file import switch_branch
+from neonlocal.config.loader import SettingsLoader
+from neonlocal.config.values import Settings, check_selected_branch, is_loopback
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.fdlimit import ensure_room_for
 from neonlocal.filewatch import watch_file
 from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
-from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.metrics import ErrorKind
 from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
@@ -44,10 +47,8 @@ from neonlocal.resolver import (
     delete_branch_within,
 )
 from neonlocal.sdnotify import Notifier
-from neonlocal.selection import switch_branch
-from neonlocal.settings import ConfigError, Settings, check_selected_branch, is_loopback
-from neonlocal.settings_loader import SettingsLoader
-from neonlocal.targets import Target, TargetError, UnknownBranch, resolve_target
+from neonlocal.targets import Target, TargetError, resolve_target
+from neonlocal.tls.local import LocalTlsError, load_local_tls
 
 if TYPE_CHECKING:
     from neonlocal.admin import AdminServer

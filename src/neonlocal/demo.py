@@ -65,10 +65,10 @@ def run_demo(*, seconds: float = 12.0, port: int = 0) -> int:
 
 
 async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
-    from neonlocal.certs import CertificateAuthority
     from neonlocal.daemon import Daemon, StartupError
     from neonlocal.localpg import ComputeSpec, StopMode, create_compute, initdb_template
     from neonlocal.proxy.server import ListenError
+    from neonlocal.tls.certs import CertificateAuthority
 
     _say("neonlocal demo: two local 'branches' (PostgreSQL with TLS + SCRAM, like Neon computes)")
     ca = CertificateAuthority.create("neonlocal demo CA")
@@ -161,8 +161,8 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
 
 async def daemon_switch(config: Path, daemon: object, name: str) -> str:
     """What `neonlocal use NAME` does: rewrite the file, ask the daemon, print its answer."""
+    from neonlocal.config.file import switch_branch
     from neonlocal.daemon import Daemon
-    from neonlocal.selection import switch_branch
 
     assert isinstance(daemon, Daemon)
     await asyncio.to_thread(switch_branch, config, name)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neonlocal.certs import KeyPair, write_keypair
+from neonlocal.tls.certs import KeyPair, write_keypair
 
 __all__ = [
     "ComputeSpec",

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from neonlocal.apikey import api_url, config_relative, open_api
+from neonlocal.config.errors import UnknownBranch
+from neonlocal.config.values import TlsMode
 from neonlocal.neon import (
     DEFAULT_ANNOTATION,
     ApiUnreachable,
@@ -27,11 +29,11 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
-from neonlocal.targets import Target, TlsMode, UnknownBranch, build_target
+from neonlocal.targets import Target, build_target
 
 if TYPE_CHECKING:
+    from neonlocal.config.values import BranchSettings, Settings
     from neonlocal.neon import Branch, NeonApi, ResolvedBranch
-    from neonlocal.settings import BranchSettings, Settings
 
 __all__ = [
     "API_RETRY",

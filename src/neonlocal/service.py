@@ -514,7 +514,7 @@ def _process_start(pid: int) -> str | None:
 
 def daemon_status_lines(config_path: Path, env: Mapping[str, str]) -> list[str]:
     """What the running daemon itself says (branch served, sessions, last error)."""
-    from neonlocal.config import ConfigError, load_settings
+    from neonlocal.config.schema import ConfigError, load_settings
     from neonlocal.control import DaemonNotRunning, request
     from neonlocal.paths import control_socket_path
 
@@ -611,7 +611,7 @@ def _install(manager: ServiceManager, config: Path, socket: bool, env: Mapping[s
 
 def _shutdown_deadline(config: Path, env: Mapping[str, str]) -> float:
     """The config's shutdown_deadline; a config that does not load is not installed."""
-    from neonlocal.config import ConfigError, load_settings
+    from neonlocal.config.schema import ConfigError, load_settings
 
     try:
         return load_settings(config, env).shutdown_deadline

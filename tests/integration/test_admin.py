@@ -25,7 +25,7 @@ from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
-from neonlocal.config import ConfigError, load_settings
+from neonlocal.config.schema import ConfigError, load_settings
 from neonlocal.daemon import Daemon, StartupError
 
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"'

@@ -34,8 +34,8 @@ from fixtures.daemon import (
 )
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
+from neonlocal.config.file import switch_branch
 from neonlocal.daemon import Daemon
-from neonlocal.selection import switch_branch
 
 WAIT_S = 20.0  # upper bound for anything the daemon should do promptly; never reached when well
 

@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from fixtures.daemon import daemon_env, running_daemon, toml_string
-from neonlocal.config import ListenSettings
+from neonlocal.config.schema import ListenSettings
 from neonlocal.daemon import StartupError
 from neonlocal.localpg import LocalCompute
 

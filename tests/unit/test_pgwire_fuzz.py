@@ -16,13 +16,13 @@ from contextlib import contextmanager, suppress
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from neonlocal.certs import CertificateAuthority
 from neonlocal.pgwire import codec
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.framing import Message, MessageFramer
 from neonlocal.pgwire.frontend import LocalPasswordAuth, Phase, StartupPhase
 from neonlocal.pgwire.login import Credentials, LoginState, UpstreamLogin, UpstreamRejected
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
+from neonlocal.tls.certs import CertificateAuthority
 
 SECRET = ScramSecret.from_password("fuzz-password")
 CERT_DER = ssl.PEM_cert_to_DER_cert(

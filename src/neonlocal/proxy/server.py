@@ -21,8 +21,8 @@ from typing import Any
 
 import structlog
 
+from neonlocal.config.values import Settings
 from neonlocal.control import unix_socket_answers
-from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
@@ -40,8 +40,8 @@ from neonlocal.proxy.session import (
     SessionRefused,
 )
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
-from neonlocal.settings import Settings
 from neonlocal.targets import Target
+from neonlocal.tls.local import LocalTls
 
 log = structlog.get_logger("neonlocal.server")
 

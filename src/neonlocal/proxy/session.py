@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
@@ -35,6 +34,7 @@ from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
+from neonlocal.tls.local import LOCAL_ALPN
 
 if TYPE_CHECKING:
     from neonlocal.proxy.server import Server

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from neonlocal.cli import EXIT_USAGE, Context, fail, pass_ctx
+from neonlocal.cli.context import EXIT_USAGE, Context, fail, pass_ctx
 
 if TYPE_CHECKING:
+    from neonlocal.config.values import Settings
     from neonlocal.neon import Branch, Project
     from neonlocal.resolver import TargetResolver
-    from neonlocal.settings import Settings
     from neonlocal.targets import Target
 
 __all__ = ["branch", "branches", "init", "target_for_use"]
@@ -43,9 +43,10 @@ def with_api(
     """Run ``work`` with a resolver (and its API client); any API failure is one line."""
     from neonlocal import logging as nl_logging
     from neonlocal.apikey import ApiKeyError
+    from neonlocal.config.errors import UnknownBranch
     from neonlocal.neon import NeonApiError
     from neonlocal.resolver import API_RETRY, TargetResolver
-    from neonlocal.targets import TargetError, UnknownBranch
+    from neonlocal.targets import TargetError
 
     # Library log lines would garble the one-line answers; failures arrive as exceptions.
     nl_logging.configure("critical", json=False, stream=sys.stderr)
@@ -231,7 +232,7 @@ def _set_neon_keys(path: Path, values: dict[str, str]) -> None:
     import tomlkit
     import tomlkit.exceptions
 
-    from neonlocal.selection import atomic_write
+    from neonlocal.config.file import atomic_write
 
     target = path.resolve() if path.is_symlink() else path
     try:

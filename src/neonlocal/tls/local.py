@@ -115,7 +115,7 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_cert, ca_key, cert, key = _files(directory)
     if _anything_to_make(directory):
-        from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
+        from neonlocal.tls.certs import CertificateAuthority, KeyPair, write_keypair
 
         if ca_cert.exists() and ca_key.exists():
             pair = KeyPair(ca_cert.read_bytes(), ca_key.read_bytes())
@@ -140,7 +140,7 @@ def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     ca_cert, _ca_key, cert, key = _files(directory)
     if not _anything_to_make(directory):
         return cert, key, ca_cert
-    argv = child_argv("neonlocal.localtls", str(directory))
+    argv = child_argv("neonlocal.tls.local", str(directory))
     if argv is None:
         return ensure_generated(directory)
     try:
@@ -204,7 +204,7 @@ def install_for_libpq(ca_path: Path, home: Path, *, system_cas: Path | None = No
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m neonlocal.localtls DIR``: `ensure_generated`, for `_generated_apart`."""
+    """``python -m neonlocal.tls.local DIR``: `ensure_generated`, for `_generated_apart`."""
     try:
         ensure_generated(Path(argv[0]))
     except (OSError, ValueError) as exc:
