@@ -34,7 +34,8 @@ def run_daemon(
 ) -> int:
     from neonlocal.config.errors import ConfigError
     from neonlocal.config.loader import SettingsLoader
-    from neonlocal.daemon import Daemon, StartupError
+    from neonlocal.daemon import Daemon
+    from neonlocal.errors import UserError
     from neonlocal.proxy.server import ListenError
     from neonlocal.sockets import SocketActivationError, inherited_sockets
 
@@ -67,7 +68,7 @@ def run_daemon(
                 runner.run(main())
         else:
             asyncio.run(main())
-    except (StartupError, ListenError) as exc:
+    except (UserError, ListenError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ from neonlocal.config.loader import SettingsLoader
 from neonlocal.config.values import Settings, check_selected_branch, is_loopback
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
+from neonlocal.errors import StartupError
 from neonlocal.fdlimit import ensure_room_for
 from neonlocal.filewatch import watch_file
 from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
@@ -48,7 +49,7 @@ from neonlocal.resolver import (
 )
 from neonlocal.sdnotify import Notifier
 from neonlocal.targets import Target, TargetError, resolve_target
-from neonlocal.tls.local import LocalTlsError, load_local_tls
+from neonlocal.tls.local import load_local_tls
 
 if TYPE_CHECKING:
     from neonlocal.admin import AdminServer
@@ -62,10 +63,6 @@ EPHEMERAL_DELETE_MIN_S = 5.0
 EPHEMERAL_DELETE_RESERVE_S = 10.0
 # A selected branch the API could not be asked about is retried with backoff up to this.
 RESOLVE_RETRY_MAX_S = 60.0
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message is one line for the user."""
 
 
 def _fingerprint(path: Path, env: Mapping[str, str]) -> str:
@@ -144,12 +141,9 @@ class Daemon:
         self.server = Server(settings)
         self.server.credential_refresher = self._refresh_credentials
         if settings.local.tls:
-            try:
-                self.server.local_tls = load_local_tls(
-                    self.config_path, settings.local.tls_cert, settings.local.tls_key
-                )
-            except LocalTlsError as exc:
-                raise StartupError(str(exc)) from None
+            self.server.local_tls = load_local_tls(
+                self.config_path, settings.local.tls_cert, settings.local.tls_key
+            )
         self._apply_selection(settings, resolution)
         if unreachable is not None:
             self._resolve_later(self._wanted_branch(settings) or "", unreachable)
@@ -158,9 +152,9 @@ class Daemon:
         self.control = ControlServer(control_path, self.handle_control)
         try:
             await self.control.start()
-        except RuntimeError as exc:
+        except StartupError:
             await self.server.close()
-            raise StartupError(str(exc)) from None
+            raise
         await self._start_admin(settings)
         self._spawn(self._watch())
         if follower is not None:
@@ -186,15 +180,15 @@ class Daemon:
         if address is None:
             return
         # Only now: the HTTP server and the metrics exposition stay out of a daemon without it.
-        from neonlocal.admin import AdminError, AdminServer
+        from neonlocal.admin import AdminServer
 
         admin = AdminServer(*address, metrics=self.server.metrics, not_ready=self.not_ready_reason)
         try:
             await admin.start()
-        except AdminError as exc:
+        except StartupError:
             await self.control.close()
             await self.server.close()
-            raise StartupError(str(exc)) from None
+            raise
         self.admin = admin
 
     def not_ready_reason(self) -> str | None:

@@ -65,7 +65,8 @@ def run_demo(*, seconds: float = 12.0, port: int = 0) -> int:
 
 
 async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
-    from neonlocal.daemon import Daemon, StartupError
+    from neonlocal.daemon import Daemon
+    from neonlocal.errors import UserError
     from neonlocal.localpg import ComputeSpec, StopMode, create_compute, initdb_template
     from neonlocal.proxy.server import ListenError
     from neonlocal.tls.certs import CertificateAuthority
@@ -106,7 +107,7 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
     daemon = Daemon(config, env)
     try:
         await daemon.start()
-    except (StartupError, ListenError) as exc:
+    except (UserError, ListenError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     assert daemon.server is not None

@@ -34,6 +34,7 @@ from neonlocal.defaults import (
     SERVICE_STOP_GRACE_S,
     SHUTDOWN_DEADLINE_S,
 )
+from neonlocal.errors import UserError
 from neonlocal.paths import default_config_path, expand_user, home_dir
 
 SERVICE_UNIT = f"{SERVICE_NAME}.service"
@@ -58,7 +59,7 @@ EXIT_NOT_RUNNING = 3
 """`service status` exit status when not installed or not running, as in `systemctl status`."""
 
 
-class ServiceError(Exception):
+class ServiceError(UserError):
     """A service operation failed; the message is the one line the user sees."""
 
 

@@ -17,7 +17,7 @@ import structlog
 
 from fixtures.daemon import daemon_env, running_daemon, toml_string
 from neonlocal.config.schema import ListenSettings
-from neonlocal.daemon import StartupError
+from neonlocal.errors import StartupError
 from neonlocal.localpg import LocalCompute
 
 pytestmark = [pytest.mark.reliability, pytest.mark.pg]

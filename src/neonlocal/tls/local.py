@@ -23,6 +23,7 @@ from pathlib import Path
 from asn1crypto import x509 as asn1_x509
 
 from neonlocal.children import child_argv, child_env
+from neonlocal.errors import UserError
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The local CA may only ever vouch for these: `neonlocal trust --install` puts it in libpq's
@@ -35,7 +36,7 @@ SERVER_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
 
 
-class LocalTlsError(Exception):
+class LocalTlsError(UserError):
     """The local certificate cannot be made or loaded; one line for the user."""
 
 
