@@ -1,7 +1,7 @@
-"""The daemon's way to load its config without keeping the schema's libraries resident.
+"""The daemon's way to load its config without importing the schema's libraries.
 
-``neonlocal.config.schema`` checks the file with pydantic-settings, which stays in memory once
-imported (about 10 MiB). The daemon idles for weeks, so ``SettingsLoader`` runs that check
+``neonlocal.config.schema`` checks the file with pydantic-settings, which the daemon must
+not import (README, "The daemon's memory"), so ``SettingsLoader`` runs that check
 in a short-lived child (``python -m neonlocal.config.loader``, about 0.2 s) that sends back
 the plain values of ``neonlocal.config.values`` as JSON over a pipe, or the ConfigError's
 problems.

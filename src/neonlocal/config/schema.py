@@ -2,12 +2,12 @@
 
 ``load_settings(path, env)`` is the only way in. It checks the file and the environment
 against the schema below (pydantic-settings) and returns the plain frozen values of
-``neonlocal.config.values``, or raises ConfigError, which names the exact place of the problem:
-``file:line`` for the file, the variable's name for the environment. Values that are
-secrets (branch URLs, the local password) never appear in an error message.
+``neonlocal.config.values``, or raises ConfigError, which names the exact place of the
+problem: ``file:line`` for the file, the variable's name for the environment. Values that
+are secrets (branch URLs, the local password) never appear in an error message.
 
 The daemon does not import this module: ``neonlocal.config.loader`` runs it in a
-short-lived child process, so that pydantic never stays resident.
+short-lived child process (README, "The daemon's memory").
 
 Whether ``branch`` names a configured branch is checked separately, by
 ``check_selected_branch``: a later feature may resolve names through the Neon API.

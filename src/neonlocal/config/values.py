@@ -1,13 +1,12 @@
 """The configuration as the daemon holds it: frozen plain values, no validation library.
 
-``neonlocal.config.schema`` checks a file and the environment against its schema (pydantic) and
-hands back these values. The daemon runs for weeks, so it never imports the schema: it has
-``neonlocal.config.loader`` validate in a short-lived child process and receives these
-values as JSON (``to_json``/``from_json``). pydantic and pydantic-settings would otherwise
-stay resident, about 10 MiB of a daemon meant to idle near 40.
+``neonlocal.config.schema`` checks a file and the environment against its rules (pydantic)
+and hands back these values. The daemon never imports the schema (README, "The daemon's
+memory"): ``neonlocal.config.loader`` has it checked in a short-lived child process and
+receives these values as JSON (``to_json``/``from_json``).
 
-Every field here has its twin, with its rules, in ``neonlocal.config.schema``; a unit test keeps
-names and defaults equal.
+Every field here has its twin, with its rules, in ``neonlocal.config.schema``; a unit test
+keeps names and defaults equal.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ CA, so ``sslmode=verify-full`` against localhost works. A user may configure the
 certificate and key instead.
 
 Every start reads the expiry of the certificate it already has; only making one needs
-``cryptography`` (several MB resident), so it is imported then and not before.
+``cryptography``, so it is imported then and not before (README, "The daemon's memory").
 """
 
 from __future__ import annotations
@@ -134,8 +134,8 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
 
 def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     """`ensure_generated` for the daemon: what has to be made is made by a short-lived child
-    process, so that ``cryptography`` (about 11 MB resident) never enters the daemon, which
-    may then run for weeks. Checking what is there needs only ``ssl``."""
+    process, so that ``cryptography`` never enters the daemon. Checking what is there needs
+    only ``ssl``."""
     directory = directory.absolute()  # the child runs in it: a relative path would double
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_cert, _ca_key, cert, key = _files(directory)
