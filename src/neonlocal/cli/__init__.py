@@ -5,9 +5,10 @@ that do the work.
 - ``context``: what every command shares: the config path, the environment, ``fail``.
 - ``neon``: init, branches, branch (the Neon API).
 - ``trust``: the local CA for ``sslmode=verify-full``.
+- ``service``: install, uninstall, status, logs (the work is in ``neonlocal.service``).
 
-The service group lives with its work in ``neonlocal.service``. Command groups are imported
-only when named, so ``neonlocal --help``, ``use`` and ``status`` start quickly.
+Command groups are imported only when named, so ``neonlocal --help``, ``use`` and
+``status`` start quickly.
 """
 
 from neonlocal.cli.root import main

@@ -25,7 +25,7 @@ class LazyGroup(click.Group):
     """Subcommand groups from other modules, imported only when used."""
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
-        "service": ("neonlocal.service", "service", "Run neonlocal as a login service."),
+        "service": ("neonlocal.cli.service", "service", "Run neonlocal as a login service."),
         "init": ("neonlocal.cli.neon", "init", "Check the Neon API key and pick a project."),
         "branches": ("neonlocal.cli.neon", "branches", "List the Neon project's branches."),
         "branch": ("neonlocal.cli.neon", "branch", "Reset or delete a Neon branch."),
