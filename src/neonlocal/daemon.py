@@ -1,8 +1,9 @@
 """The composition root of ``neonlocal up``: settings, server, watcher, control socket, signals.
 
-A reload (file change, SIGHUP or ``neonlocal use``) either applies a complete new
-configuration or keeps the last good one and reports why: the daemon never goes down over a
-broken edit.
+A start and a reload (file change, SIGHUP or ``neonlocal use``) take the same two steps:
+load, check and resolve the config without touching what is served, then apply it. So a
+reload either applies a complete new configuration or keeps the last good one and reports
+why: the daemon never goes down over a broken edit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -623,7 +624,6 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads."""
-        loop = asyncio.get_running_loop()
         try:
             await self.start()
         except BaseException:
@@ -632,6 +632,20 @@ class Daemon:
             if self.resolver is not None:
                 await self.resolver.aclose()
             raise
+        with self._signals_handled():
+            watchdog = self.notifier.watchdog_interval()
+            if watchdog:
+                self._spawn(self._watchdog(watchdog))
+            try:
+                await self._stop.wait()
+            finally:
+                # Still ours while draining: a second Ctrl-C must reach on_stop.
+                await self.stop()
+
+    @contextlib.contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGTERM and SIGINT stop (a second SIGINT exits at once), SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
         interrupts = 0
 
         def on_stop(signame: str) -> None:
@@ -647,22 +661,15 @@ class Daemon:
         # (an embedding application's or a test runner's handler): keep and restore it.
         previous = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
         installed: list[signal.Signals] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop, sig.name)
-            installed.append(sig)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP", force=True))
-        )
-        installed.append(signal.SIGHUP)
-        watchdog = self.notifier.watchdog_interval()
-        if watchdog:
-            self._spawn(self._watchdog(watchdog))
         try:
-            try:
-                await self._stop.wait()
-            finally:
-                # Still ours while draining: a second Ctrl-C must reach on_stop.
-                await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_stop, sig.name)
+                installed.append(sig)
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP", force=True))
+            )
+            installed.append(signal.SIGHUP)
+            yield
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
