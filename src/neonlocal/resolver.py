@@ -42,6 +42,8 @@ __all__ = [
     "EphemeralSpec",
     "Resolution",
     "TargetResolver",
+    "UseTarget",
+    "branch_for_use",
     "create_branch",
     "delete_branch_within",
 ]
@@ -338,6 +340,46 @@ def _address_of(host: str, settings: Settings) -> str | None:
 
 def _differs(found: ResolvedBranch, stale: Target) -> bool:
     return found.password != stale.password or found.endpoint_host != stale.host
+
+
+# --- `neonlocal use` ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UseTarget:
+    """What ``neonlocal use NAME`` switches to, and what happened on the way there."""
+
+    resolution: Resolution
+    created: Branch | None = None
+    """The branch ``--create`` made; None when it made none."""
+    existed: bool = False
+    """``--create`` found the branch already there and uses it as it is."""
+
+
+async def branch_for_use(
+    resolver: TargetResolver,
+    name: str,
+    *,
+    create: bool = False,
+    parent: str | None = None,
+    expires_in: timedelta | None = None,
+) -> UseTarget:
+    """Resolve ``name``; with ``create``, first make it in the project unless it is there.
+
+    Raises what ``resolve`` and ``create_branch`` raise.
+    """
+    from neonlocal.neon import BranchNotFound, find_branch
+
+    created, existed = None, False
+    if create:
+        project = resolver.require_project()
+        api = await resolver.api()
+        try:
+            await find_branch(api, project, name)
+            existed = True
+        except BranchNotFound:
+            created = await create_branch(api, project, name, parent=parent, expires_in=expires_in)
+    return UseTarget(await resolver.resolve(name), created, existed)
 
 
 # --- mutations shared by the CLI, the daemon and git following ---------------------------------
