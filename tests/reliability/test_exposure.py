@@ -16,7 +16,7 @@ import pytest
 import structlog
 
 from fixtures.daemon import daemon_env, running_daemon, toml_string
-from neonlocal.config.schema import ListenSettings
+from neonlocal.config.values import ListenSettings
 from neonlocal.errors import StartupError
 from neonlocal.localpg import LocalCompute
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from neonlocal.config.errors import ConfigError
 from neonlocal.config.file import read_selected, switch_branch
-from neonlocal.config.schema import ConfigError
 from neonlocal.filewatch import watch_file
 
 ORIGINAL = """\

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from neonlocal.config.errors import ConfigError
 from neonlocal.config.file import switch_branch
 from neonlocal.config.loader import SettingsLoader
 from neonlocal.config.schema import (
@@ -34,7 +35,6 @@ from neonlocal.config.schema import (
 from neonlocal.config.values import (
     AdminSettings,
     BranchSettings,
-    ConfigError,
     ControlSettings,
     GitSettings,
     ListenSettings,
