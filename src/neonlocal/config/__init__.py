@@ -7,6 +7,6 @@
 - ``file``: the file as text: where each key is written, and ``branch`` rewritten in place.
 - ``errors``: what can be wrong with a configuration, and where.
 
-Nothing here is imported by this package itself, so importing ``neonlocal.config.values``
-never brings the schema along (see the README's Development section on the daemon's memory).
+This ``__init__`` imports none of them, so the daemon's ``neonlocal.config.values`` never
+brings the schema along (README, "The daemon's memory").
 """
