@@ -26,8 +26,8 @@ from fixtures.pg import (
     pg_unavailable_reason,
 )
 from fixtures.sni import SniRecorder
-from neonlocal.certs import CertificateAuthority, KeyPair
 from neonlocal.localpg import LocalCompute, find_pg_bindir, initdb_template, make_base_dir
+from neonlocal.tls.certs import CertificateAuthority, KeyPair
 
 SNI_RECORDER_HOST = "127.0.0.5"
 

@@ -155,7 +155,7 @@ def supports_session_reuse(source: Path | None) -> bool:
     """Whether the daemon's neonlocal has ``[upstream] reuse_sessions`` (opt-in reuse)."""
     # The schema's class was UpstreamSettings before the daemon's values got that name.
     probe = (
-        "import neonlocal.config as c;"
+        "import neonlocal.config.schema as c;"
         "U = getattr(c, 'UpstreamSchema', c.UpstreamSettings);"
         "print('reuse_sessions' in U.model_fields)"
     )

@@ -13,7 +13,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neonlocal.certs import CertificateAuthority
 from neonlocal.localpg import (
     ComputeSpec,
     LocalCompute,
@@ -23,6 +22,7 @@ from neonlocal.localpg import (
     initdb_template,
     make_base_dir,
 )
+from neonlocal.tls.certs import CertificateAuthority
 from nlbench.net import free_port
 
 HOSTNAME = "ep-bench-000001.us-east-2.aws.neon.tech"

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from neonlocal.errors import StartupError
 from neonlocal.metrics import CONTENT_TYPE, Metrics
 
 log = structlog.get_logger("neonlocal.admin")
@@ -26,10 +27,6 @@ log = structlog.get_logger("neonlocal.admin")
 _REQUEST_TIMEOUT_S: Final = 5.0
 _MAX_HEAD_BYTES: Final = 8192
 _TEXT: Final = "text/plain; charset=utf-8"
-
-
-class AdminError(Exception):
-    """The admin listener cannot start; one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class AdminServer:
                 self._handle, self.host, self.requested_port, limit=_MAX_HEAD_BYTES
             )
         except OSError as exc:
-            raise AdminError(
+            raise StartupError(
                 f"neonlocal: cannot start the admin listener on {self.address}: "
                 f"{exc.strerror or exc}; change [admin] listen in the config"
             ) from None

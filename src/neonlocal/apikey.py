@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from neonlocal.errors import UserError
+
 if TYPE_CHECKING:
+    from neonlocal.config.values import Settings
     from neonlocal.neon import NeonApi
-    from neonlocal.settings import Settings
 
 __all__ = [
     "API_HOST_ENV",
@@ -38,7 +40,7 @@ KEY_FILE_MODE: Final = 0o600
 KEYS_PAGE: Final = "https://console.neon.tech/app/settings/api-keys"
 
 
-class ApiKeyError(Exception):
+class ApiKeyError(UserError):
     """No usable API key; the message is one line that says what to do."""
 
 

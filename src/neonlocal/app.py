@@ -32,10 +32,11 @@ def run_daemon(
     json_logs: bool | None = None,
     ephemeral: EphemeralSpec | None = None,
 ) -> int:
-    from neonlocal.daemon import Daemon, StartupError
+    from neonlocal.config.errors import ConfigError
+    from neonlocal.config.loader import SettingsLoader
+    from neonlocal.daemon import Daemon
+    from neonlocal.errors import UserError
     from neonlocal.proxy.server import ListenError
-    from neonlocal.settings import ConfigError
-    from neonlocal.settings_loader import SettingsLoader
     from neonlocal.sockets import SocketActivationError, inherited_sockets
 
     env = dict(env)
@@ -67,7 +68,7 @@ def run_daemon(
                 runner.run(main())
         else:
             asyncio.run(main())
-    except (StartupError, ListenError) as exc:
+    except (UserError, ListenError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     except KeyboardInterrupt:

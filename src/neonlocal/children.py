@@ -2,7 +2,7 @@
 
 The daemon hands work that needs heavy libraries (making certificates with
 ``cryptography``, checking the config with pydantic) to a child, so that those libraries
-never stay resident in a process that runs for weeks.
+never enter the daemon (README, "The daemon's memory").
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ it into any other component. Only keyword names that look like keywords are name
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from types import MappingProxyType
 from typing import Final
 from urllib.parse import quote
 
-__all__ = ["KNOWN_KEYWORDS", "ConnInfo", "ConnInfoError", "parse_conninfo"]
+from neonlocal.errors import UserError
+
+__all__ = ["KNOWN_KEYWORDS", "ConnInfo", "ConnInfoError", "parse_conninfo", "validate_upstream"]
 
 DEFAULT_PORT: Final = 5432
 
@@ -104,12 +107,11 @@ _SHOWABLE: Final = re.compile(r"[a-z_][a-z_-]{0,39}")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 
 
-class ConnInfoError(ValueError):
-    """A connection string libpq would reject. The message never contains the input."""
+class ConnInfoError(UserError, ValueError):
+    """A connection string libpq would reject. The message never contains the input.
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    Also a ValueError: a schema validator that meets one reports it as a bad value.
+    """
 
 
 @dataclass(frozen=True)
@@ -396,3 +398,16 @@ def _show(token: str, values: Mapping[str, str]) -> str:
 
 def _redacted_extra(extra: Mapping[str, str]) -> dict[str, str]:
     return {key: "***" if key in _SECRET_EXTRAS else value for key, value in extra.items()}
+
+
+def validate_upstream(info: ConnInfo) -> None:
+    """Refuse connection strings neonlocal cannot serve; raises ConnInfoError."""
+    if info.host is None:
+        raise ConnInfoError("the connection string has no host")
+    if info.host.startswith("/") or info.host.startswith("@"):
+        raise ConnInfoError("Unix-domain socket hosts are not supported; give a TCP host name")
+    if info.hostaddr is not None:
+        try:
+            ipaddress.ip_address(info.hostaddr)
+        except ValueError:
+            raise ConnInfoError("hostaddr must be a numeric IP address") from None

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from neonlocal.errors import StartupError, UserError
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -22,7 +24,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
 
 
-class DaemonNotRunning(Exception):
+class DaemonNotRunning(UserError):
     """Nothing answers on the control socket."""
 
 
@@ -38,7 +40,7 @@ class ControlServer:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
             if unix_socket_answers(self.path):
-                raise RuntimeError(
+                raise StartupError(
                     f"neonlocal: another daemon already runs with this config (control socket "
                     f"{self.path})"
                 )

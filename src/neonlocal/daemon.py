@@ -1,8 +1,9 @@
 """The composition root of ``neonlocal up``: settings, server, watcher, control socket, signals.
 
-A reload (file change, SIGHUP or ``neonlocal use``) either applies a complete new
-configuration or keeps the last good one and reports why: the daemon never goes down over a
-broken edit.
+A start and a reload (file change, SIGHUP or ``neonlocal use``) take the same two steps:
+load, check and resolve the config without touching what is served, then apply it. So a
+reload either applies a complete new configuration or keeps the last good one and reports
+why: the daemon never goes down over a broken edit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +24,16 @@ import structlog
 
 from neonlocal import __version__
 from neonlocal.apikey import ApiKeyError, config_relative
+from neonlocal.config.errors import ConfigError, UnknownBranch
+from neonlocal.config.file import switch_branch
+from neonlocal.config.loader import SettingsLoader
+from neonlocal.config.values import Settings, check_selected_branch, is_loopback
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
+from neonlocal.errors import StartupError
 from neonlocal.fdlimit import ensure_room_for
 from neonlocal.filewatch import watch_file
 from neonlocal.gitfollow import FollowSkipped, GitFollower, GitFollowError, neon_branch_for
-from neonlocal.localtls import LocalTlsError, load_local_tls
 from neonlocal.metrics import ErrorKind
 from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
@@ -44,10 +50,8 @@ from neonlocal.resolver import (
     delete_branch_within,
 )
 from neonlocal.sdnotify import Notifier
-from neonlocal.selection import switch_branch
-from neonlocal.settings import ConfigError, Settings, check_selected_branch, is_loopback
-from neonlocal.settings_loader import SettingsLoader
-from neonlocal.targets import Target, TargetError, UnknownBranch, resolve_target
+from neonlocal.targets import Target, TargetError, resolve_target
+from neonlocal.tls.local import load_local_tls
 
 if TYPE_CHECKING:
     from neonlocal.admin import AdminServer
@@ -61,10 +65,6 @@ EPHEMERAL_DELETE_MIN_S = 5.0
 EPHEMERAL_DELETE_RESERVE_S = 10.0
 # A selected branch the API could not be asked about is retried with backoff up to this.
 RESOLVE_RETRY_MAX_S = 60.0
-
-
-class StartupError(Exception):
-    """The daemon cannot start; the message is one line for the user."""
 
 
 def _fingerprint(path: Path, env: Mapping[str, str]) -> str:
@@ -81,6 +81,16 @@ def _insecure_warning(name: str, target: Target) -> str:
         f'branch "{name}" uses tls = "{target.tls.value}": the upstream certificate is not '
         "fully verified"
     )
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A configuration loaded, checked and resolved, not yet served."""
+
+    settings: Settings
+    resolution: Resolution | None
+    # On a start only: the API could not be asked; the daemon serves and keeps trying.
+    unreachable: ApiUnreachable | None = None
 
 
 class Daemon:
@@ -118,53 +128,37 @@ class Daemon:
     # --- start and stop --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Load, check and resolve the config, then serve it; raises StartupError."""
         try:
-            settings = await self.loader.load()
-            if self.ephemeral is None:
-                check_selected_branch(settings)
-        except ConfigError as exc:
+            checked = await self._load_checked(first=True)
+        except (ConfigError, TargetError, UnknownBranch, NeonApiError, ApiKeyError) as exc:
             raise StartupError(f"neonlocal: {exc}") from None
-        self._check_exposure(settings)
-        ensure_room_for(settings.listen.max_sessions)
-        self.resolver = TargetResolver(settings, self.env, retry=API_RETRY)
+        settings = checked.settings
         follower = self._git_follower(settings)
-        if self.ephemeral is not None:
-            await self._create_ephemeral(self.ephemeral)
-        unreachable: ApiUnreachable | None = None
-        try:
-            resolution = await self._resolve_selected(settings)
-        except ApiUnreachable as exc:
-            # Serve anyway (clients get the reason) and keep trying: the network may be late.
-            resolution, unreachable = None, exc
-        except (TargetError, UnknownBranch, NeonApiError, ApiKeyError) as exc:
-            raise StartupError(f"neonlocal: {exc}") from None
-        self.settings = settings
-        self._fingerprint = _fingerprint(self.config_path, self.env)
-        self.server = Server(settings)
-        self.server.credential_refresher = self._refresh_credentials
-        if settings.local.tls:
-            try:
-                self.server.local_tls = load_local_tls(
-                    self.config_path, settings.local.tls_cert, settings.local.tls_key
-                )
-            except LocalTlsError as exc:
-                raise StartupError(str(exc)) from None
-        self._apply_selection(settings, resolution)
-        if unreachable is not None:
-            self._resolve_later(self._wanted_branch(settings) or "", unreachable)
+        self._apply(checked, _fingerprint(self.config_path, self.env))
+        assert self.server is not None
         await self.server.start(self._inherited)
-        control_path = control_socket_path(self.config_path, self.env, settings.control.socket)
-        self.control = ControlServer(control_path, self.handle_control)
-        try:
-            await self.control.start()
-        except RuntimeError as exc:
-            await self.server.close()
-            raise StartupError(str(exc)) from None
+        await self._start_control(settings)
         await self._start_admin(settings)
         self._spawn(self._watch())
         if follower is not None:
             self._spawn(follower.run(self._stop))
             log.info("git_follow_started", repo=str(follower.repo))
+        self._log_started()
+        self.notifier.ready(self._status_line())
+
+    async def _start_control(self, settings: Settings) -> None:
+        assert self.server is not None
+        control_path = control_socket_path(self.config_path, self.env, settings.control.socket)
+        self.control = ControlServer(control_path, self.handle_control)
+        try:
+            await self.control.start()
+        except StartupError:
+            await self.server.close()
+            raise
+
+    def _log_started(self) -> None:
+        assert self.server is not None
         selected = self.server.selected
         log.info(
             "daemon_started",
@@ -176,7 +170,6 @@ class Daemon:
         )
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
-        self.notifier.ready(self._status_line())
 
     async def _start_admin(self, settings: Settings) -> None:
         assert self.server is not None
@@ -185,15 +178,15 @@ class Daemon:
         if address is None:
             return
         # Only now: the HTTP server and the metrics exposition stay out of a daemon without it.
-        from neonlocal.admin import AdminError, AdminServer
+        from neonlocal.admin import AdminServer
 
         admin = AdminServer(*address, metrics=self.server.metrics, not_ready=self.not_ready_reason)
         try:
             await admin.start()
-        except AdminError as exc:
+        except StartupError:
             await self.control.close()
             await self.server.close()
-            raise StartupError(str(exc)) from None
+            raise
         self.admin = admin
 
     def not_ready_reason(self) -> str | None:
@@ -218,9 +211,6 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stop.wait()
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop accepting, let sessions finish for ``deadline`` s (the setting), end the rest."""
@@ -250,6 +240,63 @@ class Daemon:
         log.info("daemon_stopped")
 
     # --- configuration ---------------------------------------------------------------------------
+    # A start and a reload run the same two steps: _load_checked, which changes nothing the
+    # daemon serves, and _apply. A reload whose first step fails keeps the last good config.
+
+    async def _load_checked(self, *, first: bool) -> _Checked:
+        """Load the file, check it and resolve the branch it selects.
+
+        The resolver is asked about the new settings and keeps its own until ``_apply``.
+        Raises ConfigError, UnknownBranch, TargetError, NeonApiError or ApiKeyError; on the
+        ``first`` load (a start) an unreachable API is not one of them: the daemon serves
+        anyway (clients get the reason) and keeps trying, as the network may be late.
+        """
+        settings = await self.loader.load()
+        self._check_exposure(settings)
+        if self.ephemeral is None:
+            check_selected_branch(settings)  # an unknown name, reported at its file:line
+        if first:
+            self.resolver = TargetResolver(settings, self.env, retry=API_RETRY)
+            if self.ephemeral is not None:
+                await self._create_ephemeral(self.ephemeral)
+        assert self.resolver is not None
+        name = self._wanted_branch(settings)
+        if name is None:
+            return _Checked(settings, None)
+        try:
+            resolution = await self.resolver.resolve(name, settings=settings)
+        except ApiUnreachable as exc:
+            if not first:
+                raise
+            return _Checked(settings, None, unreachable=exc)
+        return _Checked(settings, resolution)
+
+    def _apply(self, checked: _Checked, fingerprint: str) -> None:
+        """Serve ``checked``: the settings, the selected branch and the warnings about them."""
+        assert self.resolver is not None
+        settings = checked.settings
+        self.resolver.update_settings(settings)
+        self.settings = settings
+        self._fingerprint = fingerprint
+        self.config_error = None
+        ensure_room_for(settings.listen.max_sessions)
+        if self.server is None:
+            self.server = self._new_server(settings)
+        else:
+            tls.forget_contexts()
+            self.server.update_settings(settings)
+        self._apply_selection(settings, checked.resolution)
+        if checked.unreachable is not None:
+            self._resolve_later(self._wanted_branch(settings) or "", checked.unreachable)
+
+    def _new_server(self, settings: Settings) -> Server:
+        server = Server(settings)
+        server.credential_refresher = self._refresh_credentials
+        if settings.local.tls:
+            server.local_tls = load_local_tls(
+                self.config_path, settings.local.tls_cert, settings.local.tls_key
+            )
+        return server
 
     def _apply_selection(self, settings: Settings, resolution: Resolution | None) -> None:
         assert self.server is not None
@@ -282,25 +329,11 @@ class Daemon:
 
     async def _reload(self, reason: str, fingerprint: str) -> str | None:
         assert self.server is not None
-        assert self.resolver is not None
-        before = self.server.selected
-        kept = self.resolver.settings
+        assert self.settings is not None
+        before, previous = self.server.selected, self.settings
         try:
-            settings = await self.loader.load()
-            self._check_exposure(settings)
-            if self.ephemeral is None:
-                check_selected_branch(settings)  # an unknown name, reported at its file:line
-            # Refuse before touching anything; the API is asked only about a new name.
-            resolution = await self._resolve_selected(settings)
-        except (
-            ConfigError,
-            UnknownBranch,
-            TargetError,
-            StartupError,
-            NeonApiError,
-            ApiKeyError,
-        ) as exc:
-            self.resolver.update_settings(kept)
+            checked = await self._load_checked(first=False)
+        except (ConfigError, UnknownBranch, TargetError, NeonApiError, ApiKeyError) as exc:
             problem = str(exc)
             if isinstance(exc, UnknownBranch):
                 problem = f"{self.config_path}: {problem}"
@@ -308,20 +341,18 @@ class Daemon:
             self._fingerprint = fingerprint
             log.error("config_rejected", problem=self.config_error, kept=_name(before))
             return self.config_error
-        listen_changed = (settings.listen.host, settings.listen.port) != (
-            self.settings.listen.host if self.settings else None,
-            self.settings.listen.port if self.settings else None,
-        )
-        git_changed = (kept.git.follow, kept.git.repo) != (settings.git.follow, settings.git.repo)
-        self.settings = settings
-        self._fingerprint = fingerprint
-        self.config_error = None
-        tls.forget_contexts()
-        self.server.update_settings(settings)
-        ensure_room_for(settings.listen.max_sessions)
-        self._apply_selection(settings, resolution)
-        after = self.server.selected
-        log.info("config_reloaded", reason=reason, branch=_name(after))
+        self._apply(checked, fingerprint)
+        log.info("config_reloaded", reason=reason, branch=_name(self.server.selected))
+        self._log_changes(previous, before)
+        for warning in self.warnings:
+            log.warning("insecure_target", detail=warning)
+        return None
+
+    def _log_changes(self, previous: Settings, before: tuple[str, Target] | None) -> None:
+        """Say what a reload switched, and what it changed that only a restart applies."""
+        assert self.server is not None
+        assert self.settings is not None
+        settings, after = self.settings, self.server.selected
         if _name(before) != _name(after):
             log.info(
                 "branch_switched",
@@ -329,16 +360,14 @@ class Daemon:
                 branch=_name(after),
                 upstream=after[1].describe() if after else None,
             )
-        if listen_changed:
+        listen = (settings.listen.host, settings.listen.port)
+        if listen != (previous.listen.host, previous.listen.port):
             log.warning("listen_change_needs_restart", listen=self.server.listening)
-        if git_changed:
+        if (previous.git.follow, previous.git.repo) != (settings.git.follow, settings.git.repo):
             log.warning("git_change_needs_restart", follow=settings.git.follow)
         admin = self.admin
         if settings.admin.address != (admin and (admin.host, admin.requested_port)):
             log.warning("admin_change_needs_restart", admin=admin.address if admin else None)
-        for warning in self.warnings:
-            log.warning("insecure_target", detail=warning)
-        return None
 
     async def _watch(self) -> None:
         try:
@@ -353,12 +382,6 @@ class Daemon:
         if self.ephemeral_branch is not None:
             return self.ephemeral_branch.name
         return settings.branch
-
-    async def _resolve_selected(self, settings: Settings) -> Resolution | None:
-        assert self.resolver is not None
-        self.resolver.update_settings(settings)
-        name = self._wanted_branch(settings)
-        return None if name is None else await self.resolver.resolve(name)
 
     def _note_resolution(self, resolution: Resolution) -> None:
         if resolution.neon is None or resolution.from_cache:
@@ -603,7 +626,6 @@ class Daemon:
 
     async def run(self) -> None:
         """Start, serve until SIGTERM/SIGINT, drain, stop. SIGHUP reloads."""
-        loop = asyncio.get_running_loop()
         try:
             await self.start()
         except BaseException:
@@ -612,6 +634,20 @@ class Daemon:
             if self.resolver is not None:
                 await self.resolver.aclose()
             raise
+        with self._signals_handled():
+            watchdog = self.notifier.watchdog_interval()
+            if watchdog:
+                self._spawn(self._watchdog(watchdog))
+            try:
+                await self._stop.wait()
+            finally:
+                # Still ours while draining: a second Ctrl-C must reach on_stop.
+                await self.stop()
+
+    @contextlib.contextmanager
+    def _signals_handled(self) -> Iterator[None]:
+        """SIGTERM and SIGINT stop (a second SIGINT exits at once), SIGHUP reloads."""
+        loop = asyncio.get_running_loop()
         interrupts = 0
 
         def on_stop(signame: str) -> None:
@@ -627,22 +663,15 @@ class Daemon:
         # (an embedding application's or a test runner's handler): keep and restore it.
         previous = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
         installed: list[signal.Signals] = []
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_stop, sig.name)
-            installed.append(sig)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP", force=True))
-        )
-        installed.append(signal.SIGHUP)
-        watchdog = self.notifier.watchdog_interval()
-        if watchdog:
-            self._spawn(self._watchdog(watchdog))
         try:
-            try:
-                await self._stop.wait()
-            finally:
-                # Still ours while draining: a second Ctrl-C must reach on_stop.
-                await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, on_stop, sig.name)
+                installed.append(sig)
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP", force=True))
+            )
+            installed.append(signal.SIGHUP)
+            yield
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)

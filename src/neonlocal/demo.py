@@ -65,10 +65,11 @@ def run_demo(*, seconds: float = 12.0, port: int = 0) -> int:
 
 
 async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
-    from neonlocal.certs import CertificateAuthority
-    from neonlocal.daemon import Daemon, StartupError
+    from neonlocal.daemon import Daemon
+    from neonlocal.errors import UserError
     from neonlocal.localpg import ComputeSpec, StopMode, create_compute, initdb_template
     from neonlocal.proxy.server import ListenError
+    from neonlocal.tls.certs import CertificateAuthority
 
     _say("neonlocal demo: two local 'branches' (PostgreSQL with TLS + SCRAM, like Neon computes)")
     ca = CertificateAuthority.create("neonlocal demo CA")
@@ -106,7 +107,7 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
     daemon = Daemon(config, env)
     try:
         await daemon.start()
-    except (StartupError, ListenError) as exc:
+    except (UserError, ListenError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
     assert daemon.server is not None
@@ -161,8 +162,8 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
 
 async def daemon_switch(config: Path, daemon: object, name: str) -> str:
     """What `neonlocal use NAME` does: rewrite the file, ask the daemon, print its answer."""
+    from neonlocal.config.file import switch_branch
     from neonlocal.daemon import Daemon
-    from neonlocal.selection import switch_branch
 
     assert isinstance(daemon, Daemon)
     await asyncio.to_thread(switch_branch, config, name)

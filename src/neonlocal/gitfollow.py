@@ -18,6 +18,7 @@ from typing import Final
 
 import structlog
 
+from neonlocal.errors import UserError
 from neonlocal.filewatch import watch_file
 from neonlocal.neon import BranchNotFound
 from neonlocal.resolver import TargetResolver, create_branch
@@ -37,7 +38,7 @@ _HEADS: Final = "ref: refs/heads/"
 _ANNOTATION: Final = {"created-by": "neonlocal", "purpose": "git-follow"}
 
 
-class GitFollowError(Exception):
+class GitFollowError(UserError):
     """The repository cannot be followed; one line for the user."""
 
 

@@ -33,7 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from neonlocal.certs import KeyPair, write_keypair
+from neonlocal.errors import UserError
+from neonlocal.tls.certs import KeyPair, write_keypair
 
 __all__ = [
     "ComputeSpec",
@@ -59,7 +60,7 @@ _COMMAND_TIMEOUT_S = 120
 _SCRAM_ITERATIONS = 4096  # PostgreSQL's default for scram_iterations
 
 
-class LocalPgError(RuntimeError):
+class LocalPgError(UserError):
     """A local cluster could not be created, started, stopped or seeded."""
 
 

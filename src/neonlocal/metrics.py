@@ -7,9 +7,9 @@ selected branch) are computed from live state at scrape time, so they cannot dri
 what ``neonlocal status`` reports.
 
 The counts are plain ints and floats in dicts. prometheus_client, with http.server, wsgiref,
-gzip and more behind it, costs the daemon about 2 MB resident (issue 5: idle RSS), so it is
-imported on the first scrape only, to format what these dicts hold; a daemon nobody scrapes
-never loads it. Everything here runs on the daemon's event loop thread, so no locks.
+gzip and more behind it, is about 2 MB (README, "The daemon's memory"), so it is imported on
+the first scrape only, to format what these dicts hold; a daemon nobody scrapes never loads
+it. Everything here runs on the daemon's event loop thread, so no locks.
 """
 
 from __future__ import annotations

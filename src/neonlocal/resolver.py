@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from neonlocal.apikey import api_url, config_relative, open_api
+from neonlocal.config.errors import UnknownBranch
+from neonlocal.config.values import TlsMode
 from neonlocal.neon import (
     DEFAULT_ANNOTATION,
     ApiUnreachable,
@@ -27,11 +29,11 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
-from neonlocal.targets import Target, TlsMode, UnknownBranch, build_target
+from neonlocal.targets import Target, build_target
 
 if TYPE_CHECKING:
+    from neonlocal.config.values import BranchSettings, Settings
     from neonlocal.neon import Branch, NeonApi, ResolvedBranch
-    from neonlocal.settings import BranchSettings, Settings
 
 __all__ = [
     "API_RETRY",
@@ -40,6 +42,8 @@ __all__ = [
     "EphemeralSpec",
     "Resolution",
     "TargetResolver",
+    "UseTarget",
+    "branch_for_use",
     "create_branch",
     "delete_branch_within",
 ]
@@ -54,6 +58,8 @@ API_RETRY: Final = RetryPolicy(max_attempts=4, base_delay=0.25, max_delay=2.0, b
 # EndpointState.IDLE and .INIT, which equal their text: the API's models (and msgspec) are
 # loaded with the API client, not by a daemon that never asks the API.
 _SUSPENDED = frozenset({"idle", "init"})
+# How a client reaches the API: its URL and the key file (None: the environment's key).
+_Source = tuple[str, str | None]
 
 
 class BranchNotConfigured(UnknownBranch):
@@ -122,8 +128,9 @@ class TargetResolver:
         self._settings = settings
         self._env = dict(env)
         self._retry = retry
-        self._api: NeonApi | None = None
-        self._api_source = self._source(settings)
+        # One client per way of reaching the API (URL, key file): a reload's candidate
+        # settings may name another before they are adopted.
+        self._clients: dict[_Source, NeonApi] = {}
         # Clients replaced after a settings change or a 401; a call may still be using one,
         # so they are closed only with the resolver.
         self._retired: list[NeonApi] = []
@@ -138,12 +145,10 @@ class TargetResolver:
         """Use new settings; cached answers stay valid as long as what decides them does."""
         self._settings = settings
         source = self._source(settings)
-        if source != self._api_source and self._api is not None:
-            self._retired.append(self._api)
-            self._api = None
-        self._api_source = source
+        for other in [key for key in self._clients if key != source]:
+            self._retired.append(self._clients.pop(other))
 
-    def _source(self, settings: Settings) -> tuple[str, str | None]:
+    def _source(self, settings: Settings) -> _Source:
         neon = settings.neon
         key_file = str(neon.api_key_file) if neon.api_key_file is not None else None
         return api_url(settings, self._env), key_file
@@ -162,63 +167,72 @@ class TargetResolver:
             )
         return project
 
-    async def api(self) -> NeonApi:
-        """The shared API client; raises ApiKeyError when there is no usable key."""
-        if self._api is None:
+    async def api(self, settings: Settings | None = None) -> NeonApi:
+        """The shared API client (for ``settings``, else the resolver's own); raises
+        ApiKeyError when there is no usable key."""
+        settings = settings or self._settings
+        source = self._source(settings)
+        client = self._clients.get(source)
+        if client is None:
             options = {} if self._retry is None else {"retry": self._retry}
-            self._api = open_api(self._settings, self._env, **options)
-        return self._api
+            client = self._clients[source] = open_api(settings, self._env, **options)
+        return client
 
     async def aclose(self) -> None:
-        for client in [*self._retired, self._api]:
-            if client is not None:
-                await client.aclose()
+        for client in [*self._retired, *self._clients.values()]:
+            await client.aclose()
         self._retired.clear()
-        self._api = None
+        self._clients.clear()
 
-    def _drop_client(self) -> None:
+    def _drop_client(self, settings: Settings) -> None:
         # After a 401 the key may have been replaced (file or environment): read it again.
-        if self._api is not None:
-            self._retired.append(self._api)
-            self._api = None
+        client = self._clients.pop(self._source(settings), None)
+        if client is not None:
+            self._retired.append(client)
 
     # --- resolving -------------------------------------------------------------------------
 
-    def static_table(self, name: str) -> BranchSettings | None:
+    def static_table(self, name: str, settings: Settings | None = None) -> BranchSettings | None:
         """The ``[branches.NAME]`` table when it has a url (it then wins over the API)."""
-        table = self._settings.branches.get(name)
+        table = (settings or self._settings).branches.get(name)
         return table if table is not None and table.url is not None else None
 
-    def cached(self, name: str) -> Resolution | None:
+    def cached(self, name: str, settings: Settings | None = None) -> Resolution | None:
         """What resolving ``name`` would give without asking anyone, if known."""
-        if self.static_table(name) is not None:
-            return Resolution(name, self._static_target(name))
-        wanted = self._wanted(name)
+        settings = settings or self._settings
+        if self.static_table(name, settings) is not None:
+            return Resolution(name, _static_target(name, settings))
+        wanted = _wanted(name, settings)
         if wanted is None or wanted not in self._found:
             return None
         found = self._found[wanted]
-        return Resolution(name, self._api_target(name, found), found, from_cache=True)
+        return Resolution(name, _api_target(name, found, settings), found, from_cache=True)
 
-    async def resolve(self, name: str, *, fresh: bool = False) -> Resolution:
+    async def resolve(
+        self, name: str, *, fresh: bool = False, settings: Settings | None = None
+    ) -> Resolution:
         """The Target for ``name``; raises UnknownBranch, TargetError, NeonApiError, ApiKeyError.
 
-        Without ``fresh`` a name resolved before is answered from memory.
+        Without ``fresh`` a name resolved before is answered from memory. With ``settings``
+        the name is resolved as those settings say, and the resolver keeps its own: a reload
+        checks its candidate this way before it adopts it.
         """
-        if self.static_table(name) is not None:
-            return Resolution(name, self._static_target(name))
+        settings = settings or self._settings
+        if self.static_table(name, settings) is not None:
+            return Resolution(name, _static_target(name, settings))
         if not fresh:
-            known = self.cached(name)
+            known = self.cached(name, settings)
             if known is not None:
                 return known
-        wanted = self._wanted(name)
+        wanted = _wanted(name, settings)
         if wanted is None:
-            raise BranchNotConfigured(name, list(self._settings.branches))
+            raise BranchNotConfigured(name, list(settings.branches))
         async with self._lock(wanted):
             if not fresh and wanted in self._found:
                 found = self._found[wanted]
             else:
-                found = await self._ask(wanted)
-        return Resolution(name, self._api_target(name, found), found)
+                found = await self._ask(wanted, settings)
+        return Resolution(name, _api_target(name, found, settings), found)
 
     async def refresh(self, name: str, stale: Target) -> Target | None:
         """A Target with credentials newer than ``stale``'s, or None when there are none.
@@ -226,23 +240,24 @@ class TargetResolver:
         Sessions refused at the same moment share one lookup: whoever comes second finds
         the answer the first one fetched.
         """
-        wanted = self._wanted(name)
+        settings = self._settings
+        wanted = _wanted(name, settings)
         if wanted is None or self.static_table(name) is not None:
             return None
         async with self._lock(wanted):
             known = self._found.get(wanted)
             if known is not None and _differs(known, stale):
-                return self._api_target(name, known)
-            found = await self._ask(wanted)
+                return _api_target(name, known, settings)
+            found = await self._ask(wanted, settings)
         if not _differs(found, stale):
             return None
         log.info("credentials_refreshed", branch=name, upstream=f"{found.endpoint_host}")
-        return self._api_target(name, found)
+        return _api_target(name, found, settings)
 
-    async def _ask(self, wanted: _Wanted) -> ResolvedBranch:
+    async def _ask(self, wanted: _Wanted, settings: Settings) -> ResolvedBranch:
         from neonlocal.neon import resolve_branch
 
-        api = await self.api()
+        api = await self.api(settings)
         try:
             found = await resolve_branch(
                 api,
@@ -253,7 +268,7 @@ class TargetResolver:
                 pooled=wanted.pooled,
             )
         except AuthenticationError:
-            self._drop_client()
+            self._drop_client(settings)
             raise
         self._found[wanted] = found
         return found
@@ -261,67 +276,110 @@ class TargetResolver:
     def _lock(self, wanted: _Wanted) -> asyncio.Lock:
         return self._locks.setdefault(wanted, asyncio.Lock())
 
-    def _wanted(self, name: str) -> _Wanted | None:
-        settings = self._settings
-        project = settings.neon.project_id
-        if project is None:
-            return None
-        table = settings.branches.get(name)
-        pooled = settings.neon.pooled
-        if table is not None and table.pooled is not None:
-            pooled = table.pooled
-        return _Wanted(
-            project_id=project,
-            name=name,
-            role=(table.user if table is not None else None) or settings.neon.role,
-            database=(table.database if table is not None else None) or settings.neon.database,
-            pooled=pooled,
-        )
 
-    # --- targets ---------------------------------------------------------------------------
-
-    def _static_target(self, name: str) -> Target:
-        table = self.static_table(name)
-        assert table is not None
-        target = build_target(name, table)
-        address = self._address_of(target.host)
-        if target.hostaddr is None and address is not None:
-            target = replace(target, hostaddr=address)
-        return target
-
-    def _api_target(self, name: str, found: ResolvedBranch) -> Target:
-        settings = self._settings
-        table = settings.branches.get(name)
-        root = settings.neon.sslrootcert
-        return Target(
-            branch=name,
-            host=found.endpoint_host,
-            port=NEON_PORT,
-            hostaddr=self._address_of(found.endpoint_host),
-            user=found.role,
-            password=found.password,
-            database=found.database,
-            # As with a url: a role or database named in the branch's table is pinned.
-            pin_user=table is not None and table.user is not None,
-            pin_database=table is not None and table.database is not None,
-            options=None,
-            tls=table.tls if table is not None else TlsMode.VERIFY_FULL,
-            sslrootcert=str(config_relative(settings, root)) if root is not None else None,
-            # Every Neon endpoint offers SCRAM-SHA-256-PLUS over TLS; settle for nothing less.
-            channel_binding="require",
-            application_name=None,
-        )
-
-    def _address_of(self, host: str) -> str | None:
-        wanted = host.lower().rstrip(".")
-        for name, address in self._settings.network.resolve.items():
-            if name.lower().rstrip(".") == wanted:
-                return address
+def _wanted(name: str, settings: Settings) -> _Wanted | None:
+    """What the API is asked for ``name`` under ``settings``; None without a project."""
+    project = settings.neon.project_id
+    if project is None:
         return None
+    table = settings.branches.get(name)
+    pooled = settings.neon.pooled
+    if table is not None and table.pooled is not None:
+        pooled = table.pooled
+    return _Wanted(
+        project_id=project,
+        name=name,
+        role=(table.user if table is not None else None) or settings.neon.role,
+        database=(table.database if table is not None else None) or settings.neon.database,
+        pooled=pooled,
+    )
+
+
+# --- targets -------------------------------------------------------------------------------
+
+
+def _static_target(name: str, settings: Settings) -> Target:
+    table = settings.branches[name]
+    target = build_target(name, table)
+    address = _address_of(target.host, settings)
+    if target.hostaddr is None and address is not None:
+        target = replace(target, hostaddr=address)
+    return target
+
+
+def _api_target(name: str, found: ResolvedBranch, settings: Settings) -> Target:
+    table = settings.branches.get(name)
+    root = settings.neon.sslrootcert
+    return Target(
+        branch=name,
+        host=found.endpoint_host,
+        port=NEON_PORT,
+        hostaddr=_address_of(found.endpoint_host, settings),
+        user=found.role,
+        password=found.password,
+        database=found.database,
+        # As with a url: a role or database named in the branch's table is pinned.
+        pin_user=table is not None and table.user is not None,
+        pin_database=table is not None and table.database is not None,
+        options=None,
+        tls=table.tls if table is not None else TlsMode.VERIFY_FULL,
+        sslrootcert=str(config_relative(settings, root)) if root is not None else None,
+        # Every Neon endpoint offers SCRAM-SHA-256-PLUS over TLS; settle for nothing less.
+        channel_binding="require",
+        application_name=None,
+    )
+
+
+def _address_of(host: str, settings: Settings) -> str | None:
+    wanted = host.lower().rstrip(".")
+    for name, address in settings.network.resolve.items():
+        if name.lower().rstrip(".") == wanted:
+            return address
+    return None
 
 
 def _differs(found: ResolvedBranch, stale: Target) -> bool:
     return found.password != stale.password or found.endpoint_host != stale.host
+
+
+# --- `neonlocal use` ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UseTarget:
+    """What ``neonlocal use NAME`` switches to, and what happened on the way there."""
+
+    resolution: Resolution
+    created: Branch | None = None
+    """The branch ``--create`` made; None when it made none."""
+    existed: bool = False
+    """``--create`` found the branch already there and uses it as it is."""
+
+
+async def branch_for_use(
+    resolver: TargetResolver,
+    name: str,
+    *,
+    create: bool = False,
+    parent: str | None = None,
+    expires_in: timedelta | None = None,
+) -> UseTarget:
+    """Resolve ``name``; with ``create``, first make it in the project unless it is there.
+
+    Raises what ``resolve`` and ``create_branch`` raise.
+    """
+    from neonlocal.neon import BranchNotFound, find_branch
+
+    created, existed = None, False
+    if create:
+        project = resolver.require_project()
+        api = await resolver.api()
+        try:
+            await find_branch(api, project, name)
+            existed = True
+        except BranchNotFound:
+            created = await create_branch(api, project, name, parent=parent, expires_in=expires_in)
+    return UseTarget(await resolver.resolve(name), created, existed)
 
 
 # --- mutations shared by the CLI, the daemon and git following ---------------------------------

@@ -13,13 +13,15 @@ import socket
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from neonlocal.errors import UserError
+
 LISTEN_FDS_START = 3
 """The first inherited descriptor, fixed by the protocol."""
 
 _VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
-class SocketActivationError(Exception):
+class SocketActivationError(UserError):
     """The service manager's `LISTEN_*` variables or descriptors are not usable."""
 
 

@@ -7,35 +7,18 @@ certificate check). Only the ``tls`` key of a ``[branches.NAME]`` table can opt 
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from neonlocal.conninfo import ConnInfo, ConnInfoError, parse_conninfo
+from neonlocal.config.errors import UnknownBranch
+from neonlocal.config.values import TlsMode
+from neonlocal.conninfo import ConnInfoError, parse_conninfo, validate_upstream
 
 if TYPE_CHECKING:
-    from neonlocal.settings import BranchSettings, Settings
+    from neonlocal.config.values import BranchSettings, Settings
 
-__all__ = [
-    "Target",
-    "TargetError",
-    "TlsMode",
-    "UnknownBranch",
-    "build_target",
-    "resolve_target",
-    "validate_upstream",
-]
-
-
-class TlsMode(Enum):
-    """How the upstream connection is protected; anything but VERIFY_FULL is an opt-out."""
-
-    VERIFY_FULL = "verify-full"
-    VERIFY_CA = "verify-ca"
-    NO_VERIFY = "no-verify"
-    DISABLE = "disable"
+__all__ = ["Target", "TargetError", "build_target", "resolve_target"]
 
 
 class Negotiation(Enum):
@@ -109,37 +92,6 @@ class TargetError(ConnInfoError):
         super().__init__(f'branch "{branch}": {reason}')
         self.branch = branch
         self.reason = reason
-
-
-class UnknownBranch(Exception):
-    """A branch name that is not configured."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        self.name = name
-        self.known = sorted(known)
-        super().__init__(self._describe())
-
-    def _describe(self) -> str:
-        if not self.known:
-            return f'unknown branch "{self.name}"; no branches are configured'
-        text = f'unknown branch "{self.name}"; known: {", ".join(self.known)}'
-        close = difflib.get_close_matches(self.name, self.known, n=1, cutoff=0.6)
-        if close:
-            text += f' (did you mean "{close[0]}"?)'
-        return text
-
-
-def validate_upstream(info: ConnInfo) -> None:
-    """Refuse connection strings neonlocal cannot serve; raises ConnInfoError."""
-    if info.host is None:
-        raise ConnInfoError("the connection string has no host")
-    if info.host.startswith("/") or info.host.startswith("@"):
-        raise ConnInfoError("Unix-domain socket hosts are not supported; give a TCP host name")
-    if info.hostaddr is not None:
-        try:
-            ipaddress.ip_address(info.hostaddr)
-        except ValueError:
-            raise ConnInfoError("hostaddr must be a numeric IP address") from None
 
 
 def build_target(name: str, branch: BranchSettings) -> Target:

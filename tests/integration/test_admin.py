@@ -25,8 +25,9 @@ from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
-from neonlocal.config import ConfigError, load_settings
-from neonlocal.daemon import Daemon, StartupError
+from neonlocal.config.schema import ConfigError, load_settings
+from neonlocal.daemon import Daemon
+from neonlocal.errors import StartupError
 
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"'
 PAYLOAD = 100_000  # bytes each session sends and receives

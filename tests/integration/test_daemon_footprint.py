@@ -24,10 +24,10 @@ from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, toml_strin
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
 from neon_standin import NeonStandIn
-from neonlocal.certs import CertificateAuthority
 from neonlocal.control import request
 from neonlocal.localpg import LocalCompute
-from neonlocal.localtls import (
+from neonlocal.tls.certs import CertificateAuthority
+from neonlocal.tls.local import (
     LocalTlsError,
     certificate_expiry,
     ensure_generated,
@@ -39,9 +39,9 @@ from neonlocal.localtls import (
 NOT_FOR_STATIC_URLS = (
     "cryptography",
     "httpx",
-    "neonlocal.certs",
+    "neonlocal.tls.certs",
     "neonlocal.neon.client",
-    "neonlocal.config",
+    "neonlocal.config.schema",
     "pydantic",
     "pydantic_core",
     "pydantic_settings",
@@ -192,7 +192,14 @@ def test_switching_and_editing_the_config_check_it_outside_the_daemon(workdir: P
 
 
 # What `neonlocal use` must not need while a daemon runs: the daemon checks the name.
-NOT_FOR_USE = ("pydantic", "pydantic_core", "neonlocal.config", "httpx", "asyncio", "watchfiles")
+NOT_FOR_USE = (
+    "pydantic",
+    "pydantic_core",
+    "neonlocal.config.schema",
+    "httpx",
+    "asyncio",
+    "watchfiles",
+)
 
 
 def _cli_modules(
@@ -279,7 +286,7 @@ def test_a_daemon_resolving_branches_through_the_neon_api_loads_no_pydantic(
     assert _loaded(cli_modules, NOT_FOR_USE) == []
 
     assert "neonlocal.neon.client" in modules
-    assert _loaded(modules, ("pydantic", "pydantic_core", "neonlocal.config")) == []
+    assert _loaded(modules, ("pydantic", "pydantic_core", "neonlocal.config.schema")) == []
     # Nor httpx's command-line client, which click and pygments (both here) would bring.
     assert _loaded(modules, ("httpx._main", "pygments")) == []
 

@@ -17,8 +17,8 @@ import pytest
 from fixtures.daemon import LocalDaemon, branch_of_new_session, serving
 from fixtures.dns import faked_dns, recorded_connects
 from fixtures.pg import TEST_PASSWORD, endpoint_host
-from neonlocal.certs import KeyPair
 from neonlocal.localpg import LocalCompute
+from neonlocal.tls.certs import KeyPair
 
 
 @pytest.fixture

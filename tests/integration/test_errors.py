@@ -22,8 +22,8 @@ from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
-from neonlocal.certs import CertificateAuthority
 from neonlocal.localpg import LocalCompute
+from neonlocal.tls.certs import CertificateAuthority
 
 pytestmark = pytest.mark.pg
 

@@ -16,7 +16,7 @@ import pytest
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string
 from fixtures.pg import TEST_PASSWORD
 from neon_standin import NeonStandIn
-from neonlocal.daemon import StartupError
+from neonlocal.errors import StartupError
 from neonlocal.localpg import LocalCompute
 
 # Hosts the stand-in hands out; only the test that connects maps them to computes.

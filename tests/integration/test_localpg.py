@@ -13,8 +13,8 @@ import pytest
 
 from fixtures.pg import TEST_PASSWORD, MakeCompute, endpoint_host
 from fixtures.sni import SSL_REQUEST_CODE, SniRecorder
-from neonlocal.certs import CertificateAuthority, KeyPair
 from neonlocal.localpg import LocalCompute
+from neonlocal.tls.certs import CertificateAuthority, KeyPair
 
 LIBPQ_VERSION = psycopg.pq.version()
 

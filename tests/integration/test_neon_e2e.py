@@ -35,7 +35,7 @@ from fixtures.daemon import (
 from fixtures.pg import TEST_PASSWORD, MakeCompute
 from neon_standin import FakeBranch, NeonStandIn
 from neonlocal.cli import main
-from neonlocal.daemon import StartupError
+from neonlocal.errors import StartupError
 from neonlocal.localpg import LocalCompute
 
 pytestmark = pytest.mark.pg

@@ -35,12 +35,12 @@ from fixtures.daemon import (
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
 from neonlocal import logging as neonlocal_logging
-from neonlocal.certs import CertificateAuthority
-from neonlocal.config import ConfigError, load_settings
+from neonlocal.config.schema import ConfigError, load_settings
 from neonlocal.conninfo import parse_conninfo
 from neonlocal.localpg import LocalCompute
 from neonlocal.proxy.plan import plan_login
 from neonlocal.targets import resolve_target
+from neonlocal.tls.certs import CertificateAuthority
 
 pytestmark = pytest.mark.pg
 

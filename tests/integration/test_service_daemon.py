@@ -34,8 +34,8 @@ from fixtures.daemon import (
 )
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
+from neonlocal.config.file import switch_branch
 from neonlocal.daemon import Daemon
-from neonlocal.selection import switch_branch
 
 WAIT_S = 20.0  # upper bound for anything the daemon should do promptly; never reached when well
 
@@ -378,7 +378,7 @@ async def test_service_status_shows_the_branch_the_running_daemon_serves(
     daemon: LocalDaemon,
 ) -> None:
     """`neonlocal service status` asks the daemon itself which branch it serves."""
-    from neonlocal.service import daemon_status_lines
+    from neonlocal.cli.service import daemon_status_lines
 
     lines = await asyncio.to_thread(daemon_status_lines, daemon.config_path, daemon.env)
     assert lines[0] == "branch: main (ep-main-100001.us-east-2.aws.neon.tech:5432)"

@@ -16,8 +16,8 @@ import pytest
 import structlog
 
 from fixtures.daemon import daemon_env, running_daemon, toml_string
-from neonlocal.config import ListenSettings
-from neonlocal.daemon import StartupError
+from neonlocal.config.values import ListenSettings
+from neonlocal.errors import StartupError
 from neonlocal.localpg import LocalCompute
 
 pytestmark = [pytest.mark.reliability, pytest.mark.pg]

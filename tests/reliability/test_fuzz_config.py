@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string
 from fixtures.pg import TEST_PASSWORD
-from neonlocal.config import ConfigError, Settings, check_selected_branch, load_settings
+from neonlocal.config.errors import UnknownBranch
+from neonlocal.config.schema import ConfigError, Settings, check_selected_branch, load_settings
 from neonlocal.localpg import LocalCompute
-from neonlocal.targets import TargetError, UnknownBranch, resolve_target
+from neonlocal.targets import TargetError, resolve_target
 from reliability import mutate
 from reliability.conftest import Figures
 from reliability.measure import eventually

@@ -37,8 +37,8 @@ from fixtures.daemon import (
 )
 from fixtures.pg import TEST_PASSWORD
 from neon_standin import NeonStandIn
-from neonlocal.certs import CertificateAuthority
 from neonlocal.localpg import LocalCompute
+from neonlocal.tls.certs import CertificateAuthority
 from reliability.conftest import Figures
 from reliability.measure import process_env
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from neonlocal.apikey import ApiKeyError, api_url, load_api_key, open_api, read_key_file
-from neonlocal.config import Settings, load_settings
+from neonlocal.config.schema import Settings, load_settings
 from neonlocal.neon import DEFAULT_API_URL
 
 KEY = "napi_unit-test-key-0123456789"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from neonlocal.cli import main
-from neonlocal.localtls import tls_dir
+from neonlocal.tls.local import tls_dir
 
 
 @pytest.fixture

@@ -11,20 +11,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from neonlocal.config import (
+from neonlocal.config.file import key_lines
+from neonlocal.config.schema import (
     ConfigError,
     Settings,
     check_selected_branch,
     load_settings,
 )
+from neonlocal.config.values import TlsMode
 from neonlocal.paths import (
     control_socket_path,
     default_config_path,
     ensure_private_dir,
     state_dir,
 )
-from neonlocal.targets import TlsMode, resolve_target
-from neonlocal.tomlkeys import key_lines
+from neonlocal.targets import resolve_target
 
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "npg_TopSecret42"

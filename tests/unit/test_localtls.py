@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
-from neonlocal.localtls import (
+from neonlocal.tls.certs import CertificateAuthority, KeyPair, write_keypair
+from neonlocal.tls.local import (
     LOCAL_ALPN,
     RENEW_BEFORE,
     LocalTlsError,

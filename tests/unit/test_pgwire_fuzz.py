@@ -16,7 +16,6 @@ from contextlib import contextmanager, suppress
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from neonlocal.certs import CertificateAuthority
 from neonlocal.pgwire import codec
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.framing import Message, MessageFramer
@@ -29,6 +28,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ChannelBindingPolicy, ScramSecret
+from neonlocal.tls.certs import CertificateAuthority
 
 SECRET = ScramSecret.from_password("fuzz-password")
 CERT_DER = ssl.PEM_cert_to_DER_cert(

@@ -10,7 +10,6 @@ import pytest
 import scramp
 from cryptography import x509
 
-from neonlocal.certs import CertificateAuthority
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import StartupMessage
 from neonlocal.pgwire.errors import ProtocolError
@@ -25,6 +24,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.tls.certs import CertificateAuthority
 
 USER = "alice"
 PASSWORD = "s3cret-pässword"

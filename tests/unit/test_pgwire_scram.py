@@ -17,7 +17,6 @@ import pytest
 import scramp
 from cryptography import x509
 
-from neonlocal.certs import CertificateAuthority
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.errors import ProtocolError
 from neonlocal.pgwire.framing import Message, MessageFramer
@@ -29,6 +28,7 @@ from neonlocal.pgwire.scram import (
     ScramServerExchange,
     end_point_hash,
 )
+from neonlocal.tls.certs import CertificateAuthority
 
 PASSWORD = "correct horse battery staple"
 CB_FLAG = "p=tls-server-end-point"

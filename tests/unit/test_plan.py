@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from neonlocal.config.values import BranchSettings, Secret
 from neonlocal.pgwire.scram import ChannelBindingPolicy
 from neonlocal.proxy.plan import plan_login, strip_routing_options
-from neonlocal.settings import BranchSettings, Secret
 from neonlocal.targets import Target, build_target
 
 URL = "postgresql://owner:pw@ep-x.us-east-2.aws.neon.tech/neondb"

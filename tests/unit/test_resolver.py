@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from neon_standin import NeonStandIn, neon_api
-from neonlocal.config import ConfigError, check_selected_branch, load_settings
+from neonlocal.config.schema import ConfigError, check_selected_branch, load_settings
+from neonlocal.config.values import TlsMode
 from neonlocal.neon import BranchNotFound, NeonApi, ProjectNotFound, RetryPolicy
 from neonlocal.resolver import (
     BranchNotConfigured,
@@ -18,7 +19,6 @@ from neonlocal.resolver import (
     create_branch,
     delete_branch_within,
 )
-from neonlocal.targets import TlsMode
 
 __all__ = ["neon_api"]  # the stand-in fixture, used by name below
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from neonlocal.config import ConfigError
+from neonlocal.config.errors import ConfigError
+from neonlocal.config.file import read_selected, switch_branch
 from neonlocal.filewatch import watch_file
-from neonlocal.selection import read_selected, switch_branch
 
 ORIGINAL = """\
 # My neonlocal setup — keep this comment.

@@ -19,7 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from neonlocal import service as service_module
-from neonlocal.service import find_executable, service
+from neonlocal.cli import service as service_cli
+from neonlocal.cli.service import service
+from neonlocal.service import find_executable
 
 _STANDIN = textwrap.dedent(
     """\
@@ -365,7 +367,7 @@ def test_status_when_not_installed_says_so(machine: Machine) -> None:
 
 def _run_logs(machine: Machine, *args: str) -> subprocess.CompletedProcess[str]:
     # `logs` replaces the process with the viewer, so it runs in a child of its own.
-    code = "import sys; from neonlocal.service import service; service(sys.argv[1:])"
+    code = "import sys; from neonlocal.cli.service import service; service(sys.argv[1:])"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         env={**os.environ, **machine.env},
@@ -603,9 +605,7 @@ def test_the_status_hook_for_the_daemon_adds_its_lines(
     """Whatever the daemon reports through the hook is printed after the manager's view."""
     machine.run("--platform", "linux", "install")
     machine.answer("systemctl-show", out="ActiveState=active\nSubState=running\nMainPID=9\n")
-    monkeypatch.setattr(
-        service_module, "daemon_status_lines", lambda _config, _env: ["branch: main"]
-    )
+    monkeypatch.setattr(service_cli, "daemon_status_lines", lambda _config, _env: ["branch: main"])
 
     result = machine.run("--platform", "linux", "status")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from neonlocal.localtls import LocalTls
+from neonlocal.config.values import ListenSettings, Settings
 from neonlocal.metrics import ErrorKind, Metrics
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest
@@ -18,8 +18,8 @@ from neonlocal.proxy.context import LiveSession, SaslOffers, SessionRefused, Ses
 from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.proxy.pool import SessionPool
 from neonlocal.proxy.session import Session
-from neonlocal.settings import ListenSettings, Settings
 from neonlocal.targets import Target
+from neonlocal.tls.local import LocalTls
 
 STARTUP = codec.startup_message({"user": "alice", "database": "app"})
 

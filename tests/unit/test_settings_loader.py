@@ -1,6 +1,6 @@
 """The daemon's config loading: checked in a child process, a `use` applied without one.
 
-The child runs the same check as the CLI (``neonlocal.config.load_settings``); what matters
+The child runs the same check as the CLI (``neonlocal.config.schema.load_settings``); what matters
 here is that nothing is lost or changed on the way back, that problems read the same, and
 that the quick path for a branch switch can never skip a check that something else needs.
 """
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from neonlocal.config import (
+from neonlocal.config.errors import ConfigError
+from neonlocal.config.file import switch_branch
+from neonlocal.config.loader import SettingsLoader
+from neonlocal.config.schema import (
     AdminSchema,
     BranchSchema,
     ControlSchema,
@@ -29,11 +32,9 @@ from neonlocal.config import (
     UpstreamSchema,
     load_settings,
 )
-from neonlocal.selection import switch_branch
-from neonlocal.settings import (
+from neonlocal.config.values import (
     AdminSettings,
     BranchSettings,
-    ConfigError,
     ControlSettings,
     GitSettings,
     ListenSettings,
@@ -47,7 +48,6 @@ from neonlocal.settings import (
     from_schema,
     to_json,
 )
-from neonlocal.settings_loader import SettingsLoader
 
 PASSWORD = "npg_LoaderSecret7"
 URL = f"postgresql://neondb_owner:{PASSWORD}@ep-cool-rain-123456.us-east-2.aws.neon.tech/neondb"
@@ -209,7 +209,7 @@ def test_loading_in_a_child_never_loads_pydantic_here(tmp_path: Path) -> None:
         "import asyncio, sys\n"
         "from pathlib import Path\n"
         "import neonlocal.app, neonlocal.daemon\n"
-        "from neonlocal.settings_loader import SettingsLoader\n"
+        "from neonlocal.config.loader import SettingsLoader\n"
         "loader = SettingsLoader(Path(sys.argv[1]), {})\n"
         "assert loader.isolated\n"
         "print(asyncio.run(loader.load()).listen.port)\n"
@@ -335,7 +335,7 @@ def test_a_branch_chosen_by_the_environment_is_never_switched_by_the_file(
 def child_running(monkeypatch: pytest.MonkeyPatch, code: str) -> None:
     """Make the loader's child run ``code`` instead of the real check."""
     monkeypatch.setattr(
-        "neonlocal.settings_loader.child_argv", lambda module: [sys.executable, "-c", code]
+        "neonlocal.config.loader.child_argv", lambda module: [sys.executable, "-c", code]
     )
 
 
@@ -352,7 +352,7 @@ def test_a_check_that_cannot_start_is_a_config_problem(
 ) -> None:
     """Out of processes, say: the daemon keeps its settings and says why, in one line."""
     monkeypatch.setattr(
-        "neonlocal.settings_loader.child_argv", lambda module: [str(tmp_path / "no-python")]
+        "neonlocal.config.loader.child_argv", lambda module: [str(tmp_path / "no-python")]
     )
     with pytest.raises(ConfigError) as caught:
         load(child_loader(write(tmp_path, FULL)))
@@ -375,7 +375,7 @@ def test_a_check_that_hangs_is_given_up_and_killed(
 ) -> None:
     pid_file = tmp_path / "pid"
     child_hanging(monkeypatch, pid_file)
-    monkeypatch.setattr("neonlocal.settings_loader.CHECK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("neonlocal.config.loader.CHECK_TIMEOUT_S", 1.0)
     with pytest.raises(ConfigError, match="took too long"):
         load(child_loader(write(tmp_path, FULL)))
     with pytest.raises(ProcessLookupError):

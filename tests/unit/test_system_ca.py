@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 
 from neon_standin import NeonStandIn
-from neonlocal.certs import CertificateAuthority
+from neonlocal.config.values import BranchSettings, Secret
 from neonlocal.neon import ApiUnreachable, NeonApi
 from neonlocal.proxy import tls
-from neonlocal.settings import BranchSettings, Secret
-from neonlocal.system_ca import system_context
 from neonlocal.targets import build_target
+from neonlocal.tls.certs import CertificateAuthority
+from neonlocal.tls.system_ca import system_context
 
 HOST = "ep-trust-100001.us-east-2.aws.neon.tech"
 

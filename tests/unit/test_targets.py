@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from neonlocal.config import SettingsSchema
+from neonlocal.config.errors import UnknownBranch
+from neonlocal.config.schema import SettingsSchema
+from neonlocal.config.values import BranchSettings, Secret, Settings, TlsMode, from_schema
 from neonlocal.conninfo import ConnInfoError
-from neonlocal.settings import BranchSettings, Secret, Settings, from_schema
-from neonlocal.targets import (
-    Negotiation,
-    Target,
-    TargetError,
-    TlsMode,
-    UnknownBranch,
-    build_target,
-    resolve_target,
-)
+from neonlocal.targets import Negotiation, Target, TargetError, build_target, resolve_target
 
 HOST = "ep-cool-rain-123456.us-east-2.aws.neon.tech"
 PASSWORD = "npg_FakePw123"

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from neonlocal.certs import CertificateAuthority
+from neonlocal.config.values import BranchSettings, Secret
 from neonlocal.proxy import tls
 from neonlocal.proxy.endpoint import PeerClosed, UpstreamEndpoint
-from neonlocal.settings import BranchSettings, Secret
 from neonlocal.targets import Target, build_target
+from neonlocal.tls.certs import CertificateAuthority
 
 HOST = "ep-tls-100001.us-east-2.aws.neon.tech"
 

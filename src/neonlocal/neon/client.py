@@ -58,7 +58,7 @@ from neonlocal.neon.options import (
     RetryPolicy,
     format_timestamp,
 )
-from neonlocal.system_ca import system_context
+from neonlocal.tls.system_ca import system_context
 
 DEFAULT_TIMEOUT = httpx.Timeout(15.0, connect=5.0)
 

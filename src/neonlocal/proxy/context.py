@@ -13,8 +13,8 @@ from typing import Any, Final, Protocol
 
 import structlog
 
+from neonlocal.config.values import Settings
 from neonlocal.errors import Refusal
-from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, Metrics
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
@@ -22,8 +22,8 @@ from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.cancel import CancelRegistry
 from neonlocal.proxy.pool import SessionPool
-from neonlocal.settings import Settings
 from neonlocal.targets import Target
+from neonlocal.tls.local import LocalTls
 
 log = structlog.get_logger("neonlocal.server")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import structlog
 
+from neonlocal.config.values import Settings
 from neonlocal.errors import UserError
-from neonlocal.localtls import LocalTls
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
@@ -44,8 +44,8 @@ from neonlocal.proxy.pool import SessionPool
 from neonlocal.proxy.session import Session
 from neonlocal.proxy.unix import listen_unix
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
-from neonlocal.settings import Settings
 from neonlocal.targets import Target
+from neonlocal.tls.local import LocalTls
 
 log = structlog.get_logger("neonlocal.server")
 

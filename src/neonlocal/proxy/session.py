@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.errors import Refusal
-from neonlocal.localtls import LOCAL_ALPN
 from neonlocal.metrics import ErrorKind
 from neonlocal.neon.edge import EdgeMeaning, Retry, meaning_of
 from neonlocal.pgwire import codec, sqlstate
@@ -55,6 +54,7 @@ from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
+from neonlocal.tls.local import LOCAL_ALPN
 
 # The parameter that tells a client which branch it is on.
 BRANCH_PARAMETER = "neonlocal.branch"

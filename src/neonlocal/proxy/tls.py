@@ -5,8 +5,9 @@ from __future__ import annotations
 import ssl
 from functools import lru_cache
 
-from neonlocal.system_ca import system_context
-from neonlocal.targets import Target, TlsMode
+from neonlocal.config.values import TlsMode
+from neonlocal.targets import Target
+from neonlocal.tls.system_ca import system_context
 
 # PostgreSQL's registered ALPN protocol name (required for direct TLS, harmless otherwise).
 ALPN = "postgresql"

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import structlog
 
+from neonlocal.config.values import TlsMode
 from neonlocal.errors import Refusal
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.endpoint import Endpoint, NotTls, PeerClosed, UpstreamEndpoint
-from neonlocal.targets import Negotiation, Target, TlsMode
+from neonlocal.targets import Negotiation, Target
 
 log = structlog.get_logger("neonlocal.upstream")
 

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from neonlocal.cli import EXIT_USAGE, Context, fail, pass_ctx
+from neonlocal.cli.context import EXIT_USAGE, Context, fail, pass_ctx
 
 if TYPE_CHECKING:
+    from neonlocal.config.values import Settings
     from neonlocal.neon import Branch, Project
-    from neonlocal.resolver import TargetResolver
-    from neonlocal.settings import Settings
+    from neonlocal.resolver import TargetResolver, UseTarget
     from neonlocal.targets import Target
 
 __all__ = ["branch", "branches", "init", "target_for_use"]
@@ -43,9 +43,10 @@ def with_api(
     """Run ``work`` with a resolver (and its API client); any API failure is one line."""
     from neonlocal import logging as nl_logging
     from neonlocal.apikey import ApiKeyError
+    from neonlocal.config.errors import UnknownBranch
     from neonlocal.neon import NeonApiError
     from neonlocal.resolver import API_RETRY, TargetResolver
-    from neonlocal.targets import TargetError, UnknownBranch
+    from neonlocal.targets import TargetError
 
     # Library log lines would garble the one-line answers; failures arrive as exceptions.
     nl_logging.configure("critical", json=False, stream=sys.stderr)
@@ -103,8 +104,15 @@ def target_for_use(
     """The Target ``use NAME`` switches to: its config url, else found (or made) via the API."""
     if not create and (parent is not None or expires_in is not None):
         fail("--parent and --expires-in only go with --create", EXIT_USAGE)
+    lifetime = _duration(expires_in)
     table = settings.branches.get(name)
-    if not create and table is not None and table.url is not None:
+    if table is not None and table.url is not None:
+        if create:
+            fail(
+                f'branch "{name}" is a connection string in [branches.{name}]; --create '
+                "makes branches found through the Neon API",
+                EXIT_USAGE,
+            )
         # A connection string in the config: no API client (and no httpx import) needed,
         # which keeps `use` quick.
         from neonlocal.targets import TargetError, build_target
@@ -113,38 +121,33 @@ def target_for_use(
             return UseResult(build_target(name, table), ())
         except TargetError as exc:
             fail(str(exc), EXIT_USAGE)
-    from neonlocal.neon import BranchNotFound, find_branch
-    from neonlocal.resolver import create_branch
+    from neonlocal.resolver import branch_for_use
 
-    lifetime = _duration(expires_in)
+    found = with_api(
+        obj,
+        settings,
+        lambda resolver: branch_for_use(
+            resolver, name, create=create, parent=parent, expires_in=lifetime
+        ),
+    )
+    return UseResult(found.resolution.target, _use_notes(found, parent))
 
-    async def work(resolver: TargetResolver) -> UseResult:
-        notes: list[str] = []
-        if create:
-            if resolver.static_table(name) is not None:
-                fail(
-                    f'branch "{name}" is a connection string in [branches.{name}]; --create '
-                    "makes branches found through the Neon API",
-                    EXIT_USAGE,
-                )
-            project = resolver.require_project()
-            api = await resolver.api()
-            try:
-                await find_branch(api, project, name)
-            except BranchNotFound:
-                made = await create_branch(api, project, name, parent=parent, expires_in=lifetime)
-                notes.append(
-                    f"created branch {name} from {parent or 'the default branch'}"
-                    + (f", expires {_when(made.expires_at)}" if made.expires_at else "")
-                )
-            else:
-                notes.append(f"branch {name} already exists; using it as it is")
-        resolution = await resolver.resolve(name)
-        if resolution.compute_suspended:
-            notes.append("its compute is suspended; the first connection wakes it")
-        return UseResult(resolution.target, tuple(notes))
 
-    return with_api(obj, settings, work)
+def _use_notes(found: UseTarget, parent: str | None) -> tuple[str, ...]:
+    """What `use` says about the branch besides switching to it."""
+    name = found.resolution.name
+    notes: list[str] = []
+    if found.created is not None:
+        expires = found.created.expires_at
+        notes.append(
+            f"created branch {name} from {parent or 'the default branch'}"
+            + (f", expires {_when(expires)}" if expires else "")
+        )
+    if found.existed:
+        notes.append(f"branch {name} already exists; using it as it is")
+    if found.resolution.compute_suspended:
+        notes.append("its compute is suspended; the first connection wakes it")
+    return tuple(notes)
 
 
 # --- init ---------------------------------------------------------------------------------
@@ -231,7 +234,7 @@ def _set_neon_keys(path: Path, values: dict[str, str]) -> None:
     import tomlkit
     import tomlkit.exceptions
 
-    from neonlocal.selection import atomic_write
+    from neonlocal.config.file import atomic_write
 
     target = path.resolve() if path.is_symlink() else path
     try:

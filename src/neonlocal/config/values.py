@@ -1,13 +1,12 @@
 """The configuration as the daemon holds it: frozen plain values, no validation library.
 
-``neonlocal.config`` checks a file and the environment against its schema (pydantic) and
-hands back these values. The daemon runs for weeks, so it never imports the schema: it has
-``neonlocal.settings_loader`` validate in a short-lived child process and receives these
-values as JSON (``to_json``/``from_json``). pydantic and pydantic-settings would otherwise
-stay resident, about 10 MiB of a daemon meant to idle near 40.
+``neonlocal.config.schema`` checks a file and the environment against its rules (pydantic)
+and hands back these values. The daemon never imports the schema (README, "The daemon's
+memory"): ``neonlocal.config.loader`` has it checked in a short-lived child process and
+receives these values as JSON (``to_json``/``from_json``).
 
-Every field here has its twin, with its rules, in ``neonlocal.config``; a unit test keeps
-names and defaults equal.
+Every field here has its twin, with its rules, in ``neonlocal.config.schema``; a unit test
+keeps names and defaults equal.
 """
 
 from __future__ import annotations
@@ -15,23 +14,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
-import re
-import tomllib
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from neonlocal.config.errors import ConfigError, UnknownBranch
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
-from neonlocal.targets import TlsMode, UnknownBranch
 
 __all__ = [
     "ENV_PREFIX",
     "AdminSettings",
     "BranchSettings",
-    "ConfigError",
-    "ConfigProblem",
     "ControlSettings",
     "GitSettings",
     "ListenSettings",
@@ -41,6 +37,7 @@ __all__ = [
     "Provenance",
     "Secret",
     "Settings",
+    "TlsMode",
     "UpstreamSettings",
     "branch_name_problem",
     "check_selected_branch",
@@ -49,72 +46,11 @@ __all__ = [
     "is_loopback",
     "split_host_port",
     "to_json",
-    "toml_syntax_error",
 ]
 
 ENV_PREFIX: Final = "NEONLOCAL_"
-_TOML_POSITION: Final = re.compile(
-    r"^(?P<msg>.*?) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$", re.S
-)
 
 LogLevel = Literal["debug", "info", "warning", "error"]
-
-
-# --- errors -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ConfigProblem:
-    """One thing wrong with the configuration, and where it is."""
-
-    line: int | None
-    message: str
-    env_var: str | None = None
-
-    def render(self, path: Path) -> str:
-        if self.env_var is not None:
-            return f"environment variable {self.env_var}: {self.message}"
-        if self.line is not None:
-            return f"{path}:{self.line}: {self.message}"
-        return f"{path}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used. ``str()`` gives ``file:line: message`` lines.
-
-    ``line`` and ``message`` describe the first problem; ``problems`` holds them all.
-    ``env_var`` is set instead of ``line`` when the bad value came from the environment.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        line: int | None,
-        message: str,
-        *,
-        env_var: str | None = None,
-        more: Sequence[ConfigProblem] = (),
-    ) -> None:
-        self.path = path
-        self.line = line
-        self.message = message
-        self.env_var = env_var
-        self.problems: tuple[ConfigProblem, ...] = (ConfigProblem(line, message, env_var), *more)
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return "\n".join(problem.render(self.path) for problem in self.problems)
-
-
-def toml_syntax_error(path: Path, exc: tomllib.TOMLDecodeError) -> ConfigError:
-    """A ConfigError at the line and column tomllib reported."""
-    match = _TOML_POSITION.match(str(exc))
-    if match is None:
-        return ConfigError(path, None, f"invalid TOML: {exc}")
-    message = f"invalid TOML: {match['msg']}"
-    if match["line"] is None:
-        return ConfigError(path, None, f"{message} (at end of file)")
-    return ConfigError(path, int(match["line"]), f"{message} (column {match['col']})")
 
 
 # --- small rules both sides need ----------------------------------------------------------
@@ -178,7 +114,16 @@ class Secret:
 
 
 # --- the values -------------------------------------------------------------------------
-# The comments on what each key means are in neonlocal.config, beside its rules.
+# The comments on what each key means are in neonlocal.config.schema, beside its rules.
+
+
+class TlsMode(Enum):
+    """How the upstream connection is protected; anything but VERIFY_FULL is an opt-out."""
+
+    VERIFY_FULL = "verify-full"
+    VERIFY_CA = "verify-ca"
+    NO_VERIFY = "no-verify"
+    DISABLE = "disable"
 
 
 @dataclass(frozen=True)
@@ -288,7 +233,7 @@ class Provenance:
 
 @dataclass(frozen=True)
 class Settings:
-    """The whole configuration. ``neonlocal.config.load_settings`` makes one from a file.
+    """The whole configuration. ``neonlocal.config.schema.load_settings`` makes one from a file.
 
     Constructed directly (``Settings(branches=...)``) nothing is checked, which is what
     tests of other modules want.
@@ -360,7 +305,7 @@ def from_json(data: Mapping[str, Any]) -> Settings:
 
 
 def from_schema(checked: object) -> Settings:
-    """The values of the schema's validated object (``neonlocal.config``)."""
+    """The values of the schema's validated object (``neonlocal.config.schema``)."""
     return _settings(checked)
 
 

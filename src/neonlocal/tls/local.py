@@ -7,7 +7,7 @@ CA, so ``sslmode=verify-full`` against localhost works. A user may configure the
 certificate and key instead.
 
 Every start reads the expiry of the certificate it already has; only making one needs
-``cryptography`` (several MB resident), so it is imported then and not before.
+``cryptography``, so it is imported then and not before (README, "The daemon's memory").
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from asn1crypto import x509 as asn1_x509
 
 from neonlocal.children import child_argv, child_env
+from neonlocal.errors import UserError
 
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 # The local CA may only ever vouch for these: `neonlocal trust --install` puts it in libpq's
@@ -35,7 +36,7 @@ SERVER_DAYS = 365
 RENEW_BEFORE = datetime.timedelta(days=30)
 
 
-class LocalTlsError(Exception):
+class LocalTlsError(UserError):
     """The local certificate cannot be made or loaded; one line for the user."""
 
 
@@ -115,7 +116,7 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_cert, ca_key, cert, key = _files(directory)
     if _anything_to_make(directory):
-        from neonlocal.certs import CertificateAuthority, KeyPair, write_keypair
+        from neonlocal.tls.certs import CertificateAuthority, KeyPair, write_keypair
 
         if ca_cert.exists() and ca_key.exists():
             pair = KeyPair(ca_cert.read_bytes(), ca_key.read_bytes())
@@ -133,14 +134,14 @@ def ensure_generated(directory: Path) -> tuple[Path, Path, Path]:
 
 def _generated_apart(directory: Path) -> tuple[Path, Path, Path]:
     """`ensure_generated` for the daemon: what has to be made is made by a short-lived child
-    process, so that ``cryptography`` (about 11 MB resident) never enters the daemon, which
-    may then run for weeks. Checking what is there needs only ``ssl``."""
+    process, so that ``cryptography`` never enters the daemon. Checking what is there needs
+    only ``ssl``."""
     directory = directory.absolute()  # the child runs in it: a relative path would double
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_cert, _ca_key, cert, key = _files(directory)
     if not _anything_to_make(directory):
         return cert, key, ca_cert
-    argv = child_argv("neonlocal.localtls", str(directory))
+    argv = child_argv("neonlocal.tls.local", str(directory))
     if argv is None:
         return ensure_generated(directory)
     try:
@@ -204,7 +205,7 @@ def install_for_libpq(ca_path: Path, home: Path, *, system_cas: Path | None = No
 
 
 def _main(argv: list[str]) -> int:
-    """``python -m neonlocal.localtls DIR``: `ensure_generated`, for `_generated_apart`."""
+    """``python -m neonlocal.tls.local DIR``: `ensure_generated`, for `_generated_apart`."""
     try:
         ensure_generated(Path(argv[0]))
     except (OSError, ValueError) as exc:

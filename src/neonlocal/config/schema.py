@@ -2,12 +2,12 @@
 
 ``load_settings(path, env)`` is the only way in. It checks the file and the environment
 against the schema below (pydantic-settings) and returns the plain frozen values of
-``neonlocal.settings``, or raises ConfigError, which names the exact place of the problem:
-``file:line`` for the file, the variable's name for the environment. Values that are
-secrets (branch URLs, the local password) never appear in an error message.
+``neonlocal.config.values``, or raises ConfigError, which names the exact place of the
+problem: ``file:line`` for the file, the variable's name for the environment. Values that
+are secrets (branch URLs, the local password) never appear in an error message.
 
-The daemon does not import this module: ``neonlocal.settings_loader`` runs it in a
-short-lived child process, so that pydantic never stays resident.
+The daemon does not import this module: ``neonlocal.config.loader`` runs it in a
+short-lived child process (README, "The daemon's memory").
 
 Whether ``branch`` names a configured branch is checked separately, by
 ``check_selected_branch``: a later feature may resolve names through the Neon API.
@@ -49,14 +49,12 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from neonlocal.conninfo import ConnInfoError, parse_conninfo
-from neonlocal.defaults import SHUTDOWN_DEADLINE_S
-from neonlocal.settings import (
+from neonlocal.config.errors import ConfigError, ConfigProblem, toml_syntax_error
+from neonlocal.config.file import key_lines
+from neonlocal.config.values import (
     ENV_PREFIX,
     AdminSettings,
     BranchSettings,
-    ConfigError,
-    ConfigProblem,
     ControlSettings,
     GitSettings,
     ListenSettings,
@@ -66,16 +64,16 @@ from neonlocal.settings import (
     NetworkSettings,
     Provenance,
     Settings,
+    TlsMode,
     UpstreamSettings,
     branch_name_problem,
     check_selected_branch,
     from_schema,
     is_loopback,
     split_host_port,
-    toml_syntax_error,
 )
-from neonlocal.targets import TlsMode, validate_upstream
-from neonlocal.tomlkeys import key_lines
+from neonlocal.conninfo import ConnInfoError, parse_conninfo, validate_upstream
+from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 
 # The plain values are re-exported: callers that load settings get them from here too.
 __all__ = [

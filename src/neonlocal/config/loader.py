@@ -1,9 +1,9 @@
-"""The daemon's way to load its config without keeping the schema's libraries resident.
+"""The daemon's way to load its config without importing the schema's libraries.
 
-``neonlocal.config`` checks the file with pydantic-settings, which stays in memory once
-imported (about 10 MiB). The daemon idles for weeks, so ``SettingsLoader`` runs that check
-in a short-lived child (``python -m neonlocal.settings_loader``, about 0.2 s) that sends back
-the plain values of ``neonlocal.settings`` as JSON over a pipe, or the ConfigError's
+``neonlocal.config.schema`` checks the file with pydantic-settings, which the daemon must
+not import (README, "The daemon's memory"), so ``SettingsLoader`` runs that check
+in a short-lived child (``python -m neonlocal.config.loader``, about 0.2 s) that sends back
+the plain values of ``neonlocal.config.values`` as JSON over a pipe, or the ConfigError's
 problems.
 
 ``neonlocal use`` edits only the ``branch`` key, and should take effect at once: when the
@@ -27,20 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from neonlocal.children import child_argv, child_env
-from neonlocal.settings import (
+from neonlocal.config.errors import ConfigError, ConfigProblem
+from neonlocal.config.file import key_lines
+from neonlocal.config.values import (
     ENV_PREFIX,
-    ConfigError,
-    ConfigProblem,
     Settings,
     branch_name_problem,
     from_json,
     to_json,
 )
-from neonlocal.tomlkeys import key_lines
 
 __all__ = ["SettingsLoader"]
 
-_MODULE = "neonlocal.settings_loader"
+_MODULE = "neonlocal.config.loader"
 # Far more than a check ever takes; a child that hangs must not hold reloads forever.
 CHECK_TIMEOUT_S = 60.0
 _BRANCH = "branch"
@@ -184,7 +183,7 @@ def _is_setting(name: str) -> bool:
 
 
 def _load_here(path: Path, env: Mapping[str, str]) -> Settings:
-    from neonlocal.config import load_settings
+    from neonlocal.config.schema import load_settings
 
     return load_settings(path, env)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from neonlocal.cli import Context, fail, pass_ctx
+from neonlocal.cli.context import Context, fail, pass_ctx
 
 
 def _system_ca_bundle() -> Path | None:
@@ -47,8 +47,8 @@ def usage_text(ca: Path) -> str:
 @pass_ctx
 def trust(obj: Context, install: bool) -> None:
     """Show the local CA that signs the daemon's TLS certificate, and how to trust it."""
-    from neonlocal.localtls import ensure_generated, install_for_libpq, tls_dir
     from neonlocal.paths import home_dir
+    from neonlocal.tls.local import ensure_generated, install_for_libpq, tls_dir
 
     settings = obj.settings(missing_ok=True)
     local = settings.local

@@ -1,5 +1,5 @@
-"""The ``neonlocal`` command: thin wrappers that call one function each and map errors to
-one plain line and an exit status.
+"""The ``neonlocal`` group and its own commands: thin wrappers that call one function each
+and map errors to one plain line and an exit status.
 
 Heavy modules (pydantic, the proxy, the API client) are imported inside the commands, so
 ``neonlocal --help`` starts quickly.
@@ -13,30 +13,23 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, NoReturn
+from typing import Any, ClassVar, NamedTuple
 
 import click
 
 from neonlocal import __version__
-
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    click.echo(message if message.startswith("neonlocal") else f"neonlocal: {message}", err=True)
-    sys.exit(code)
+from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_ctx
 
 
 class LazyGroup(click.Group):
     """Subcommand groups from other modules, imported only when used."""
 
     lazy: ClassVar[dict[str, tuple[str, str, str]]] = {
-        "service": ("neonlocal.service", "service", "Run neonlocal as a login service."),
-        "init": ("neonlocal.cli_neon", "init", "Check the Neon API key and pick a project."),
-        "branches": ("neonlocal.cli_neon", "branches", "List the Neon project's branches."),
-        "branch": ("neonlocal.cli_neon", "branch", "Reset or delete a Neon branch."),
-        "trust": ("neonlocal.cli_trust", "trust", "Show or install the local CA for verify-full."),
+        "service": ("neonlocal.cli.service", "service", "Run neonlocal as a login service."),
+        "init": ("neonlocal.cli.neon", "init", "Check the Neon API key and pick a project."),
+        "branches": ("neonlocal.cli.neon", "branches", "List the Neon project's branches."),
+        "branch": ("neonlocal.cli.neon", "branch", "Reset or delete a Neon branch."),
+        "trust": ("neonlocal.cli.trust", "trust", "Show or install the local CA for verify-full."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -64,61 +57,6 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
-
-
-class Context:
-    def __init__(self, config: Path | None, env: dict[str, str]) -> None:
-        self.env = env
-        if config is None:
-            from neonlocal.paths import default_config_path
-
-            config = default_config_path(env)
-        # Absolute from here on: the daemon and its helper processes do not share our idea
-        # of "here" (the certificate helper runs in the tls directory).
-        self.config_path = config.expanduser().absolute()
-
-    def settings(self, *, missing_ok: bool = False) -> Any:
-        from neonlocal.config import ConfigError, load_settings
-
-        try:
-            return load_settings(self.config_path, self.env, missing_ok=missing_ok)
-        except ConfigError as exc:
-            fail(str(exc), EXIT_USAGE)
-
-    def control_path(self, settings: Any) -> Path:
-        from neonlocal.paths import control_socket_path
-
-        return control_socket_path(self.config_path, self.env, settings.control.socket)
-
-    def quick_control_path(self) -> Path | None:
-        """The control socket as the file gives it, read without the config schema.
-
-        None when more than the file may decide it (a NEONLOCAL_* setting in the
-        environment) or the file does not simply say: the full check then decides.
-        """
-        import tomllib
-
-        from neonlocal.paths import CONFIG_ENV, control_socket_path
-
-        if any(k.upper().startswith("NEONLOCAL_") and k.upper() != CONFIG_ENV for k in self.env):
-            return None
-        try:
-            with self.config_path.open("rb") as file:
-                data = tomllib.load(file)
-        except (OSError, ValueError):  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
-            return None
-        control = data.get("control", {})
-        if not isinstance(control, dict):
-            return None
-        configured = control.get("socket")
-        if configured is None:
-            return control_socket_path(self.config_path, self.env)
-        if not isinstance(configured, str) or not configured:
-            return None
-        return control_socket_path(self.config_path, self.env, Path(configured))
-
-
-pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,13 +141,13 @@ def use(
     NAME is a [branches.NAME] table of the config, or a branch of the Neon project
     ([neon] project_id) found by name through the API.
     """
+    from neonlocal.config.file import switch_branch
     from neonlocal.control import DaemonNotRunning, request
-    from neonlocal.selection import switch_branch
 
     checked = None if create else _check_with_daemon(obj, name, timeout)
     if checked is None:
         # No daemon to ask (or it cannot vouch for the file as it is now): check it all here.
-        from neonlocal.cli_neon import target_for_use
+        from neonlocal.cli.neon import target_for_use
 
         settings = obj.settings(missing_ok=True)
         found = target_for_use(
@@ -317,7 +255,7 @@ def status(obj: Context, as_json: bool) -> None:
         _show_status(answer, as_json)
         return
 
-    from neonlocal.config import ConfigError, load_settings
+    from neonlocal.config.schema import ConfigError, load_settings
     from neonlocal.paths import control_socket_path
 
     problem: ConfigError | None = None
@@ -370,7 +308,7 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
 @pass_ctx
 def url(obj: Context) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
-    from neonlocal.cli_neon import target_for_use
+    from neonlocal.cli.neon import target_for_use
 
     settings = obj.settings(missing_ok=True)
     user, database = "neondb_owner", "neondb"
