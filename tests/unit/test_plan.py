@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from neonlocal.config.values import BranchSettings, Secret
 from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.plan import plan_login, strip_routing_options
 from neonlocal.targets import Target, build_target
 
@@ -74,3 +77,12 @@ def test_a_dangling_c_is_removed_with_its_routing_option() -> None:
     assert strip_routing_options("-c endpoint=ep-x") == ""
     assert strip_routing_options("-c endpoint=ep-x -c work_mem=4MB") == "-c work_mem=4MB"
     assert strip_routing_options("project=p --search_path=a") == "--search_path=a"
+
+
+def test_a_startup_packet_over_the_edges_limit_is_refused_with_a_reason() -> None:
+    """Neon's edge hangs up without a word on more than 10,000 bytes; we say why instead."""
+    with pytest.raises(SessionRefused) as refused:
+        plan_login(target(), {"user": "owner", "search_path": "x" * 10_000})
+    assert refused.value.sqlstate == "08P01"
+    assert "at most 10000" in refused.value.message
+    plan_login(target("postgresql://owner:pw@db.example.com/db"), {"user": "o", "x": "y" * 10_000})

@@ -295,6 +295,10 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         + (", ".join(f"{b}: {n}" for b, n in sorted(sessions.items())) if sessions else "none"),
         f"last error: {reply.get('last_error') or 'none'}",
     ]
+    if reply.get("sessions_waking"):
+        lines.insert(
+            4, f"waking:     {reply['sessions_waking']} waiting for the compute to start"
+        )
     if reply.get("config_error"):
         lines.append(
             f"config:     REJECTED, still serving the last good one: {reply['config_error']}"

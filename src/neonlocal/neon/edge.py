@@ -134,6 +134,10 @@ def is_pooler_host(host: str) -> bool:
     return is_neon_host(host) and host.split(".", 1)[0].lower().endswith("-pooler")
 
 
+# The edge closes the connection without a word on a StartupMessage longer than this
+# (proxy/src/protocol2.rs, proxy/src/pqproto.rs: MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET_BYTES = 10_000
+
 # What the edge passes from a StartupMessage to the compute (proxy/src/compute/mod.rs); the
 # rest is dropped without a word. ``_pq_.`` names are protocol options, not settings.
 EDGE_FORWARDS = frozenset({"user", "database", "application_name", "replication", "options"})

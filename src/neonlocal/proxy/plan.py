@@ -15,9 +15,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from neonlocal.neon.edge import dropped_by_edge, fold_into_options, is_neon_host, is_pooler_host
+from neonlocal.neon.edge import (
+    MAX_STARTUP_PACKET_BYTES,
+    dropped_by_edge,
+    fold_into_options,
+    is_neon_host,
+    is_pooler_host,
+)
+from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.login import Credentials
 from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.proxy.context import SessionRefused
 from neonlocal.targets import Target
 
 # Startup parameters that choose where a Neon session goes. To Neon's own names we route by
@@ -66,6 +74,8 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
         ignored = tuple(dropped_by_edge(params))
     elif is_neon_host(target.host):
         params = fold_into_options(params)
+    if is_neon_host(target.host):
+        _check_edge_limits(params)
     credentials = None
     if target.password is not None and (target.user is None or target.user == user):
         credentials = Credentials(
@@ -75,6 +85,18 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
             neon_endpoint=_endpoint_id(target.host),
         )
     return Plan(target, user, database, params, credentials, ignored)
+
+
+def _check_edge_limits(params: Mapping[str, str]) -> None:
+    """Say what the edge would not: it hangs up on a startup packet over its limit."""
+    size = len(codec.startup_message(params))
+    if size > MAX_STARTUP_PACKET_BYTES:
+        raise SessionRefused(
+            f"neonlocal: the startup packet for this session would be {size} bytes; Neon's "
+            f"edge accepts at most {MAX_STARTUP_PACKET_BYTES} and closes the connection "
+            "without a word: send fewer or shorter settings (options, application_name)",
+            sqlstate.PROTOCOL_VIOLATION,
+        )
 
 
 def _endpoint_id(host: str) -> str | None:
