@@ -296,9 +296,7 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         f"last error: {reply.get('last_error') or 'none'}",
     ]
     if reply.get("sessions_waking"):
-        lines.insert(
-            4, f"waking:     {reply['sessions_waking']} waiting for the compute to start"
-        )
+        lines.insert(4, f"waking:     {reply['sessions_waking']} waiting for the compute to start")
     if reply.get("config_error"):
         lines.append(
             f"config:     REJECTED, still serving the last good one: {reply['config_error']}"
