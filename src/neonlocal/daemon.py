@@ -27,7 +27,12 @@ from neonlocal.apikey import ApiKeyError, config_relative
 from neonlocal.config.errors import ConfigError, UnknownBranch
 from neonlocal.config.file import switch_branch
 from neonlocal.config.loader import SettingsLoader
-from neonlocal.config.values import Settings, check_selected_branch, is_loopback
+from neonlocal.config.values import (
+    SessionsOnSwitch,
+    Settings,
+    check_selected_branch,
+    is_loopback,
+)
 from neonlocal.control import ControlServer
 from neonlocal.defaults import SHUTDOWN_DEADLINE_S
 from neonlocal.errors import StartupError
@@ -65,6 +70,8 @@ EPHEMERAL_DELETE_MIN_S = 5.0
 EPHEMERAL_DELETE_RESERVE_S = 10.0
 # A selected branch the API could not be asked about is retried with backoff up to this.
 RESOLVE_RETRY_MAX_S = 60.0
+# How long what `use` said about its switch (and the switch it made) count as this switch's.
+SWITCH_INTENT_S = 10.0
 
 
 def _fingerprint(path: Path, env: Mapping[str, str]) -> str:
@@ -118,6 +125,11 @@ class Daemon:
         self.admin: AdminServer | None = None
         self.config_error: str | None = None
         self.warnings: list[str] = []
+        # What `neonlocal use --keep/--terminate` asked for the switch it is about to write:
+        # (branch, mode, until when it holds), read by whichever reload sees the switch.
+        self._switch_intent: tuple[str, SessionsOnSwitch, float] | None = None
+        # The last switch: its branch, the mode applied and the sessions it moved, by branch.
+        self.last_switch: dict[str, Any] | None = None
         self.started_at = time.time()
         self._fingerprint = ""
         self._reload_lock = asyncio.Lock()
@@ -344,6 +356,7 @@ class Daemon:
         self._apply(checked, fingerprint)
         log.info("config_reloaded", reason=reason, branch=_name(self.server.selected))
         self._log_changes(previous, before)
+        self._move_sessions(before)
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
         return None
@@ -368,6 +381,39 @@ class Daemon:
         admin = self.admin
         if settings.admin.address != (admin and (admin.host, admin.requested_port)):
             log.warning("admin_change_needs_restart", admin=admin.address if admin else None)
+
+    def _move_sessions(self, before: tuple[str, Target] | None) -> None:
+        """After a switch: sessions still on another branch follow ``[switch] sessions``."""
+        assert self.server is not None
+        after = self.server.selected
+        if after is None or _name(before) == after[0]:
+            return
+        name = after[0]
+        mode = self._switch_mode(name)
+        moved = self.server.move_sessions(
+            mode,
+            keep_branch=name,
+            message=(
+                f'neonlocal switched to branch "{name}"; reconnect to use it '
+                "(terminating connection due to administrator command)"
+            ),
+            reason=f"switched to {name}",
+        )
+        self.last_switch = {
+            "branch": name,
+            "sessions": mode,
+            "moved": moved,
+            "at": time.monotonic(),
+        }
+        if moved:
+            log.info("sessions_moved", branch=name, mode=mode, sessions=moved)
+
+    def _switch_mode(self, name: str) -> SessionsOnSwitch:
+        assert self.settings is not None
+        intent, self._switch_intent = self._switch_intent, None
+        if intent is not None and intent[0] == name and time.monotonic() < intent[2]:
+            return intent[1]
+        return self.settings.switch.sessions
 
     async def _watch(self) -> None:
         try:
@@ -581,10 +627,29 @@ class Daemon:
                     ),
                     reason=f"switched to {branch}",
                 )
-            return {"ok": True, "terminated": terminated, **status}
+            return {"ok": True, "terminated": terminated, "switch": self._recent_switch(), **status}
+        if op == "switching":
+            return self._expect_switch(request.get("branch"), request.get("sessions"))
         if op == "can_use":
             return await self._can_use(request.get("branch"))
         return {"ok": False, "error": f"unknown control operation {op!r}"}
+
+    def _expect_switch(self, name: object, mode: object) -> dict[str, Any]:
+        """`use --keep/--terminate` says, before it writes the file, what the switch it is
+        about to make should do to open sessions: the reload that sees it may come from the
+        file watcher, before the CLI's own reload request."""
+        if not isinstance(name, str) or mode not in ("drain", "keep", "terminate"):
+            return {"ok": False, "error": "switching needs a branch and sessions mode"}
+        sessions: SessionsOnSwitch = mode  # checked just above
+        self._switch_intent = (name, sessions, time.monotonic() + SWITCH_INTENT_S)
+        return {"ok": True}
+
+    def _recent_switch(self) -> dict[str, Any] | None:
+        """The switch the CLI's reload request confirms: the last one, if it just happened."""
+        switch = self.last_switch
+        if switch is None or time.monotonic() - switch["at"] > SWITCH_INTENT_S:
+            return None
+        return {k: v for k, v in switch.items() if k != "at"}
 
     async def _can_use(self, name: object) -> dict[str, Any]:
         """Whether `neonlocal use NAME` may write NAME into the config: checked here.

@@ -117,7 +117,8 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
     psql = str(bindir / "psql")
     app_env = {**env, "PGPASSWORD": password, "PGCONNECT_TIMEOUT": "10"}
     try:
-        # A long-lived session, opened before any switch: it must stay on its branch.
+        # A long-lived session, opened before any switch, as a pooled app holds one: the
+        # switch ends it once idle (57P01), and the app's next connection lands on dev.
         held = await asyncio.create_subprocess_exec(
             psql, "--no-psqlrc", "-qAt", url,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=app_env,
@@ -141,16 +142,19 @@ async def _demo(base: Path, bindir: Path, seconds: float, port: int) -> int:
             out, _ = await proc.communicate()
             _say("[app] " + out.decode().strip())
             await asyncio.sleep(max(0.0, seconds / rounds - 0.05))
-        held.stdin.write(
-            b"SELECT 'the session opened before the switch still sees ' || name FROM branch_info;\n"
-        )
-        await held.stdin.drain()
-        _say("[app] " + (await held.stdout.readline()).decode().strip())
+        held.stdin.write(b"SELECT 'the old session still sees ' || name FROM branch_info;\n")
         held.stdin.close()
+        said = (await held.stdout.read()).decode().strip().splitlines()
         await held.wait()
+        _say("[app] the session opened before the switch: " + (said[0] if said else "closed"))
         _say(
-            "\nDone. With Neon: put each branch's connection string in ~/.config/neonlocal/"
-            "config.toml and run `neonlocal up` (see README)."
+            "[app] (a pool with pre-ping, psycopg_pool, asyncpg's pool or psql reconnects "
+            "here, to dev; `use --keep` leaves such sessions on main)"
+        )
+        _say(
+            "\nDone. Next: `scripts/test` runs the test suite. With Neon: put each branch's "
+            "connection string in ~/.config/neonlocal/config.toml, run `neonlocal up`, and set "
+            f"DATABASE_URL={url} (see README)."
         )
         return 0
     finally:
@@ -170,5 +174,8 @@ async def daemon_switch(config: Path, daemon: object, name: str) -> str:
     reply = await daemon.handle_control({"op": "reload", "branch": name})
     if not reply.get("ok"):
         return f"neonlocal: the daemon did not switch: {reply.get('error')}"
+    from neonlocal.cli.context import moved_sessions
+
     port = reply["listen"][0].rpartition(":")[2]
-    return f"localhost:{port} -> {name} ({reply['upstream_host']})"
+    line = f"localhost:{port} -> {name} ({reply['upstream_host']})"
+    return line + moved_sessions(reply.get("switch"), None)

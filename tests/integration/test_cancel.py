@@ -36,7 +36,7 @@ async def test_cancel_reaches_the_branch_the_session_is_pinned_to(daemon: LocalD
     """After a switch, cancelling a session still on main cancels it there."""
     on_main = await asyncpg.connect(daemon.url())
     try:
-        await daemon.use("dev")
+        await daemon.use("dev", sessions="keep")
         on_dev = await asyncpg.connect(daemon.url())
         try:
             dev_query = asyncio.ensure_future(on_dev.fetchval("SELECT pg_sleep(1.0)"))

@@ -125,10 +125,12 @@ def test_use_switches_new_sessions_and_rewrites_only_the_branch_line(
     with psycopg.connect(local_url(port)) as old:
         assert branch_of(old) == "main"
 
-        done = cli.run("use", "dev")
+        done = cli.run("use", "dev", "--keep")
 
         assert done.returncode == 0, done.stderr
-        assert done.stdout.splitlines() == [f"localhost:{port} -> dev ({DEV_HOST})"]
+        assert done.stdout.splitlines() == [
+            f"localhost:{port} -> dev ({DEV_HOST}); 1 session on main stays there (--keep)"
+        ]
         after = cli.config.read_text()
         changed = [
             (a, b)
@@ -208,7 +210,7 @@ def test_status_counts_open_sessions_per_branch_in_json_and_in_words(
 ) -> None:
     port = port_of(up)
     with psycopg.connect(local_url(port)) as on_main:
-        assert cli.run("use", "dev").returncode == 0
+        assert cli.run("use", "dev", "--keep").returncode == 0
         with psycopg.connect(local_url(port)) as on_dev:
             assert (branch_of(on_main), branch_of(on_dev)) == ("main", "dev")
 

@@ -245,7 +245,7 @@ async def test_use_terminate_ends_old_branch_sessions_with_57P01_and_spares_the_
     port = int(url.split(":")[2].split("/")[0])
     assert (await cli(up, "use", "dev")).returncode == 0
     on_dev = await asyncpg.connect(url)
-    assert (await cli(up, "use", "main")).returncode == 0
+    assert (await cli(up, "use", "main", "--keep")).returncode == 0
     idle = await RawSession.open(port)
     busy = await asyncpg.connect(url)
     # A lock held outside the daemon keeps `busy` inside a query until we let go.
@@ -266,7 +266,7 @@ async def test_use_terminate_ends_old_branch_sessions_with_57P01_and_spares_the_
         done = await cli(up, "use", "dev", "--terminate")
 
         assert done.returncode == 0, done.stderr
-        assert "ended 2 session(s)" in done.stdout
+        assert "ended 2 sessions on main" in done.stdout
         fields = await idle.error_fields()
         assert (fields["S"], fields["C"]) == ("FATAL", "57P01")
         assert 'branch "dev"' in fields["M"]

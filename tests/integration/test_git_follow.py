@@ -149,6 +149,9 @@ async def test_open_sessions_stay_while_new_ones_follow_the_checkout(
             "[network.resolve]",
             f'"{MAIN_HOST}" = "{compute_main.spec.listen_addr}"',
             f'"{DEV_HOST}" = "{compute_dev.spec.listen_addr}"',
+            "",
+            "[switch]",
+            'sessions = "keep"',
         ]
     )
     setup.write("", resolve=resolve)

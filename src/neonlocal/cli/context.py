@@ -74,3 +74,19 @@ class Context:
 
 
 pass_ctx = click.make_pass_decorator(Context)
+
+
+def moved_sessions(switch: dict[str, Any] | None, asked: str | None) -> str:
+    """What the switch did to sessions on other branches, as the end of `use`'s line."""
+    if not switch or not switch.get("moved"):
+        return ""
+    moved: dict[str, int] = switch["moved"]
+    count = sum(moved.values())
+    where = ", ".join(sorted(moved))
+    sessions = f"{count} session{'s' if count != 1 else ''} on {where}"
+    mode = switch.get("sessions") or asked
+    if mode == "keep":
+        return f"; {sessions} stay{'s' if count == 1 else ''} there (--keep)"
+    if mode == "terminate":
+        return f"; ended {sessions}"
+    return f"; {sessions} will reconnect (once idle)"

@@ -18,7 +18,14 @@ from typing import Any, ClassVar, NamedTuple
 import click
 
 from neonlocal import __version__
-from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_ctx
+from neonlocal.cli.context import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    Context,
+    fail,
+    moved_sessions,
+    pass_ctx,
+)
 
 
 class LazyGroup(click.Group):
@@ -119,7 +126,18 @@ def up(
 
 @main.command()
 @click.argument("name")
-@click.option("--terminate", is_flag=True, help="Also end open sessions on other branches.")
+@click.option(
+    "--keep",
+    "sessions",
+    flag_value="keep",
+    help="Leave sessions open on other branches where they are.",
+)
+@click.option(
+    "--terminate",
+    "sessions",
+    flag_value="terminate",
+    help="End sessions on other branches now (57P01), not when they are next idle.",
+)
 @click.option("--create", is_flag=True, help="Create the branch through the Neon API if missing.")
 @click.option("--parent", help="With --create: the branch to copy (default: the default one).")
 @click.option(
@@ -130,7 +148,7 @@ def up(
 def use(
     obj: Context,
     name: str,
-    terminate: bool,
+    sessions: str | None,
     create: bool,
     parent: str | None,
     expires_in: str | None,
@@ -139,7 +157,9 @@ def use(
     """Select branch NAME: new connections go there from now on.
 
     NAME is a [branches.NAME] table of the config, or a branch of the Neon project
-    ([neon] project_id) found by name through the API.
+    ([neon] project_id) found by name through the API. Sessions open on other branches
+    end with 57P01 once idle outside a transaction, so pools reconnect to NAME ([switch]
+    sessions = "drain"); --keep leaves them, --terminate ends them now.
     """
     from neonlocal.config.file import switch_branch
     from neonlocal.control import DaemonNotRunning, request
@@ -165,6 +185,14 @@ def use(
         click.echo(
             "neonlocal: warning: NEONLOCAL_BRANCH is set and overrides the config file", err=True
         )
+    if sessions is not None:
+        # Said before the file changes: the daemon's file watcher may switch first.
+        with contextlib.suppress(DaemonNotRunning, OSError, ValueError):
+            request(
+                checked.control,
+                {"op": "switching", "branch": name, "sessions": sessions},
+                timeout=timeout,
+            )
     try:
         switch_branch(obj.config_path, name)
     except OSError as exc:
@@ -172,7 +200,7 @@ def use(
     try:
         reply = request(
             checked.control,
-            {"op": "reload", "branch": name, "terminate": terminate},
+            {"op": "reload", "branch": name, "terminate": sessions == "terminate"},
             timeout=timeout,
         )
     except DaemonNotRunning:
@@ -184,9 +212,7 @@ def use(
         fail(f"the daemon did not switch: {reply.get('error')}")
     listen = reply.get("listen") or [checked.listen]
     line = f"{_local_name(listen[0])} -> {name} ({checked.upstream})"
-    if terminate:
-        line += f"; ended {reply.get('terminated', 0)} session(s) on other branches"
-    click.echo(line)
+    click.echo(line + moved_sessions(reply.get("switch"), sessions))
 
 
 class _Checked(NamedTuple):

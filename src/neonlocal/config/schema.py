@@ -63,6 +63,7 @@ from neonlocal.config.values import (
     NeonSettings,
     NetworkSettings,
     Provenance,
+    SessionsOnSwitch,
     Settings,
     TlsMode,
     UpstreamSettings,
@@ -309,6 +310,16 @@ class GitSchema(_Section):
     map: dict[NonEmptyStr, BranchName] = Field(default_factory=dict)
 
 
+class SwitchSchema(_Section):
+    """``[switch]``: what happens to open sessions when the selected branch changes."""
+
+    # drain: sessions on the old branch end with 57P01 as soon as they are idle outside a
+    # transaction (at once if they are), so pools reconnect to the new branch and no work
+    # is cut off; keep: they stay on the old branch until they close; terminate: they end
+    # now (a query in flight gets a few seconds, then is cancelled).
+    sessions: SessionsOnSwitch = "drain"
+
+
 class BranchSchema(_Section):
     """``[branches.NAME]``: a static target (``url``), or options for an API-found branch."""
 
@@ -384,6 +395,7 @@ class SettingsSchema(BaseSettings):
     neon: NeonSchema = NeonSchema()
     network: NetworkSchema = NetworkSchema()
     git: GitSchema = GitSchema()
+    switch: SwitchSchema = SwitchSchema()
     branches: dict[BranchName, BranchSchema] = Field(default_factory=dict)
 
     @classmethod

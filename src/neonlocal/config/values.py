@@ -36,7 +36,9 @@ __all__ = [
     "NetworkSettings",
     "Provenance",
     "Secret",
+    "SessionsOnSwitch",
     "Settings",
+    "SwitchSettings",
     "TlsMode",
     "UpstreamSettings",
     "branch_name_problem",
@@ -200,6 +202,17 @@ class NetworkSettings:
     resolve: dict[str, str] = field(default_factory=dict)
 
 
+# What a switch does to sessions open on the branch switched away from (``[switch]``).
+SessionsOnSwitch = Literal["drain", "keep", "terminate"]
+
+
+@dataclass(frozen=True)
+class SwitchSettings:
+    """``[switch]``: what happens to open sessions when the selected branch changes."""
+
+    sessions: SessionsOnSwitch = "drain"
+
+
 @dataclass(frozen=True)
 class GitSettings:
     """``[git]``: switch Neon branches as the git branch of a repository changes."""
@@ -250,6 +263,7 @@ class Settings:
     neon: NeonSettings = NeonSettings()
     network: NetworkSettings = NetworkSettings()
     git: GitSettings = GitSettings()
+    switch: SwitchSettings = SwitchSettings()
     branches: dict[str, BranchSettings] = field(default_factory=dict)
     # Two Settings with the same values are the same configuration, wherever they came from
     # and whatever comments or layout the file had.

@@ -74,6 +74,8 @@ class LiveSession(Protocol):
 
     def terminate(self, message: str, reason: str, *, grace: float = TERMINATE_GRACE_S) -> None: ...
 
+    def end_when_idle(self, message: str, reason: str) -> None: ...
+
 
 class SessionReport:
     """Everything one session tells the outside: log events (the logger is bound to the

@@ -173,6 +173,24 @@ class Relay:
         else:
             self._on_boundary = lambda: self._end_at_next_request(error)
 
+    def end_when_idle(self, error: bytes, reason: str) -> None:
+        """Send ``error`` once the session is idle outside a transaction, then end both sides.
+
+        What a switch does to sessions left on the old branch: a transaction or a query in
+        flight runs to its end, and the client is told at its next request (pools ping
+        then, and reconnect), so no work is cut off.
+        """
+        self.close_reason = reason
+        self._ending = True
+        if self.idle and self._status == _IDLE_STATUS:
+            self._finish(error)
+        else:
+            self._on_boundary = lambda: self._end_outside_transaction(error)
+
+    def _end_outside_transaction(self, error: bytes) -> None:
+        if self._status == _IDLE_STATUS:
+            self._end_at_next_request(error)
+
     def _end_at_next_request(self, error: bytes) -> None:
         # The query in flight has its answer. Answer the client's next request with the
         # error rather than racing it onto the wire right behind that answer, where a

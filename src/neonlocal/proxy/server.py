@@ -20,7 +20,7 @@ from pathlib import Path
 
 import structlog
 
-from neonlocal.config.values import Settings
+from neonlocal.config.values import SessionsOnSwitch, Settings
 from neonlocal.errors import UserError
 from neonlocal.metrics import ErrorKind, LiveState, Metrics
 from neonlocal.pgwire import sqlstate
@@ -338,6 +338,22 @@ class Server:
             session.terminate(message, reason, grace=grace)
             count += 1
         return count
+
+    def move_sessions(
+        self, mode: SessionsOnSwitch, *, keep_branch: str, message: str, reason: str
+    ) -> dict[str, int]:
+        """Apply a switch's ``mode`` to sessions not on ``keep_branch``; how many, by branch.
+
+        "drain" ends each with 57P01 once it is idle outside a transaction, "terminate" now
+        (after a grace for a query in flight), "keep" leaves them where they are.
+        """
+        others = [s for s in self.sessions if s.branch is not None and s.branch != keep_branch]
+        for session in others:
+            if mode == "drain":
+                session.end_when_idle(message, reason)
+            elif mode == "terminate":
+                session.terminate(message, reason)
+        return dict(Counter(s.branch for s in others if s.branch is not None))
 
     def record_error(self, message: str) -> None:
         """Remember the last failure for `status` (the client-facing text, unprefixed)."""

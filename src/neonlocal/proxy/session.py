@@ -560,11 +560,24 @@ class Session:
             elif not relay.finished:
                 asyncio.get_running_loop().call_later(grace, self._cancel_then_end, relay, error)
         else:
-            self.close_reason = reason
-            self.client.write(error)
-            self.client.close()
-            if self.upstream is not None:
-                self.upstream.endpoint.close()
+            self._end_before_relay(error, reason)
+
+    def end_when_idle(self, message: str, reason: str) -> None:
+        """End this session with FATAL 57P01 once it is idle outside a transaction (at once
+        if it is): a switch moves pooled apps this way without cutting any work off."""
+        error = codec.error_response(message, sqlstate.ADMIN_SHUTDOWN)
+        if self.relay is not None:
+            self.relay.end_when_idle(error, reason)
+        else:
+            self._end_before_relay(error, reason)
+
+    def _end_before_relay(self, error: bytes, reason: str) -> None:
+        # Still logging in: nothing of the client's can be lost yet.
+        self.close_reason = reason
+        self.client.write(error)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.endpoint.close()
 
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
         if relay.done.done() or relay.finished:
