@@ -132,6 +132,10 @@ class Daemon:
         self.last_switch: dict[str, Any] | None = None
         self.started_at = time.time()
         self._fingerprint = ""
+        # The settings the daemon started with: what its listeners, admin and git follower
+        # still use, whatever the file says now (those need a restart).
+        self._started_with: Settings | None = None
+        self.restart_needed: list[str] = []
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -147,6 +151,7 @@ class Daemon:
             raise StartupError(f"neonlocal: {exc}") from None
         settings = checked.settings
         follower = self._git_follower(settings)
+        self._started_with = settings
         self._apply(checked, _fingerprint(self.config_path, self.env))
         assert self.server is not None
         await self.server.start(self._inherited)
@@ -381,6 +386,8 @@ class Daemon:
         admin = self.admin
         if settings.admin.address != (admin and (admin.host, admin.requested_port)):
             log.warning("admin_change_needs_restart", admin=admin.address if admin else None)
+        if self._started_with is not None:
+            self.restart_needed = _restart_needed(self._started_with, settings)
 
     def _move_sessions(self, before: tuple[str, Target] | None) -> None:
         """After a switch: sessions still on another branch follow ``[switch] sessions``."""
@@ -595,7 +602,7 @@ class Daemon:
             "sessions_waking": len(self.server.waking),
             "last_error": self.server.last_error,
             "config_error": self.config_error,
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings) + [f"restart needed: {c}" for c in self.restart_needed],
             "ephemeral_branch": self.ephemeral_branch.name if self.ephemeral_branch else None,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
@@ -756,3 +763,25 @@ _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def _name(selected: tuple[str, Target] | None) -> str | None:
     return selected[0] if selected else None
+
+
+def _restart_needed(running: Settings, wanted: Settings) -> list[str]:
+    """What the file now says that only a restart applies: ``[listen] port 6543 -> 6544``."""
+    pairs = (
+        ("[listen] host", running.listen.host, wanted.listen.host),
+        ("[listen] port", running.listen.port, wanted.listen.port),
+        ("[listen] unix_socket_dir", running.listen.unix_socket_dir, wanted.listen.unix_socket_dir),
+        ("[admin] listen", running.admin.listen, wanted.admin.listen),
+        ("[git] follow", running.git.follow, wanted.git.follow),
+        ("[git] repo", running.git.repo, wanted.git.repo),
+        ("[control] socket", running.control.socket, wanted.control.socket),
+    )
+    return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in pairs if old != new]
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple | list):
+        return ", ".join(str(v) for v in value) or "(none)"
+    return (
+        "(none)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )

@@ -360,3 +360,59 @@ def test_config_from_the_environment_variable_is_used_by_up_and_by_use(
         assert json.loads(run("status", "--json").stdout)["branch"] == "dev"
     finally:
         running.stop()
+
+
+def test_up_while_a_daemon_serves_the_config_says_so(up: DaemonProcess, cli: Cli) -> None:
+    """Not "address already in use (a local PostgreSQL?)": the daemon itself answers."""
+    done = cli.run("up")
+
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"neonlocal is already running (pid {up.proc.pid}")
+    assert f"serving main on 127.0.0.1:{port_of(up)}" in done.stderr
+    assert up.proc.poll() is None
+
+
+def test_a_listen_change_waits_for_a_restart_and_says_so(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """status warns "restart needed", and url prints the port actually served."""
+    port, other = free_port(), free_port()
+    config = workdir / "config.toml"
+    config.write_text(config_text(branch_urls, port=port))
+    cli = Cli(config, daemon_env(workdir))
+    proc = start_daemon_process(config, cli.env)
+    try:
+        proc.wait_ready()
+        config.write_text(config_text(branch_urls, port=other))
+        assert cli.run("use", "main").returncode == 0  # confirms the daemon reloaded
+
+        status = cli.status()
+        human = cli.run("status").stdout
+        url = cli.run("url").stdout.strip()
+    finally:
+        proc.stop()
+    warning = f"restart needed: [listen] port {port} -> {other}"
+    assert warning in status["warnings"]  # type: ignore[operator]
+    assert f"warning:    {warning}" in human
+    assert url == f"postgresql://neondb_owner@localhost:{port}/neondb"
+
+
+def test_url_with_password_checked_over_tls_prints_a_url_that_needs_none(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """With [local] tls_auth = "password", libpq's default (TLS) would ask for a password."""
+    config = workdir / "config.toml"
+    config.write_text(config_text(branch_urls) + '\n[local]\ntls_auth = "password"\n')
+    cli = Cli(config, daemon_env(workdir))
+    proc = start_daemon_process(config, cli.env)
+    try:
+        proc.wait_ready()
+        done = cli.run("url")
+        assert done.returncode == 0, done.stderr
+        url = done.stdout.strip()
+        assert url.endswith("/neondb?sslmode=disable")
+        assert "tls_auth" in done.stderr
+        with psycopg.connect(url) as conn:
+            assert branch_of(conn) == "main"
+    finally:
+        proc.stop()

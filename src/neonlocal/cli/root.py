@@ -117,6 +117,15 @@ def up(
             fail(f"--expires-in: {exc}", EXIT_USAGE)
     elif parent is not None:
         fail("--parent only goes with --ephemeral", EXIT_USAGE)
+    running = _running_daemon(obj)
+    if running is not None:
+        # Asked first: the port would be taken by it, and "address in use" is the wrong lead.
+        fail(
+            f"neonlocal is already running (pid {running.get('pid')}, serving "
+            f"{running.get('branch') or 'no branch'} on "
+            f"{', '.join(running.get('listen') or []) or '?'}); "
+            "`neonlocal status` shows it, `neonlocal service status` if it is the service"
+        )
     sys.exit(
         run_daemon(
             obj.config_path, obj.env, log_level=log_level, json_logs=json_logs, ephemeral=spec
@@ -346,18 +355,46 @@ def url(obj: Context) -> None:
         database = target.database or database
     from urllib.parse import quote
 
-    port = settings.listen.port or _port_the_daemon_got(obj, settings)
-    click.echo(f"postgresql://{quote(user, safe='')}@localhost:{port}/{quote(database, safe='')}")
+    port = _port_served(obj, settings)
+    query = ""
+    if settings.local.tls and settings.local.tls_auth == "password":
+        # libpq prefers TLS, which then asks for the branch role's password; plaintext to
+        # localhost asks for none, as before.
+        click.echo(
+            '# [local] tls_auth = "password": over TLS the branch role\'s password is asked '
+            "for; this URL connects without TLS, which needs none",
+            err=True,
+        )
+        query = "?sslmode=disable"
+    click.echo(
+        f"postgresql://{quote(user, safe='')}@localhost:{port}/{quote(database, safe='')}{query}"
+    )
 
 
-def _port_the_daemon_got(obj: Context, settings: Any) -> int:
-    """With ``port = 0`` the system picks the port at start: only the daemon knows it."""
+def _running_daemon(obj: Context) -> dict[str, Any] | None:
+    """The status of a daemon already serving this config, or None when none answers."""
+    from neonlocal.control import DaemonNotRunning, request
+
+    path = obj.quick_control_path()
+    try:
+        if path is None:
+            path = obj.control_path(obj.settings(missing_ok=True))
+        return request(path, {"op": "status"}, timeout=2.0)
+    except (DaemonNotRunning, OSError, ValueError):
+        return None
+
+
+def _port_served(obj: Context, settings: Any) -> int:
+    """The port the running daemon listens on (a changed [listen] port waits for a
+    restart, and with ``port = 0`` the system picked it); the file's with no daemon."""
     from neonlocal.control import DaemonNotRunning, request
 
     try:
         listen = request(obj.control_path(settings), {"op": "status"}, timeout=5.0)["listen"]
         return next(int(a.rpartition(":")[2]) for a in listen if not a.startswith("/"))
     except (DaemonNotRunning, OSError, ValueError, KeyError, TypeError, StopIteration):
+        if settings.listen.port:
+            return int(settings.listen.port)
         fail(
             "[listen] port = 0: the port is picked when the daemon starts, and no running "
             "daemon says which; start it (neonlocal up), or set a port"
