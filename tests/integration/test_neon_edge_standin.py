@@ -42,7 +42,7 @@ from fixtures.neon_edge import (
     NeonEdge,
     neon_edge,
 )
-from fixtures.pg import TEST_DATABASE, TEST_PASSWORD, TEST_ROLE
+from fixtures.pg import TEST_DATABASE, TEST_PASSWORD, TEST_ROLE, MakeCompute
 from fixtures.rawpg import (
     CANCEL_REQUEST_CODE,
     Message,
@@ -440,7 +440,7 @@ async def test_params_compat_forwards_everything_and_neon_options_are_stripped(
     sent = dict(neon_edge.relayed[-1].compute_params or [])
     assert (timezone, timeout) == ("Asia/Tokyo", "4321ms")
     assert sent["options"] == "-c statement_timeout=4321"
-    assert sent["client_encoding"] != "UTF8" or "client_encoding" in settings
+    assert sent["client_encoding"] == "'utf-8'"  # asyncpg's own, not the forced UTF8
 
 
 async def test_compute_startup_errors_are_rewrapped_as_xx000(
@@ -454,6 +454,24 @@ async def test_compute_startup_errors_are_rewrapped_as_xx000(
         )
     assert_edge_error(no_db, 'database "nope" does not exist')
     assert_edge_error(no_role, 'password authentication failed for user "edge_only_role"')
+
+
+async def test_too_many_clients_at_the_compute_is_rewrapped(
+    neon_edge: NeonEdge, ca_file: Path, make_compute: MakeCompute
+) -> None:
+    compute = make_compute("crowded", endpoint_id="ep-crowded-300003")
+    compute.psql(
+        "ALTER SYSTEM SET superuser_reserved_connections = 0; ALTER SYSTEM SET max_connections = 1;"
+    )
+    compute.restart()
+    endpoint_id = neon_edge.add_compute(compute)
+    async with asyncpg_kwargs(neon_edge, ca_file, endpoint_id) as kwargs:
+        first = await asyncpg.connect(**kwargs)
+        try:
+            error = await refusal_of(**kwargs)
+        finally:
+            await first.close()
+    assert_edge_error(error, "sorry, too many clients already")
 
 
 def test_errors_in_a_relayed_session_pass_through_unchanged(dsn: Dsn) -> None:
@@ -523,6 +541,14 @@ async def test_cold_start_is_silent_and_then_the_session_works(
     assert time.monotonic() - started < 2.0  # awake now
 
 
+async def test_a_slow_scram_exchange_times_out(neon_edge: NeonEdge, ca_file: Path) -> None:
+    neon_edge.scram_timeout_s = 0.5
+    async with tls_client(neon_edge, ca_file) as client:
+        await client.send(startup({"user": TEST_ROLE, "database": TEST_DATABASE}))
+        error = await client.read_error()  # the client never answers the SASL offer
+    assert (error.sqlstate, error.message) == ("XX000", "Authentication timed out")
+
+
 # --- cancel -----------------------------------------------------------------------------------
 
 
@@ -572,6 +598,24 @@ def test_a_cancel_with_an_unknown_key_is_dropped(neon_edge: NeonEdge) -> None:
 
 
 # --- a protocol 3.2 request -------------------------------------------------------------------
+
+
+async def test_plaintext_with_a_newer_minor_version_gets_past_the_tls_check(
+    neon_edge: NeonEdge,
+) -> None:
+    # pglb/handshake.rs checks for TLS only in its 3.0 branch; the downgrade branch does not.
+    # Without SNI the edge then asks for the password hack, in cleartext.
+    client = await RawClient.connect(neon_edge.addr, neon_edge.port)
+    try:
+        await client.send(startup({"user": TEST_ROLE}, minor=2))
+        negotiate = await client.read_message()
+        ask = await client.read_message()
+    finally:
+        await client.close()
+    assert negotiate is not None
+    assert negotiate.kind == b"v"
+    assert ask is not None
+    assert auth_code(ask) == 3
 
 
 async def test_a_newer_minor_version_is_downgraded_with_negotiate_protocol_version(
