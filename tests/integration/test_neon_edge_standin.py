@@ -79,7 +79,7 @@ def client_context(ca_file: Path, alpn: list[str] | None = None) -> ssl.SSLConte
 
 
 async def open_tls(
-    edge: NeonEdge, context: ssl.SSLContext, host: str, *, direct: bool
+    edge: NeonEdge, context: ssl.SSLContext, host: str | None, *, direct: bool
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TLS connection to the edge, SNI ``host``: direct, or after SSLRequest and 'S'."""
     if direct:
@@ -95,11 +95,14 @@ async def open_tls(
 
 @contextlib.asynccontextmanager
 async def tls_client(
-    edge: NeonEdge, ca_file: Path, endpoint_id: str = MAIN, *, direct: bool = False
+    edge: NeonEdge, ca_file: Path, endpoint_id: str | None = MAIN, *, direct: bool = False
 ) -> AsyncIterator[RawClient]:
-    """A raw client after the TLS handshake, SNI naming ``endpoint_id``."""
+    """A raw client after the TLS handshake, SNI naming ``endpoint_id`` (None: no SNI)."""
     context = client_context(ca_file, ["postgresql"])
-    reader, writer = await open_tls(edge, context, edge.hostname(endpoint_id), direct=direct)
+    host = edge.hostname(endpoint_id) if endpoint_id else None
+    if host is None:
+        context.check_hostname = False  # no SNI; the chain is still verified
+    reader, writer = await open_tls(edge, context, host, direct=direct)
     client = RawClient(reader, writer)
     try:
         yield client
@@ -321,6 +324,37 @@ async def test_bad_startup_packet_is_closed_without_a_word(
         await client.send(body)
         assert await client.read_to_end() == b""
     assert neon_edge.sessions[-1].error is None
+
+
+@pytest.mark.parametrize(
+    ("params", "text"),
+    [
+        ({"database": TEST_DATABASE}, "Parameter 'user' is missing in startup packet."),
+        (
+            {"user": TEST_ROLE, "options": "endpoint=ep_main!"},
+            "Project name ('ep_main!') must contain only alphanumeric characters and hyphen.",
+        ),
+    ],
+    ids=["no-user", "malformed-endpoint"],
+)
+async def test_startup_parameter_errors(
+    neon_edge: NeonEdge, ca_file: Path, params: dict[str, str], text: str
+) -> None:
+    async with tls_client(neon_edge, ca_file, None) as client:
+        await client.send(startup(params))
+        error = await client.read_error()
+    assert error.fields == {"S": "ERROR", "C": "XX000", "M": text}
+
+
+async def test_two_endpoint_options_are_ignored_for_the_password_hack(
+    neon_edge: NeonEdge, ca_file: Path
+) -> None:
+    options = f"endpoint={MAIN} project={DEV}"
+    async with tls_client(neon_edge, ca_file, None) as client:
+        await client.send(startup({"user": TEST_ROLE, "options": options}))
+        ask = await client.read_message()
+    assert ask is not None
+    assert auth_code(ask) == 3  # cleartext: no endpoint known
 
 
 async def test_gs2_flag_y_is_refused_when_plus_was_offered(
