@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -128,6 +130,26 @@ async def test_silent_upstream_times_out_after_connect_timeout(start: StartDaemo
                 cannot_reach("cold", f"ep-cold-1.us-east-2.aws.neon.tech:{port}")
             )
             assert "timed out after 0.5 s" in str(error)
+            await serves_main_next(d)
+
+
+async def test_a_retry_right_after_a_timeout_is_answered_at_once(start: StartDaemon) -> None:
+    """psql's default sslmode=prefer tries again without TLS after an error: the second try
+    gets the same error at once instead of waiting out the timeout again."""
+    async with rawpg.fake_upstream(rawpg.never_answers) as port:
+        url = neon_url("ep-cold-2.us-east-2.aws.neon.tech", port, hostaddr="127.0.0.1")
+        extra = "[upstream]\nconnect_timeout = 2.5"
+        async with start({"cold": url}, branch="cold", extra=extra) as d:
+            began = time.monotonic()
+            psql = await asyncio.create_subprocess_exec(
+                "psql", "-X", "-c", "SELECT 1", d.url(sslmode="prefer"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            _out, err = await psql.communicate()
+            took = time.monotonic() - began
+            assert psql.returncode == 2
+            assert err.decode().count("timed out after 2.5 s") == 2
+            assert took < 4.5
             await serves_main_next(d)
 
 

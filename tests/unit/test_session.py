@@ -91,6 +91,12 @@ class FakeContext:
     def login_slots(self, target: Target) -> asyncio.Semaphore:
         return asyncio.Semaphore(1)
 
+    def remembered_failure(self, target: Target) -> SessionRefused | None:
+        return None
+
+    def remember_failure(self, target: Target, refusal: SessionRefused) -> None:
+        pass
+
     def admit(self, session: LiveSession) -> None:
         if len(self.sessions) >= self.settings.listen.max_sessions:
             raise SessionRefused("too many", sqlstate.TOO_MANY_CONNECTIONS, ErrorKind.TOO_MANY)

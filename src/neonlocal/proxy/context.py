@@ -43,6 +43,11 @@ SLOW_CONNECT_S: Final = 2.0
 # wake the compute: worth a log line and a count in `status`.
 WAKE_NOTICE_S: Final = 1.0
 
+# A branch that failed slowly (it took TCP but never answered) is answered with the same
+# error at once for this long: psql's default sslmode=prefer tries again without TLS right
+# after the first failure, and waiting out the same timeout twice helps no one.
+FAILURE_MEMORY_S: Final = 5.0
+
 # Logins in flight at once to one branch host. Neon's edge allows 100 concurrent connects
 # per compute and rate-limits bursts (proxy/src/rate_limiter/); a pool opening fifty
 # connections at once must not trip that for everyone sharing the endpoint.
@@ -183,6 +188,11 @@ class SessionContext(Protocol):
 
     def login_slots(self, target: Target) -> asyncio.Semaphore:
         """The logins to ``target``'s host that may be in flight at once."""
+
+    def remembered_failure(self, target: Target) -> SessionRefused | None:
+        """How ``target`` failed a moment ago, if it failed slowly (FAILURE_MEMORY_S)."""
+
+    def remember_failure(self, target: Target, refusal: SessionRefused) -> None: ...
 
     def admit(self, session: LiveSession) -> None:
         """Count ``session`` as open; SessionRefused when the server is full."""

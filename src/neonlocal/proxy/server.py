@@ -30,6 +30,7 @@ from neonlocal.proxy.addresses import AddressBook
 from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
+    FAILURE_MEMORY_S,
     MAX_CONCURRENT_LOGINS,
     STARTUP_TIMEOUT_S,
     TERMINATE_GRACE_S,
@@ -86,6 +87,7 @@ class Server:
         self._scram_cache: dict[str, ScramSecret] = {}
         self.sasl_offers: SaslOffers = {}
         self._login_slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._failures: dict[tuple[str, str, int], tuple[float, SessionRefused]] = {}
         # Sessions whose login waits for a compute to wake, for `status`.
         self.waking: set[int] = set()
         self._warned: set[tuple[str, ...]] = set()
@@ -300,6 +302,21 @@ class Server:
             waking=self.waking,
             warned=self._warned,
         )
+
+    def remembered_failure(self, target: Target) -> SessionRefused | None:
+        key = (target.host, target.connect_host, target.port)
+        remembered = self._failures.get(key)
+        if remembered is None:
+            return None
+        until, refusal = remembered
+        if time.monotonic() >= until:
+            del self._failures[key]
+            return None
+        return SessionRefused(refusal.message, refusal.sqlstate, refusal.kind, hint=refusal.hint)
+
+    def remember_failure(self, target: Target, refusal: SessionRefused) -> None:
+        key = (target.host, target.connect_host, target.port)
+        self._failures[key] = (time.monotonic() + FAILURE_MEMORY_S, refusal)
 
     def login_slots(self, target: Target) -> asyncio.Semaphore:
         key = (target.connect_host, target.port)

@@ -41,6 +41,7 @@ from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
+    SLOW_CONNECT_S,
     STARTUP_TIMEOUT_S,
     TERMINATE_GRACE_S,
     WAKE_NOTICE_S,
@@ -66,6 +67,9 @@ _STALE_PASSWORD_STATES = (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZAT
 # doubled each time up to the cap, with full jitter so a pool's connects spread out.
 RETRY_FIRST_PAUSE_S = 0.1
 RETRY_MAX_PAUSE_S = 2.0
+
+# A failure that took this long (a timeout, not a refusal) is remembered for a moment.
+SLOW_FAILURE_S = SLOW_CONNECT_S
 
 _ids = itertools.count(1)
 
@@ -330,9 +334,19 @@ class Session:
     async def _log_in_upstream(
         self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
     ) -> tuple[Upstream, UpstreamLogin]:
-        """Connect and log in, one login to a host at a time beyond its slots."""
-        async with self._context.login_slots(plan.target):
-            return await self._log_in_with_retries(plan, params, client_key)
+        """Connect and log in, one login to a host at a time beyond its slots; a branch that
+        failed slowly a moment ago gets the same answer at once."""
+        remembered = self._context.remembered_failure(plan.target)
+        if remembered is not None:
+            raise remembered
+        began = time.monotonic()
+        try:
+            async with self._context.login_slots(plan.target):
+                return await self._log_in_with_retries(plan, params, client_key)
+        except SessionRefused as exc:
+            if time.monotonic() - began >= SLOW_FAILURE_S:
+                self._context.remember_failure(plan.target, exc)
+            raise
 
     async def _log_in_with_retries(
         self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
