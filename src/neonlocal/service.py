@@ -15,6 +15,7 @@ import enum
 import math
 import os
 import plistlib
+import pwd
 import re
 import shutil
 import subprocess
@@ -89,6 +90,9 @@ class UserDirs:
     home: Path
     config_home: Path
     uid: int
+    # Where the user's service manager listens, for systemd (XDG_RUNTIME_DIR).
+    runtime_dir: Path | None = None
+    session_bus: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> UserDirs:
@@ -96,7 +100,14 @@ class UserDirs:
         home = home_dir(env)
         xdg = env.get("XDG_CONFIG_HOME", "")
         config_home = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".config"
-        return cls(home=home, config_home=config_home, uid=os.getuid())
+        runtime = env.get("XDG_RUNTIME_DIR", "")
+        return cls(
+            home=home,
+            config_home=config_home,
+            uid=os.getuid(),
+            runtime_dir=Path(runtime) if runtime and Path(runtime).is_absolute() else None,
+            session_bus=bool(env.get("DBUS_SESSION_BUS_ADDRESS")),
+        )
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,8 @@ class InstallPlan:
     # The config's shutdown_deadline: the service manager must wait that long, and a little
     # more, before it kills a stopping daemon.
     shutdown_deadline: float = SHUTDOWN_DEADLINE_S
+    # The config's [listen] addresses, for a socket unit: systemd listens there for us.
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 5432), ("::1", 5432))
 
     @property
     def stop_timeout_s(self) -> int:
@@ -188,8 +201,32 @@ def render_systemd(template: str, plan: InstallPlan) -> str:
         .replace(_CONFIG, _systemd_word(str(plan.config), exec_line=True))
     )
     text = re.sub(r"(?m)^TimeoutStopSec=\d+$", f"TimeoutStopSec={plan.stop_timeout_s}", text)
+    text = _with_listen_streams(text, plan.listen)
     _check_filled(text)
     return text
+
+
+def _with_listen_streams(text: str, listen: tuple[tuple[str, int], ...]) -> str:
+    """A socket unit's ListenStream lines: one per [listen] address of the config, where
+    the template has its first one."""
+    streams = [
+        f"ListenStream={f'[{host}]' if ':' in host else host}:{port}" for host, port in listen
+    ]
+    out: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if not line.startswith("ListenStream="):
+            out.append(line)
+        elif streams:
+            out.extend(stream + "\n" for stream in streams)
+            streams = []
+    return "".join(out)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def render_launchd(template: str, plan: InstallPlan, log_dir: Path) -> bytes:
@@ -285,6 +322,20 @@ class SystemdUser:
 
     def __init__(self, dirs: UserDirs) -> None:
         self._unit_dir = dirs.config_home / "systemd" / "user"
+        self._dirs = dirs
+
+    def _require_user_manager(self) -> None:
+        """Fail before anything is written when no systemd user manager runs for this user
+        (over ssh without lingering, su or sudo, a container): every step would fail."""
+        dirs = self._dirs
+        runtime = dirs.runtime_dir or Path(f"/run/user/{dirs.uid}")
+        if dirs.session_bus or (runtime / "systemd" / "private").exists():
+            return
+        raise ServiceError(
+            "no systemd user session runs for this user (systemctl --user cannot reach one), "
+            "so nothing was changed: log in through a real session (not su or sudo), or have "
+            f"root run `loginctl enable-linger {_user_name(dirs.uid)}`, then try again"
+        )
 
     @property
     def service_path(self) -> Path:
@@ -295,6 +346,7 @@ class SystemdUser:
         return self._unit_dir / SOCKET_UNIT
 
     def install(self, plan: InstallPlan, *, socket: bool) -> list[str]:
+        self._require_user_manager()
         said: list[str] = []
         service_text = render_systemd(template_text(f"systemd/{SERVICE_UNIT}"), plan)
         changed = self._write(self.service_path, service_text, said)
@@ -334,6 +386,7 @@ class SystemdUser:
         ]
         if not installed:
             return [f"neonlocal service is not installed (no {self.service_path})"]
+        self._require_user_manager()
         for unit, _ in installed:
             self._systemctl("disable", "--now", unit)
         for _, path in installed:
@@ -345,6 +398,7 @@ class SystemdUser:
     def status(self) -> ServiceStatus:
         if not self.service_path.exists():
             return ServiceStatus(RunState.NOT_INSTALLED, "not installed", self.service_path)
+        self._require_user_manager()
         shown = self._show(
             SERVICE_UNIT, "ActiveState", "SubState", "ActiveEnterTimestamp", "MainPID"
         )
@@ -362,6 +416,7 @@ class SystemdUser:
         )
 
     def logs_command(self, *, follow: bool, lines: int) -> list[str]:
+        self._require_user_manager()
         return [
             "journalctl",
             "--user",

@@ -58,6 +58,9 @@ class Machine:
             "PATH": str(self.bin_dir),
             "STANDIN_DIR": str(self.standin_dir),
             "XDG_CONFIG_HOME": "",
+            # A running systemd user manager listens here (see the fixture).
+            "XDG_RUNTIME_DIR": str(self.home / "run"),
+            "DBUS_SESSION_BUS_ADDRESS": "",
             "NEONLOCAL_CONFIG": "",
             "NEONLOCAL_SERVICE_PLATFORM": "",
         }
@@ -98,6 +101,9 @@ def machine(tmp_path: Path) -> Machine:
     config = home / ".config" / "neonlocal" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text('branch = "main"\n')
+    # What a logged-in user has: the user manager's socket in the runtime directory.
+    (home / "run" / "systemd").mkdir(parents=True)
+    (home / "run" / "systemd" / "private").touch()
     return Machine(home=home, bin_dir=bin_dir, standin_dir=standin_dir, config=config)
 
 
@@ -639,3 +645,38 @@ def test_the_global_config_option_chooses_the_services_config(
     assert _directives(_unit(machine).read_text(), "ExecStart")[0].endswith(
         f" --config {config} up"
     )
+
+
+def test_install_without_a_systemd_user_session_writes_nothing_and_says_how(
+    machine: Machine,
+) -> None:
+    """Over ssh without lingering, or under su: no unit file is left behind half-installed."""
+    (machine.home / "run" / "systemd" / "private").unlink()
+
+    result = machine.run("--platform", "linux", "install")
+
+    assert result.exit_code == 1
+    assert "no systemd user session runs for this user" in result.output
+    assert "loginctl enable-linger" in result.output
+    assert not _unit(machine).exists()
+    assert machine.calls() == []
+
+
+def test_socket_activation_listens_where_the_config_says(machine: Machine) -> None:
+    machine.config.write_text('branch = "main"\n[listen]\nhost = ["127.0.0.1"]\nport = 6543\n')
+
+    result = machine.run("--platform", "linux", "install", "--socket")
+
+    assert result.exit_code == 0, result.output
+    text = _unit(machine, "neonlocal.socket").read_text()
+    assert _directives(text, "ListenStream") == ["127.0.0.1:6543"]
+
+
+def test_socket_activation_with_a_port_picked_at_start_is_refused(machine: Machine) -> None:
+    machine.config.write_text('branch = "main"\n[listen]\nport = 0\n')
+
+    result = machine.run("--platform", "linux", "install", "--socket")
+
+    assert result.exit_code == 1
+    assert "socket activation needs a fixed port" in result.output
+    assert not _unit(machine, "neonlocal.socket").exists()

@@ -99,17 +99,24 @@ def install(ctx: click.Context, config: Path | None, socket: bool) -> None:
 def _install(manager: ServiceManager, config: Path, socket: bool, env: Mapping[str, str]) -> None:
     if not config.is_file():
         raise ServiceError(f"config file {config} does not exist: create it first or pass --config")
-    plan = InstallPlan(find_executable(), config, _shutdown_deadline(config, env))
+    settings = _settings(config, env)
+    listen = tuple((host, settings.listen.port) for host in settings.listen.host)
+    if socket and not settings.listen.port:
+        raise ServiceError(
+            "socket activation needs a fixed port: [listen] port = 0 lets the daemon pick one "
+            "when it starts, which systemd cannot listen on ahead of it"
+        )
+    plan = InstallPlan(find_executable(), config, settings.shutdown_deadline, listen)
     for line in manager.install(plan, socket=socket):
         click.echo(line)
 
 
-def _shutdown_deadline(config: Path, env: Mapping[str, str]) -> float:
-    """The config's shutdown_deadline; a config that does not load is not installed."""
+def _settings(config: Path, env: Mapping[str, str]) -> Any:
+    """The config to install with; a config that does not load is not installed."""
     from neonlocal.config.schema import ConfigError, load_settings
 
     try:
-        return load_settings(config, env).shutdown_deadline
+        return load_settings(config, env)
     except ConfigError as exc:
         raise ServiceError(f"{exc} (fix the config, then install again)") from None
 
