@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import structlog
 
@@ -184,9 +186,23 @@ class Daemon:
             branch=selected[0] if selected else None,
             upstream=selected[1].describe() if selected else None,
             config=str(self.config_path),
+            database_url=self._database_url(),
         )
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
+
+    def _database_url(self) -> str | None:
+        """The DATABASE_URL for an app, as `neonlocal url` prints it (no password in it)."""
+        assert self.server is not None
+        try:
+            port = self.server.port
+        except (IndexError, OSError):  # no TCP listener (a Unix socket only)
+            return None
+        selected = self.server.selected
+        target = selected[1] if selected else None
+        user = quote((target and target.user) or "neondb_owner", safe="")
+        database = quote((target and target.database) or "neondb", safe="")
+        return f"postgresql://{user}@localhost:{port}/{database}"
 
     async def _start_admin(self, settings: Settings) -> None:
         assert self.server is not None
@@ -236,6 +252,14 @@ class Daemon:
         self._stop.set()
         self.notifier.stopping()
         log.info("daemon_stopping", deadline_s=deadline)
+        open_sessions = len(self.server.sessions) if self.server is not None else 0
+        if open_sessions and deadline > 0:
+            log.info(
+                "draining",
+                sessions=open_sessions,
+                deadline_s=deadline,
+                detail="waiting for open sessions to end; Ctrl-C again to stop now",
+            )
         if self.control is not None:
             await self.control.close()
         loop = asyncio.get_running_loop()
@@ -601,6 +625,7 @@ class Daemon:
             # Sessions whose login waits for Neon to wake the branch's compute.
             "sessions_waking": len(self.server.waking),
             "last_error": self.server.last_error,
+            "last_error_at": _timestamp(self.server.last_error_at),
             "config_error": self.config_error,
             "warnings": list(self.warnings) + [f"restart needed: {c}" for c in self.restart_needed],
             "ephemeral_branch": self.ephemeral_branch.name if self.ephemeral_branch else None,
@@ -785,3 +810,10 @@ def _shown(value: object) -> str:
     return (
         "(none)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     )
+
+
+def _timestamp(when: float | None) -> str | None:
+    """A wall-clock time for `status`, local and to the second (ISO 8601)."""
+    if when is None:
+        return None
+    return datetime.datetime.fromtimestamp(when).astimezone().isoformat(timespec="seconds")

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from fixtures.daemon import DaemonProcess, daemon_env, neonlocal_cmd, start_daemon_process
-from fixtures.pg import TEST_PASSWORD
+from fixtures.pg import TEST_PASSWORD, MakeCompute
 
 pytestmark = pytest.mark.pg
 
@@ -416,3 +416,46 @@ def test_url_with_password_checked_over_tls_prints_a_url_that_needs_none(
             assert branch_of(conn) == "main"
     finally:
         proc.stop()
+
+
+def test_the_last_error_has_a_time_and_clears_once_its_branch_serves_again(
+    workdir: Path, make_compute: MakeCompute, ca_file: Path
+) -> None:
+    """An old failure must not look current: it goes once that branch works again."""
+    flaky = make_compute("flaky")
+    config = workdir / "config.toml"
+    url = flaky.url(ca_file=ca_file)
+    config.write_text(
+        f'branch = "flaky"\n[listen]\nhost = ["127.0.0.1"]\nport = 0\n'
+        f"[branches.flaky]\nurl = {json.dumps(url)}\n"
+    )
+    cli = Cli(config, daemon_env(workdir))
+    proc = start_daemon_process(config, cli.env)
+    try:
+        proc.wait_ready()
+        flaky.stop()
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(local_url(port_of(proc)), connect_timeout=10)
+        failed = cli.status()
+        human = cli.run("status").stdout
+        flaky.start()
+        with psycopg.connect(local_url(port_of(proc))) as conn:
+            assert branch_of(conn) == "flaky"
+        cleared = cli.status()
+    finally:
+        proc.stop()
+    assert '"flaky"' in str(failed["last_error"])
+    stamp = str(failed["last_error_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", stamp)
+    assert f"(at {stamp})" in human
+    assert cleared["last_error"] is None
+
+
+def test_use_with_parent_but_without_create_is_refused_while_a_daemon_runs(
+    up: DaemonProcess, cli: Cli
+) -> None:
+    done = cli.run("use", "dev", "--parent", "main")
+
+    assert done.returncode == 2
+    assert "--parent and --expires-in only go with --create" in done.stderr
+    assert cli.status()["branch"] == "main"

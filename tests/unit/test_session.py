@@ -107,7 +107,10 @@ class FakeContext:
 
     def report(self, session_id: int) -> SessionReport:
         return SessionReport(
-            session_id, self.metrics, record_error=self.errors.append, count_session=self._count
+            session_id,
+            self.metrics,
+            record_error=lambda message, _branch: self.errors.append(message),
+            count_session=self._count,
         )
 
     def _count(self) -> None:

@@ -150,7 +150,9 @@ def up(
 @click.option("--create", is_flag=True, help="Create the branch through the Neon API if missing.")
 @click.option("--parent", help="With --create: the branch to copy (default: the default one).")
 @click.option(
-    "--expires-in", metavar="DURATION", help="With --create: Neon deletes it after this (7d)."
+    "--expires-in",
+    metavar="DURATION",
+    help="With --create: Neon deletes it after this long, e.g. 7d or 12h.",
 )
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the daemon.")
 @pass_ctx
@@ -173,6 +175,9 @@ def use(
     from neonlocal.config.file import switch_branch
     from neonlocal.control import DaemonNotRunning, request
 
+    if not create and (parent is not None or expires_in is not None):
+        # Said here, before any daemon is asked: the answer must not depend on one running.
+        fail("--parent and --expires-in only go with --create", EXIT_USAGE)
     checked = None if create else _check_with_daemon(obj, name, timeout)
     if checked is None:
         # No daemon to ask (or it cannot vouch for the file as it is now): check it all here.
@@ -315,6 +320,14 @@ def status(obj: Context, as_json: bool) -> None:
     _show_status(reply, as_json)
 
 
+def _last_error(reply: dict[str, Any]) -> str:
+    error = reply.get("last_error")
+    if not error:
+        return "none"
+    when = reply.get("last_error_at")
+    return f"{error} (at {when})" if when else str(error)
+
+
 def _show_status(reply: dict[str, Any], as_json: bool) -> None:
     reply.pop("ok", None)
     reply["running"] = True
@@ -328,7 +341,7 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         f"listening:  {', '.join(reply.get('listen', []))}",
         "sessions:   "
         + (", ".join(f"{b}: {n}" for b, n in sorted(sessions.items())) if sessions else "none"),
-        f"last error: {reply.get('last_error') or 'none'}",
+        f"last error: {_last_error(reply)}",
     ]
     if reply.get("sessions_waking"):
         lines.insert(4, f"waking:     {reply['sessions_waking']} waiting for the compute to start")

@@ -91,11 +91,14 @@ class SessionReport:
         session_id: int,
         metrics: Metrics,
         *,
-        record_error: Callable[[str], None],
+        record_error: Callable[[str, str | None], None],
         count_session: Callable[[], None],
         waking: set[int] | None = None,
         warned: set[tuple[str, ...]] | None = None,
+        served: Callable[[str], None] | None = None,
     ) -> None:
+        self._branch: str | None = None
+        self._served = served
         self._id = session_id
         self._log = log.bind(session=session_id, branch=None)
         self._metrics = metrics
@@ -116,7 +119,12 @@ class SessionReport:
 
     def failure(self, message: str) -> None:
         """The client-facing text of a failure, kept for ``status``."""
-        self._record_error(message)
+        self._record_error(message, self._branch)
+
+    def ready(self) -> None:
+        """The session is served: an older failure of its branch is over."""
+        if self._served is not None and self._branch is not None:
+            self._served(self._branch)
 
     def warn_once(self, key: tuple[str, ...], name: str, **fields: Any) -> None:
         """A warning worth saying once per daemon for each ``key``, not once per session."""
@@ -133,6 +141,7 @@ class SessionReport:
             self._waking.discard(self._id)
 
     def opened(self, branch: str) -> None:
+        self._branch = branch
         self._count_session()
         self._metrics.session_opened(branch)
         self.event("session_opened")

@@ -77,6 +77,7 @@ class Server:
         self.listening: list[str] = []
         self.last_error: str | None = None
         self.last_error_at: float | None = None
+        self._last_error_branch: str | None = None
         self.sessions_total = 0
         self.accepting = False
         self.credential_refresher: CredentialRefresher | None = None
@@ -298,6 +299,7 @@ class Server:
             session_id,
             self.metrics,
             record_error=self.record_error,
+            served=self._branch_served,
             count_session=self._count_session,
             waking=self.waking,
             warned=self._warned,
@@ -372,10 +374,16 @@ class Server:
                 session.terminate(message, reason)
         return dict(Counter(s.branch for s in others if s.branch is not None))
 
-    def record_error(self, message: str) -> None:
+    def record_error(self, message: str, branch: str | None = None) -> None:
         """Remember the last failure for `status` (the client-facing text, unprefixed)."""
         self.last_error = message.removeprefix("neonlocal: ")
         self.last_error_at = time.time()
+        self._last_error_branch = branch
+
+    def _branch_served(self, branch: str) -> None:
+        # A failure is news until its branch serves a session again.
+        if self.last_error is not None and self._last_error_branch == branch:
+            self.last_error = self.last_error_at = self._last_error_branch = None
 
     async def forward_cancel(self, request: CancelRequest) -> None:
         route = self.cancels.lookup(request.process_id, request.secret)

@@ -323,6 +323,7 @@ class Session:
         self._status_messages = parked.status_messages
         self._bind_cancel(parked.target, parked.server_key)
         self.auth = "reused"
+        self._report.ready()
         self._report.event(
             "session_ready",
             auth="reused",
@@ -490,6 +491,7 @@ class Session:
         if login.sasl_offer is not None and self._context.settings.upstream.pipeline_auth:
             self._context.sasl_offers[_offer_key(plan)] = login.sasl_offer
         self._bind_cancel(plan.target, login.server_key)
+        self._report.ready()
         self._report.event(
             "session_ready",
             auth=login.auth_method,
