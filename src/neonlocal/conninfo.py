@@ -179,6 +179,13 @@ def parse_conninfo(text: str) -> ConnInfo:
     """
     if "\0" in text:
         raise ConnInfoError("the connection string contains a NUL character")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", text)
+    if scheme is not None and not text.startswith(_URI_PREFIXES):
+        # Said by name: the keyword parser would choke on the rest, which holds the password.
+        raise ConnInfoError(
+            f'the URL scheme "{scheme.group(1)}" is not one libpq knows: '
+            "use postgresql:// or postgres://"
+        )
     values = _parse_uri(text) if text.startswith(_URI_PREFIXES) else _parse_keywords(text)
     return _build(values)
 

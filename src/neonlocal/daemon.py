@@ -292,6 +292,8 @@ class Daemon:
         ``first`` load (a start) an unreachable API is not one of them: the daemon serves
         anyway (clients get the reason) and keeps trying, as the network may be late.
         """
+        if not first:
+            self._refuse_an_emptied_file()
         settings = await self.loader.load()
         self._check_exposure(settings)
         if self.ephemeral is None:
@@ -311,6 +313,21 @@ class Daemon:
                 raise
             return _Checked(settings, None, unreachable=exc)
         return _Checked(settings, resolution)
+
+    def _refuse_an_emptied_file(self) -> None:
+        """A file that was emptied is a broken edit (a truncating save, a stray `>`), not a
+        wish to serve nothing: the last good configuration stays."""
+        try:
+            empty = not self.config_path.read_bytes().strip()
+        except OSError:
+            return  # the loader says what is wrong with it
+        if empty:
+            raise ConfigError(
+                self.config_path,
+                None,
+                "the file is empty; still serving the last good configuration "
+                "(to select no branch, remove the `branch` line instead)",
+            )
 
     def _apply(self, checked: _Checked, fingerprint: str) -> None:
         """Serve ``checked``: the settings, the selected branch and the warnings about them."""

@@ -190,6 +190,21 @@ async def test_sighup_reloads_the_config(up: DaemonProcess) -> None:
     assert await branch_via(url_of(up)) == "main"
 
 
+async def test_an_emptied_file_is_a_broken_edit_not_an_empty_config(daemon: LocalDaemon) -> None:
+    """A truncating save must not drop the selection: the daemon keeps serving main."""
+    config = daemon.config_path
+    original = config.read_text()
+
+    edit_in_place(config, "")
+
+    assert await until(lambda: daemon.status()["config_error"] is not None)
+    assert daemon.status()["config_error"].startswith(f"{config}: the file is empty")
+    assert daemon.status()["branch"] == "main"
+    assert await branch_via(daemon.url()) == "main"
+    edit_in_place(config, original)
+    assert await until(lambda: daemon.status()["config_error"] is None)
+
+
 async def test_status_shows_a_rejected_edit_with_file_and_line(up: DaemonProcess) -> None:
     config = up.config_path
     original = config.read_text()

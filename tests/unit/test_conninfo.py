@@ -242,3 +242,12 @@ def test_the_password_never_reaches_an_error_message(password: str, rest: str) -
     else:
         return
     assert password not in message
+
+
+def test_a_mistyped_scheme_is_named_and_the_password_is_not() -> None:
+    with pytest.raises(ConnInfoError) as caught:
+        parse_conninfo("postgresq://owner:npg_secret@ep-x.us-east-2.aws.neon.tech/neondb")
+    assert str(caught.value) == (
+        'the URL scheme "postgresq" is not one libpq knows: use postgresql:// or postgres://'
+    )
+    assert "npg_secret" not in str(caught.value)

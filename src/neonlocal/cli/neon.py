@@ -62,7 +62,10 @@ def with_api(
         return asyncio.run(run())
     except TargetError as exc:
         fail(str(exc), EXIT_USAGE)
-    except (NeonApiError, ApiKeyError, UnknownBranch) as exc:
+    except UnknownBranch as exc:
+        missing = "" if obj.config_path.exists() else f" ({obj.config_path} does not exist)"
+        fail(f"{exc}{missing}")
+    except (NeonApiError, ApiKeyError) as exc:
         fail(str(exc))
 
 

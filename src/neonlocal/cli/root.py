@@ -315,7 +315,12 @@ def status(obj: Context, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"running": False, "branch": selected}))
         else:
-            click.echo(f"not running (config selects {selected or 'no branch'})")
+            where = (
+                f"config selects {selected or 'no branch'}"
+                if obj.config_path.exists()
+                else f"{obj.config_path} does not exist"
+            )
+            click.echo(f"not running ({where})")
         sys.exit(3)
     _show_status(reply, as_json)
 
