@@ -50,6 +50,7 @@ from neonlocal.proxy.context import (
 )
 from neonlocal.proxy.drive import drive
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.proxy.peer import peer_user_name
 from neonlocal.proxy.plan import Plan, plan_login
 from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
@@ -94,6 +95,7 @@ class Session:
         self.client_tls_negotiation: str | None = None
         self._admitted = False
         self._holds_password = False
+        self._os_user: str | None = None
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
 
@@ -194,8 +196,11 @@ class Session:
     def _on_unix_socket(self) -> bool:
         """libpq never uses TLS on a Unix socket, and ours is for its owner alone; like
         PostgreSQL's hostssl lines, require_tls concerns TCP clients."""
+        return self._unix_socket() is not None
+
+    def _unix_socket(self) -> socket.socket | None:
         sock = self.client.extra("socket")  # noqa: S610 - a transport's, not Django's
-        return sock is not None and sock.family == socket.AF_UNIX
+        return sock if sock is not None and sock.family == socket.AF_UNIX else None
 
     async def _start_client_tls(self, context: ssl.SSLContext) -> None:
         transport = self.client.transport
@@ -247,7 +252,8 @@ class Session:
         self.branch, self.target = branch, target
         self._report.bind(branch=branch, upstream=target.describe())
         self._report.opened(branch)
-        plan = plan_login(target, params)
+        self._os_user = peer_user_name(self._unix_socket())
+        plan = plan_login(target, params, os_user=self._os_user)
         self.user = plan.user
         self._holds_password = plan.credentials is not None
         self._report.bind(user=plan.user, database=plan.database)
@@ -376,7 +382,7 @@ class Session:
                     # A reset branch or a changed password: fetch the credentials again,
                     # once, before the client sees an error.
                     may_refresh = False
-                    plan = plan_login(await self._fresh_target(exc), params)
+                    plan = plan_login(await self._fresh_target(exc), params, os_user=self._os_user)
                     continue
                 pause = _retry_pause(retries, exc, refreshed=not may_refresh)
                 if pause is None or time.monotonic() + pause > retry_until:
@@ -506,6 +512,19 @@ class Session:
         )
         self._status_messages = login.status_messages
 
+    def _role_hint(self, code: str) -> str | None:
+        """A client refused under a role of its own, where the branch URL names another whose
+        password we hold: most often libpq's default role (the OS user) over TCP."""
+        target = self.target
+        if self._holds_password or not code.startswith("28") or target is None:
+            return None
+        if target.user is None or target.user == self.user or target.password is None:
+            return None
+        return (
+            f'neonlocal logs in for you as "{target.user}", the role in the branch URL: '
+            f"connect with user={target.user} (psql -U {target.user})"
+        )
+
     def _advice(self, meaning: EdgeMeaning) -> str | None:
         """What the user can do about an edge error, said in the client's HINT."""
         if meaning.sqlstate == sqlstate.INVALID_PASSWORD and self._holds_password:
@@ -623,6 +642,9 @@ class Session:
             if hint is not None:
                 fields["H"] = hint
         code = fields.get("C", error.sqlstate)
+        role_hint = self._role_hint(code)
+        if role_hint is not None and "H" not in fields:
+            fields["H"] = role_hint
         self.close_reason = f"upstream refused: {code}"
         during_auth = rejected.during_auth or code.startswith("28")
         self._report.error(ErrorKind.AUTH if during_auth else ErrorKind.UPSTREAM_REJECTED)
