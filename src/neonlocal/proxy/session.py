@@ -17,6 +17,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import NoReturn
 
+from neonlocal.config.file import key_lines
+from neonlocal.config.values import Settings
 from neonlocal.errors import Refusal
 from neonlocal.metrics import ErrorKind
 from neonlocal.neon.edge import EdgeMeaning, Retry, meaning_of
@@ -486,7 +488,10 @@ class Session:
         fresh = await self._context.refresh_credentials(self.branch or "", self.target)
         if fresh is None:
             raise self._upstream_failure(
-                f": {stale.error.message}", sqlstate.INVALID_PASSWORD, ErrorKind.AUTH
+                f": {stale.error.message}",
+                sqlstate.INVALID_PASSWORD,
+                ErrorKind.AUTH,
+                hint=self._password_advice(),
             )
         self.target = fresh
         self._report.bind(upstream=fresh.describe())
@@ -525,15 +530,28 @@ class Session:
             f"connect with user={target.user} (psql -U {target.user})"
         )
 
-    def _advice(self, meaning: EdgeMeaning) -> str | None:
-        """What the user can do about an edge error, said in the client's HINT."""
-        if meaning.sqlstate == sqlstate.INVALID_PASSWORD and self._holds_password:
+    def _advice(self, code: str, meaning: EdgeMeaning | None) -> str | None:
+        """What the user can do about a refused login, said in the client's HINT."""
+        if code == sqlstate.INVALID_PASSWORD and self._holds_password:
+            return self._password_advice()
+        if meaning is not None and meaning.advice is not None:
+            return meaning.advice
+        return self._role_hint(code)
+
+    def _password_advice(self) -> str:
+        """Our own password was refused: say where it came from, so it can be put right."""
+        settings = self._context.settings
+        table = settings.branches.get(self.branch or "")
+        if table is not None and table.url is not None:
             return (
-                f"neonlocal logs in with the password it holds for this branch: if the branch "
-                f"was reset or its password changed, `neonlocal use {self.branch}` fetches it "
-                "again (or update the branch URL in the config)"
+                f'the password in branch "{self.branch}"\'s URL{_where_in(settings, self.branch)}'
+                " was refused: paste the branch's current connection string there"
             )
-        return meaning.advice
+        return (
+            f"neonlocal logs in with the password the Neon API gave for this branch: if the "
+            f"branch was reset or its password changed, `neonlocal use {self.branch}` fetches "
+            "it again"
+        )
 
     def _upstream_message(self, problem: str, *, unreached: bool = False) -> str:
         """Every failure upstream names the branch and its host, then what went wrong."""
@@ -542,12 +560,18 @@ class Session:
         return f"neonlocal: {'cannot reach ' if unreached else ''}{where}{problem}"
 
     def _upstream_failure(
-        self, problem: str, code: str, kind: ErrorKind, *, unreached: bool = False
+        self,
+        problem: str,
+        code: str,
+        kind: ErrorKind,
+        *,
+        unreached: bool = False,
+        hint: str | None = None,
     ) -> SessionRefused:
         """The refusal for a failure upstream, also kept as the last error for ``status``."""
         message = self._upstream_message(problem, unreached=unreached)
         self._report.failure(message)
-        return SessionRefused(message, code, kind)
+        return SessionRefused(message, code, kind, hint=hint)
 
     # --- the relay -----------------------------------------------------------------------------
 
@@ -638,13 +662,10 @@ class Session:
             # Neon's edge sends every login error as XX000; a driver decides by the code
             # PostgreSQL itself would have sent.
             fields["C"] = meaning.sqlstate
-            hint = self._advice(meaning)
-            if hint is not None:
-                fields["H"] = hint
         code = fields.get("C", error.sqlstate)
-        role_hint = self._role_hint(code)
-        if role_hint is not None and "H" not in fields:
-            fields["H"] = role_hint
+        hint = self._advice(code, meaning)
+        if hint is not None:
+            fields["H"] = hint
         self.close_reason = f"upstream refused: {code}"
         during_auth = rejected.during_auth or code.startswith("28")
         self._report.error(ErrorKind.AUTH if during_auth else ErrorKind.UPSTREAM_REJECTED)
@@ -687,6 +708,19 @@ class Session:
             reason=self.close_reason,
             **traffic,
         )
+
+
+def _where_in(settings: Settings, branch: str | None) -> str:
+    """`` in /path/config.toml:12`` for a branch's url line, read when it is needed."""
+    path = settings.config_path
+    if path is None or branch is None:
+        return ""
+    try:
+        lines = key_lines(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return f" in {path}"
+    line = lines.get(("branches", branch, "url"))
+    return f" in {path}:{line}" if line is not None else f" in {path}"
 
 
 def _edge_meaning(rejected: UpstreamRejected) -> EdgeMeaning | None:
