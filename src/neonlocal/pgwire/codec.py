@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from neonlocal.pgwire import sqlstate
-from neonlocal.pgwire.errors import ProtocolError, ServerError
+from neonlocal.pgwire.errors import ProtocolError, ServerError, UnansweredProtocolError
 
 # Special request codes sent in place of a protocol version (PostgreSQL pqcomm.h).
 SSL_REQUEST_CODE: Final = 80877103
@@ -117,7 +117,8 @@ def parse_request(payload: bytes) -> Request:
     if code == CANCEL_REQUEST_CODE:
         secret = payload[8:]
         if len(payload) < 12 or len(secret) > MAX_CANCEL_SECRET:
-            raise ProtocolError("invalid length of CancelRequest")
+            # PostgreSQL: "invalid length of startup packet", logged only.
+            raise UnansweredProtocolError("invalid length of CancelRequest")
         (pid,) = _I32.unpack_from(payload, 4)
         return CancelRequest(pid, bytes(secret))
     major, minor = code >> 16, code & 0xFFFF

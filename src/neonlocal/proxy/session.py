@@ -13,7 +13,7 @@ import itertools
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.errors import Refusal
@@ -27,7 +27,7 @@ from neonlocal.pgwire.codec import (
     SSLRequest,
     StartupMessage,
 )
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
     Output,
@@ -37,7 +37,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
-from neonlocal.proxy.cancel import CancelRoute
+from neonlocal.proxy.cancel import CancelKey, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     STARTUP_TIMEOUT_S,
@@ -62,6 +62,16 @@ _STALE_PASSWORD_STATES = (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZAT
 _ids = itertools.count(1)
 
 
+class _EndWithoutReply(Exception):
+    """End the session with a bare close, as PostgreSQL does where the client cannot be
+    told (or is not told) why; ``kind`` counts it."""
+
+    def __init__(self, reason: str, kind: ErrorKind) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
 class Session:
     def __init__(self, context: SessionContext, client: Endpoint) -> None:
         self.id = next(_ids)
@@ -72,7 +82,7 @@ class Session:
         self.target: Target | None = None
         self.relay: Relay | None = None
         self.upstream: Upstream | None = None
-        self.cancel_pid: int | None = None
+        self.cancel_key: CancelKey | None = None
         self.started = time.monotonic()
         self.close_reason = "client closed"
         self.user: str | None = None
@@ -93,6 +103,10 @@ class Session:
     async def run(self) -> None:
         try:
             await self._run()
+        except UnansweredProtocolError as exc:
+            self._end_without_reply(f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
+        except _EndWithoutReply as exc:
+            self._end_without_reply(exc.reason, exc.kind)
         except ProtocolError as exc:
             self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
@@ -118,12 +132,11 @@ class Session:
         plan = self._plan(params)
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             await self._authenticate_locally(plan)
-        client_key = self._issue_cancel_key()
         parked = self._take_parked(plan)
         if parked is not None:
-            await self._resume(parked, client_key)
+            await self._resume(parked)
             return
-        upstream, login = await self._log_in_upstream(plan, params, client_key)
+        upstream, login = await self._log_in_upstream(plan, params)
         self._logged_in(upstream, login, plan)
         await self._relay(upstream.endpoint, login.server_key)
 
@@ -134,9 +147,15 @@ class Session:
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        await drive(
-            phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
-        )
+        try:
+            await drive(
+                phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
+            )
+        except PeerClosed:
+            if phase.buffered:
+                # PostgreSQL logs this one (a COMMERROR) and, like us, says nothing.
+                self._report.event("startup_incomplete", received=phase.buffered)
+            raise
         request = phase.result
         if isinstance(request, CancelRequest):
             self.close_reason = "cancel request"
@@ -164,8 +183,9 @@ class Session:
             await self._start_client_tls(local_tls.context)
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
-        if phase.take_rest():
-            raise ProtocolError("unexpected data after the startup packet")
+        # A client may send its first messages right behind the StartupMessage (a password
+        # ahead of the request, a query): PostgreSQL reads them in turn, and so do we.
+        self.client.unread(phase.take_rest())
         if (
             self._context.settings.local.require_tls
             and not self.client_tls
@@ -269,16 +289,14 @@ class Session:
                     ErrorKind.AUTH,
                 ) from None
             raise
+        self.client.unread(auth.take_rest())
 
-    def _issue_cancel_key(self) -> tuple[int, bytes]:
-        pid, secret = self._context.cancels.issue(self)
-        self.cancel_pid = pid
-        return pid, secret
-
-    def _bind_cancel(self, target: Target, server_key: tuple[int, bytes] | None) -> None:
-        if server_key is not None and self.cancel_pid is not None:
-            pid, secret = server_key
-            self._context.cancels.bind(self.cancel_pid, CancelRoute(target, pid, secret))
+    def _issue_cancel_key(self, target: Target, server_key: CancelKey | None) -> CancelKey:
+        """The client's key: the server's process id (what ``pg_backend_pid()`` says) and a
+        secret of ours, so that its cancels come to us (proxy/cancel.py)."""
+        route = None if server_key is None else CancelRoute(target, *server_key)
+        self.cancel_key = self._context.cancels.issue(self, route)
+        return self.cancel_key
 
     def _branch_status(self) -> dict[str, str]:
         return {BRANCH_PARAMETER: self.branch or ""}
@@ -292,14 +310,14 @@ class Session:
         self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
         return pool.take(self._pool_key)
 
-    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
+    async def _resume(self, parked: Parked) -> None:
         """Serve the client on a reused upstream session: no handshake upstream at all."""
         self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
+        client_key = self._issue_cancel_key(parked.target, parked.server_key)
         self.client.write(
             codec.login_tail(parked.status_messages, self._branch_status(), client_key)
         )
         self._status_messages = parked.status_messages
-        self._bind_cancel(parked.target, parked.server_key)
         self.auth = "reused"
         self._report.event(
             "session_ready",
@@ -310,14 +328,14 @@ class Session:
         await self._relay(parked.endpoint, parked.server_key)
 
     async def _log_in_upstream(
-        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+        self, plan: Plan, params: Mapping[str, str]
     ) -> tuple[Upstream, UpstreamLogin]:
         """Connect and log in; a new connection at most once for a pipelined login the
         server did not expect, and once with fresh credentials for a refused password."""
         may_pipeline = may_refresh = True
         while True:
             upstream = await self._connect(plan.target)
-            login = self._upstream_login(plan, upstream, client_key, pipeline=may_pipeline)
+            login = self._upstream_login(plan, upstream, pipeline=may_pipeline)
             try:
                 await self._pump_login(upstream.endpoint, login)
             except SpeculationFailed as exc:
@@ -358,9 +376,7 @@ class Session:
         self.upstream = upstream
         return upstream
 
-    def _upstream_login(
-        self, plan: Plan, upstream: Upstream, client_key: tuple[int, bytes], *, pipeline: bool
-    ) -> UpstreamLogin:
+    def _upstream_login(self, plan: Plan, upstream: Upstream, *, pipeline: bool) -> UpstreamLogin:
         expected = None
         pipelining = pipeline and self._context.settings.upstream.pipeline_auth
         if pipelining and plan.credentials is not None:
@@ -369,7 +385,6 @@ class Session:
             plan.parameters,
             credentials=plan.credentials,
             certificate_der=upstream.certificate_der,
-            client_key=client_key,
             extra_status=self._branch_status(),
             client_tls=self.client_tls,
             expected_sasl=expected,
@@ -377,17 +392,52 @@ class Session:
 
     async def _pump_login(self, up: Endpoint, login: UpstreamLogin) -> None:
         """Carry the login's bytes until its ReadyForQuery: between us and the server, and
-        the client's own answers when it logs in for itself."""
+        the client's own answers when it logs in for itself.
 
-        def read() -> Awaitable[bytes]:
-            return self.client.recv() if login.awaiting_client else self._recv_during_login(up)
-
-        def act(out: Output) -> None:
+        A relayed login ends, as in PostgreSQL, if the client has not answered within
+        STARTUP_TIMEOUT_S (authentication_timeout); the server is watched meanwhile, so its
+        error or its close (its own authentication_timeout) ends the session at once."""
+        deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        up.write(login.start())
+        while not login.done:
+            if login.awaiting_client:
+                out = await self._client_answer(up, login, deadline)
+            else:
+                out = login.receive_upstream(await self._recv_during_login(up))
             up.write(out.to_upstream)
             self.client.write(out.to_client)
 
-        up.write(login.start())
-        await drive(login, read, act)
+    async def _client_answer(self, up: Endpoint, login: UpstreamLogin, deadline: float) -> Output:
+        """The client's answer to a relayed request, or what the server says meanwhile."""
+        from_client = asyncio.ensure_future(self.client.recv())
+        from_server = asyncio.ensure_future(up.recv())
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wait((from_client, from_server), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise _EndWithoutReply(
+                "the client did not finish its login in time", ErrorKind.STARTUP_TIMEOUT
+            ) from None
+        finally:
+            from_client.cancel()
+            from_server.cancel()
+            # Settled before anyone reads either side again; a read already done keeps
+            # its bytes.
+            await asyncio.wait((from_client, from_server))
+        server_data, server_closed = _outcome(from_server)
+        client_data, client_closed = _outcome(from_client)
+        if server_closed:
+            # The server gave up on the client (its authentication_timeout): so do we, and
+            # the client sees what it would see directly, a bare close.
+            raise _EndWithoutReply(
+                "server closed the connection during the relayed login", ErrorKind.UPSTREAM_CLOSED
+            )
+        out = login.receive_upstream(server_data) if server_data else Output()
+        if client_closed:
+            raise PeerClosed("client closed during login")
+        if client_data:
+            out.to_upstream += login.receive_client(client_data)
+        return out
 
     async def _recv_during_login(self, up: Endpoint) -> bytes:
         # A server that went silent after TLS (a stuck compute, a half-open path) must not
@@ -424,7 +474,10 @@ class Session:
         self.auth = login.auth_method
         if login.sasl_offer is not None and self._context.settings.upstream.pipeline_auth:
             self._context.sasl_offers[_offer_key(plan)] = login.sasl_offer
-        self._bind_cancel(plan.target, login.server_key)
+        client_key = self._issue_cancel_key(plan.target, login.server_key)
+        # What the client sent past its login belongs to the relay, ahead of what comes next.
+        self.client.unread(login.take_client_rest())
+        self.client.write(login.client_tail(client_key))
         self._report.event(
             "session_ready",
             auth=login.auth_method,
@@ -508,9 +561,17 @@ class Session:
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
         if relay.done.done() or relay.finished:
             return  # the query ended within the grace, and with it the session
-        if self.cancel_pid is not None:
-            self._context.cancel_query(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancel_query(self.cancel_key)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
+
+    def _end_without_reply(self, reason: str, kind: ErrorKind) -> None:
+        self.close_reason = reason
+        self._report.error(kind)
+        self._report.event("session_ended_without_reply", reason=reason)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.endpoint.close()
 
     def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
         self.close_reason = reason
@@ -537,8 +598,8 @@ class Session:
             self.upstream.endpoint.close()
 
     def _cleanup(self) -> None:
-        if self.cancel_pid is not None:
-            self._context.cancels.release(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancels.release(self.cancel_key)
         if not self.client.lost:
             self.client.close()
         if self.upstream is not None and not self.upstream.endpoint.lost:
@@ -566,6 +627,15 @@ class Session:
             reason=self.close_reason,
             **traffic,
         )
+
+
+def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
+    """What a finished or cancelled ``recv`` got: its bytes, and whether the peer closed."""
+    if not read.done() or read.cancelled():
+        return b"", False
+    if isinstance(read.exception(), PeerClosed):
+        return b"", True
+    return read.result(), False
 
 
 def _offer_key(plan: Plan) -> tuple[str, int, str, str]:
