@@ -172,6 +172,27 @@ async def test_a_malformed_startup_packet_is_a_protocol_violation_without_a_repl
     assert errors_counted(context.metrics, ErrorKind.PROTOCOL)
 
 
+async def test_a_query_pipelined_behind_the_startup_packet_is_not_refused() -> None:
+    """PostgreSQL reads it after the login: the session goes on (here: to no branch)."""
+    context = FakeContext()
+    _session, sent = await run_session(context, STARTUP + codec.message(b"Q", b"SELECT 1\0"))
+    assert error_of(sent).sqlstate == sqlstate.UNABLE_TO_CONNECT
+
+
+async def test_a_startup_packet_cut_short_by_eof_gets_no_reply() -> None:
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    client.data_received(STARTUP[:9])
+    client.eof_received()
+    session = Session(context, client)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == b""
+    assert not context.sessions
+
+
 async def test_an_ssl_request_without_local_tls_is_answered_no() -> None:
     """As PostgreSQL without ssl: 'N', then the client carries on in plaintext."""
     context = FakeContext()

@@ -303,7 +303,8 @@ def parse_error_fields(payload: bytes) -> ServerError:
 
 
 def parse_backend_key_data(payload: bytes) -> tuple[int, bytes]:
-    if len(payload) < 8:
+    """The server's (process id, secret); the secret is 4 bytes, or up to 256 in 3.2."""
+    if len(payload) < 8 or len(payload) - 4 > MAX_CANCEL_SECRET:
         raise ProtocolError("malformed BackendKeyData message")
     (pid,) = _I32.unpack_from(payload)
     return pid, bytes(payload[4:])

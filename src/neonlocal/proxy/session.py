@@ -174,7 +174,9 @@ class Session:
         if isinstance(request, SSLRequest) and self.client_tls:
             raise ProtocolError("unexpected SSLRequest over an encrypted connection")
         if phase.buffered:
-            raise ProtocolError("received unencrypted data after SSL request")
+            # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
+            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
+            raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
         if isinstance(request, GSSENCRequest) or local_tls is None:
             self.client.write(codec.ENCRYPTION_REFUSED)
