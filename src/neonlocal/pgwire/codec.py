@@ -130,17 +130,21 @@ def parse_request(payload: bytes) -> Request:
     return StartupMessage(major, minor, _parse_parameters(payload[4:]))
 
 
+# PostgreSQL's one complaint about a broken parameter list (ProcessStartupPacket).
+_BAD_LAYOUT = "invalid startup packet layout: expected terminator as last byte"
+
+
 def _parse_parameters(body: bytes) -> dict[str, str]:
     if not body.endswith(b"\0"):
-        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+        raise ProtocolError(_BAD_LAYOUT)
     content = body[:-1]
     if not content:
         return {}
     if not content.endswith(b"\0"):
-        raise ProtocolError("invalid startup packet layout: parameter without a terminator")
+        raise ProtocolError(_BAD_LAYOUT)
     parts = content[:-1].split(b"\0")
     if len(parts) % 2:
-        raise ProtocolError("invalid startup packet layout: parameter without a value")
+        raise ProtocolError(_BAD_LAYOUT)
     params: dict[str, str] = {}
     for raw_key, raw_value in zip(parts[::2], parts[1::2], strict=True):
         try:
@@ -148,7 +152,7 @@ def _parse_parameters(body: bytes) -> dict[str, str]:
         except UnicodeDecodeError:
             raise ProtocolError("invalid startup packet: parameter is not valid UTF-8") from None
         if not key:
-            raise ProtocolError("invalid startup packet layout: empty parameter name")
+            raise ProtocolError(_BAD_LAYOUT)
         params[key] = value
     return params
 
