@@ -14,7 +14,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.config.file import key_lines
@@ -30,7 +30,7 @@ from neonlocal.pgwire.codec import (
     SSLRequest,
     StartupMessage,
 )
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
     Output,
@@ -40,7 +40,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
-from neonlocal.proxy.cancel import CancelRoute
+from neonlocal.proxy.cancel import CancelKey, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     SLOW_CONNECT_S,
@@ -77,6 +77,16 @@ SLOW_FAILURE_S = SLOW_CONNECT_S
 _ids = itertools.count(1)
 
 
+class _EndWithoutReply(Exception):
+    """End the session with a bare close, as PostgreSQL does where the client cannot be
+    told (or is not told) why; ``kind`` counts it."""
+
+    def __init__(self, reason: str, kind: ErrorKind) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
 class Session:
     def __init__(self, context: SessionContext, client: Endpoint) -> None:
         self.id = next(_ids)
@@ -87,7 +97,7 @@ class Session:
         self.target: Target | None = None
         self.relay: Relay | None = None
         self.upstream: Upstream | None = None
-        self.cancel_pid: int | None = None
+        self.cancel_key: CancelKey | None = None
         self.started = time.monotonic()
         self.close_reason = "client closed"
         self.user: str | None = None
@@ -110,6 +120,10 @@ class Session:
     async def run(self) -> None:
         try:
             await self._run()
+        except UnansweredProtocolError as exc:
+            self._end_without_reply(f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
+        except _EndWithoutReply as exc:
+            self._end_without_reply(exc.reason, exc.kind)
         except ProtocolError as exc:
             self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
@@ -135,12 +149,11 @@ class Session:
         plan = self._plan(params)
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             await self._authenticate_locally(plan)
-        client_key = self._issue_cancel_key()
         parked = self._take_parked(plan)
         if parked is not None:
-            await self._resume(parked, client_key)
+            await self._resume(parked)
             return
-        upstream, login = await self._log_in_upstream(plan, params, client_key)
+        upstream, login = await self._log_in_upstream(plan, params)
         self._logged_in(upstream, login, plan)
         await self._relay(upstream.endpoint, login.server_key)
 
@@ -151,9 +164,15 @@ class Session:
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        await drive(
-            phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
-        )
+        try:
+            await drive(
+                phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
+            )
+        except PeerClosed:
+            if phase.buffered:
+                # PostgreSQL logs this one (a COMMERROR) and, like us, says nothing.
+                self._report.event("startup_incomplete", received=phase.buffered)
+            raise
         request = phase.result
         if isinstance(request, CancelRequest):
             self.close_reason = "cancel request"
@@ -172,7 +191,9 @@ class Session:
         if isinstance(request, SSLRequest) and self.client_tls:
             raise ProtocolError("unexpected SSLRequest over an encrypted connection")
         if phase.buffered:
-            raise ProtocolError("received unencrypted data after SSL request")
+            # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
+            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
+            raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
         if isinstance(request, GSSENCRequest) or local_tls is None:
             self.client.write(codec.ENCRYPTION_REFUSED)
@@ -181,8 +202,9 @@ class Session:
             await self._start_client_tls(local_tls.context)
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
-        if phase.take_rest():
-            raise ProtocolError("unexpected data after the startup packet")
+        # A client may send its first messages right behind the StartupMessage (a password
+        # ahead of the request, a query): PostgreSQL reads them in turn, and so do we.
+        self.client.unread(phase.take_rest())
         if (
             self._context.settings.local.require_tls
             and not self.client_tls
@@ -299,16 +321,14 @@ class Session:
                     ErrorKind.AUTH,
                 ) from None
             raise
+        self.client.unread(auth.take_rest())
 
-    def _issue_cancel_key(self) -> tuple[int, bytes]:
-        pid, secret = self._context.cancels.issue(self)
-        self.cancel_pid = pid
-        return pid, secret
-
-    def _bind_cancel(self, target: Target, server_key: tuple[int, bytes] | None) -> None:
-        if server_key is not None and self.cancel_pid is not None:
-            pid, secret = server_key
-            self._context.cancels.bind(self.cancel_pid, CancelRoute(target, pid, secret))
+    def _issue_cancel_key(self, target: Target, server_key: CancelKey | None) -> CancelKey:
+        """The client's key: the server's process id (what ``pg_backend_pid()`` says) and a
+        secret of ours, so that its cancels come to us (proxy/cancel.py)."""
+        route = None if server_key is None else CancelRoute(target, *server_key)
+        self.cancel_key = self._context.cancels.issue(self, route)
+        return self.cancel_key
 
     def _branch_status(self) -> dict[str, str]:
         return {BRANCH_PARAMETER: self.branch or ""}
@@ -322,14 +342,14 @@ class Session:
         self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
         return pool.take(self._pool_key)
 
-    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
+    async def _resume(self, parked: Parked) -> None:
         """Serve the client on a reused upstream session: no handshake upstream at all."""
         self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
+        client_key = self._issue_cancel_key(parked.target, parked.server_key)
         self.client.write(
             codec.login_tail(parked.status_messages, self._branch_status(), client_key)
         )
         self._status_messages = parked.status_messages
-        self._bind_cancel(parked.target, parked.server_key)
         self.auth = "reused"
         self._report.ready()
         self._report.event(
@@ -341,7 +361,7 @@ class Session:
         await self._relay(parked.endpoint, parked.server_key)
 
     async def _log_in_upstream(
-        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+        self, plan: Plan, params: Mapping[str, str]
     ) -> tuple[Upstream, UpstreamLogin]:
         """Connect and log in, one login to a host at a time beyond its slots; a branch that
         failed slowly a moment ago gets the same answer at once."""
@@ -351,14 +371,14 @@ class Session:
         began = time.monotonic()
         try:
             async with self._context.login_slots(plan.target):
-                return await self._log_in_with_retries(plan, params, client_key)
+                return await self._log_in_with_retries(plan, params)
         except SessionRefused as exc:
             if time.monotonic() - began >= SLOW_FAILURE_S:
                 self._context.remember_failure(plan.target, exc)
             raise
 
     async def _log_in_with_retries(
-        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+        self, plan: Plan, params: Mapping[str, str]
     ) -> tuple[Upstream, UpstreamLogin]:
         """A new connection at most once for a pipelined login the server did not expect,
         once with fresh credentials for a refused password, and, within the connect
@@ -369,7 +389,7 @@ class Session:
         retries = 0
         while True:
             upstream = await self._connect(plan.target)
-            login = self._upstream_login(plan, upstream, client_key, pipeline=may_pipeline)
+            login = self._upstream_login(plan, upstream, pipeline=may_pipeline)
             try:
                 await self._pump_login(upstream.endpoint, login)
             except SpeculationFailed as exc:
@@ -417,9 +437,7 @@ class Session:
         self.upstream = upstream
         return upstream
 
-    def _upstream_login(
-        self, plan: Plan, upstream: Upstream, client_key: tuple[int, bytes], *, pipeline: bool
-    ) -> UpstreamLogin:
+    def _upstream_login(self, plan: Plan, upstream: Upstream, *, pipeline: bool) -> UpstreamLogin:
         expected = None
         pipelining = pipeline and self._context.settings.upstream.pipeline_auth
         if pipelining and plan.credentials is not None:
@@ -428,7 +446,6 @@ class Session:
             plan.parameters,
             credentials=plan.credentials,
             certificate_der=upstream.certificate_der,
-            client_key=client_key,
             extra_status=self._branch_status(),
             client_tls=self.client_tls,
             expected_sasl=expected,
@@ -436,19 +453,54 @@ class Session:
 
     async def _pump_login(self, up: Endpoint, login: UpstreamLogin) -> None:
         """Carry the login's bytes until its ReadyForQuery: between us and the server, and
-        the client's own answers when it logs in for itself."""
+        the client's own answers when it logs in for itself.
 
-        def read() -> Awaitable[bytes]:
+        A relayed login ends, as in PostgreSQL, if the client has not answered within
+        STARTUP_TIMEOUT_S (authentication_timeout); the server is watched meanwhile, so its
+        error or its close (its own authentication_timeout) ends the session at once."""
+        deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        up.write(login.start())
+        while not login.done:
             if login.awaiting_client:
-                return self.client.recv()
-            return self._recv_during_login(up, waking=login.awaiting_compute)
-
-        def act(out: Output) -> None:
+                out = await self._client_answer(up, login, deadline)
+            else:
+                out = login.receive_upstream(
+                    await self._recv_during_login(up, waking=login.awaiting_compute)
+                )
             up.write(out.to_upstream)
             self.client.write(out.to_client)
 
-        up.write(login.start())
-        await drive(login, read, act)
+    async def _client_answer(self, up: Endpoint, login: UpstreamLogin, deadline: float) -> Output:
+        """The client's answer to a relayed request, or what the server says meanwhile."""
+        from_client = asyncio.ensure_future(self.client.recv())
+        from_server = asyncio.ensure_future(up.recv())
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wait((from_client, from_server), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise _EndWithoutReply(
+                "the client did not finish its login in time", ErrorKind.STARTUP_TIMEOUT
+            ) from None
+        finally:
+            from_client.cancel()
+            from_server.cancel()
+            # Settled before anyone reads either side again; a read already done keeps
+            # its bytes.
+            await asyncio.wait((from_client, from_server))
+        server_data, server_closed = _outcome(from_server)
+        client_data, client_closed = _outcome(from_client)
+        if server_closed:
+            # The server gave up on the client (its authentication_timeout): so do we, and
+            # the client sees what it would see directly, a bare close.
+            raise _EndWithoutReply(
+                "server closed the connection during the relayed login", ErrorKind.UPSTREAM_CLOSED
+            )
+        out = login.receive_upstream(server_data) if server_data else Output()
+        if client_closed:
+            raise PeerClosed("client closed during login")
+        if client_data:
+            out.to_upstream += login.receive_client(client_data)
+        return out
 
     async def _recv_during_login(self, up: Endpoint, *, waking: bool) -> bytes:
         """The server's next bytes. A server that went silent (a stuck compute, a half-open
@@ -501,7 +553,10 @@ class Session:
         self.auth = login.auth_method
         if login.sasl_offer is not None and self._context.settings.upstream.pipeline_auth:
             self._context.sasl_offers[_offer_key(plan)] = login.sasl_offer
-        self._bind_cancel(plan.target, login.server_key)
+        client_key = self._issue_cancel_key(plan.target, login.server_key)
+        # What the client sent past its login belongs to the relay, ahead of what comes next.
+        self.client.unread(login.take_client_rest())
+        self.client.write(login.client_tail(client_key))
         self._report.ready()
         self._report.event(
             "session_ready",
@@ -641,9 +696,17 @@ class Session:
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
         if relay.done.done() or relay.finished:
             return  # the query ended within the grace, and with it the session
-        if self.cancel_pid is not None:
-            self._context.cancel_query(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancel_query(self.cancel_key)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
+
+    def _end_without_reply(self, reason: str, kind: ErrorKind) -> None:
+        self.close_reason = reason
+        self._report.error(kind)
+        self._report.event("session_ended_without_reply", reason=reason)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.endpoint.close()
 
     def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
         self.close_reason = reason
@@ -679,8 +742,8 @@ class Session:
             self.upstream.endpoint.close()
 
     def _cleanup(self) -> None:
-        if self.cancel_pid is not None:
-            self._context.cancels.release(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancels.release(self.cancel_key)
         if not self.client.lost:
             self.client.close()
         if self.upstream is not None and not self.upstream.endpoint.lost:
@@ -736,6 +799,15 @@ def _retry_pause(retries: int, rejected: UpstreamRejected, *, refreshed: bool) -
         ceiling = min(RETRY_MAX_PAUSE_S, RETRY_FIRST_PAUSE_S * 2**retries)
         return random.uniform(RETRY_FIRST_PAUSE_S / 2, ceiling)  # noqa: S311 - jitter
     return None
+
+
+def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
+    """What a finished or cancelled ``recv`` got: its bytes, and whether the peer closed."""
+    if not read.done() or read.cancelled():
+        return b"", False
+    if isinstance(read.exception(), PeerClosed):
+        return b"", True
+    return read.result(), False
 
 
 def _offer_key(plan: Plan) -> tuple[str, int, str, str]:
