@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import difflib
 import itertools
 import json
 import re
@@ -188,6 +189,10 @@ ROUTES: dict[str, tuple[str, str]] = {
     ),
     "list_operations": ("GET", r"/projects/(?P<project>[^/]+)/operations"),
     "get_operation": ("GET", r"/projects/(?P<project>[^/]+)/operations/(?P<operation>[^/]+)"),
+    "compare_schema": (
+        "GET",
+        r"/projects/(?P<project>[^/]+)/branches/(?P<branch>[^/]+)/compare_schema",
+    ),
 }
 _COMPILED = [(name, method, re.compile(pattern)) for name, (method, pattern) in ROUTES.items()]
 
@@ -239,6 +244,8 @@ class FakeBranch:
     roles: dict[str, str] = field(default_factory=dict)  # role name -> password
     protected_roles: set[str] = field(default_factory=set)
     databases: list[FakeDatabase] = field(default_factory=list)
+    # database name -> its schema as pg_dump --schema-only would print it
+    schemas: dict[str, str] = field(default_factory=dict)
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
     last_reset_at: datetime | None = None
@@ -495,6 +502,8 @@ class NeonStandIn:
                 expires_at=expires_at,
                 annotations=annotations,
             )
+            if parent_branch is not None:
+                branch.schemas = dict(parent_branch.schemas)
             if default:
                 for other in project.branches.values():
                     other.default = other is branch
@@ -515,6 +524,11 @@ class NeonStandIn:
     def set_password(self, branch: str, role: str, password: str) -> None:
         with self._lock:
             self.branch(branch).roles[role] = password
+
+    def set_schema(self, branch: str, schema: str, database: str = DEFAULT_DATABASE) -> None:
+        """What ``compare_schema`` sees as the schema of ``database`` on ``branch``."""
+        with self._lock:
+            self.branch(branch).schemas[database] = schema
 
     def set_store_passwords(self, enabled: bool, project_id: str | None = None) -> None:
         with self._lock:
@@ -778,6 +792,7 @@ class NeonStandIn:
             expires_at=expires_at,
             annotations=annotation,
         )
+        branch.schemas = dict(parent.schemas)
         done_at = time.monotonic() + self.operation_delay
         branch.creating_until = done_at
         ops = [self._operation(project, branch, "create_branch", "running")]
@@ -909,6 +924,27 @@ class NeonStandIn:
         if op is None:
             raise _ApiError(404, "operation not found")
         return _Reply(200, {"operation": self._operation_json(op)})
+
+    def _r_compare_schema(self, params: dict[str, str], query: dict[str, str], body: Any) -> _Reply:
+        project = self._project(params)
+        branch = self._branch(params)
+        database = query.get("db_name")
+        if not database:
+            raise _ApiError(400, "invalid request: db_name (query parameter required)")
+        base_id = query.get("base_branch_id") or branch.parent_id
+        base = project.branches.get(base_id) if base_id else None
+        if base is None:
+            raise _ApiError(404 if base_id else 400, "base branch not found")
+        for side in (base, branch):
+            if all(d.name != database for d in side.databases):
+                raise _ApiError(404, f"database {database!r} not found on branch {side.id}")
+        diff = difflib.unified_diff(
+            base.schemas.get(database, "").splitlines(keepends=True),
+            branch.schemas.get(database, "").splitlines(keepends=True),
+            fromfile=f"a/{database}",
+            tofile=f"b/{database}",
+        )
+        return _Reply(200, {"diff": "".join(diff)})
 
     # -- helpers ---------------------------------------------------------------------------
 

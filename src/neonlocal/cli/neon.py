@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from neonlocal.cli.context import EXIT_USAGE, Context, fail, pass_ctx
+from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_ctx
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
@@ -38,9 +38,14 @@ _PARALLEL_REQUESTS = 8
 
 
 def with_api(
-    obj: Context, settings: Settings, work: Callable[[TargetResolver], Awaitable[_T]]
+    obj: Context,
+    settings: Settings,
+    work: Callable[[TargetResolver], Awaitable[_T]],
+    *,
+    error_code: int = EXIT_FAILURE,
 ) -> _T:
-    """Run ``work`` with a resolver (and its API client); any API failure is one line."""
+    """Run ``work`` with a resolver (and its API client); any API failure is one line
+    and exit status ``error_code``."""
     from neonlocal import logging as nl_logging
     from neonlocal.apikey import ApiKeyError
     from neonlocal.config.errors import UnknownBranch
@@ -64,9 +69,9 @@ def with_api(
         fail(str(exc), EXIT_USAGE)
     except UnknownBranch as exc:
         missing = "" if obj.config_path.exists() else f" ({obj.config_path} does not exist)"
-        fail(f"{exc}{missing}")
+        fail(f"{exc}{missing}", error_code)
     except (NeonApiError, ApiKeyError) as exc:
-        fail(str(exc))
+        fail(str(exc), error_code)
 
 
 def _duration(text: str | None) -> timedelta | None:

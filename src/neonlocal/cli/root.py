@@ -37,6 +37,7 @@ class LazyGroup(click.Group):
         "branches": ("neonlocal.cli.neon", "branches", "List the Neon project's branches."),
         "branch": ("neonlocal.cli.neon", "branch", "Reset or delete a Neon branch."),
         "trust": ("neonlocal.cli.trust", "trust", "Show or install the local CA for verify-full."),
+        "diff": ("neonlocal.cli.diff", "diff", "Show a branch's schema changes."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -339,6 +339,22 @@ class NeonApi:
             raise NeonApiError(f"unexpected response from the Neon API for GET {path}")
         return password
 
+    async def compare_schema(
+        self, project_id: str, branch_id: str, base_branch_id: str, database: str
+    ) -> str:
+        """The unified diff from ``base_branch_id``'s schema of ``database`` to ``branch_id``'s;
+        empty when they are the same."""
+        path = _branch_path(project_id, branch_id) + "/compare_schema"
+        params = {"base_branch_id": base_branch_id, "db_name": database}
+        response = await self._send("GET", path, params=params)
+        if response.status_code == 404:
+            await self._raise_missing(project_id, branch_id)
+            await self._raise_missing(project_id, base_branch_id)
+        diff = self._ok_json(response, "GET", path).get("diff", "")
+        if not isinstance(diff, str):
+            raise NeonApiError(f"unexpected response from the Neon API for GET {path}")
+        return diff
+
     # -- operations -------------------------------------------------------------------------
 
     async def get_operation(self, project_id: str, operation_id: str) -> Operation:
