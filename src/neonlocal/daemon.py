@@ -367,6 +367,8 @@ class Daemon:
                 candidate = resolve_target(settings, configured)
                 if candidate.insecure:
                     self.warnings.append(_insecure_warning(configured, candidate))
+        if resolution is None or resolution.name != self._writable_branch():
+            self._end_write_grant()
         if resolution is None:
             self.server.unselect("neonlocal: no branch is selected; run `neonlocal use NAME`")
             return
@@ -636,6 +638,7 @@ class Daemon:
             "config": str(self.config_path),
             "branch": _name(selected),
             "upstream_host": selected[1].describe() if selected else None,
+            "read_only": selected[1].read_only if selected else None,
             "listen": list(self.server.listening),
             "sessions": self.server.sessions_by_branch(),
             "sessions_total": self.server.sessions_total,
@@ -654,12 +657,15 @@ class Daemon:
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "reload":
+            self._grant_writes(request)
             problem = await self.reload("control request", force=True)
             status = self.status()
             if problem is not None:
+                self._end_write_grant()
                 return {"ok": False, "error": problem, **status}
             expected = request.get("branch")
             if expected is not None and status["branch"] != expected:
+                self._end_write_grant()
                 return {
                     "ok": False,
                     "error": f'the daemon serves "{status["branch"]}", not "{expected}"',
@@ -682,6 +688,21 @@ class Daemon:
         if op == "can_use":
             return await self._can_use(request.get("branch"))
         return {"ok": False, "error": f"unknown control operation {op!r}"}
+
+    def _grant_writes(self, request: dict[str, Any]) -> None:
+        """`use NAME --write` lets sessions to protected NAME write until the selection
+        changes; any other `use` ends such a grant (protect.py)."""
+        name = request.get("branch")
+        if self.resolver is not None and isinstance(name, str):
+            self.resolver.allow_writes(name if request.get("write") else None)
+
+    def _writable_branch(self) -> str | None:
+        return self.resolver.writable if self.resolver is not None else None
+
+    def _end_write_grant(self) -> None:
+        if self.resolver is not None and self.resolver.writable is not None:
+            log.info("writes_allowed_ended", branch=self.resolver.writable)
+            self.resolver.allow_writes(None)
 
     def _expect_switch(self, name: object, mode: object) -> dict[str, Any]:
         """`use --keep/--terminate` says, before it writes the file, what the switch it is
@@ -728,7 +749,12 @@ class Daemon:
         notes = []
         if resolution.compute_suspended:
             notes.append("its compute is suspended; the first connection wakes it")
-        return {"ok": True, "upstream": resolution.target.describe(), "notes": notes}
+        return {
+            "ok": True,
+            "upstream": resolution.target.describe(),
+            "notes": notes,
+            "protection": resolution.target.protection.value,
+        }
 
     def _status_line(self) -> str:
         if self.server is None or self.server.selected is None:

@@ -29,6 +29,7 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
+from neonlocal.protect import guarded, protection_of
 from neonlocal.targets import Target, build_target
 
 if TYPE_CHECKING:
@@ -136,6 +137,8 @@ class TargetResolver:
         self._retired: list[NeonApi] = []
         self._found: dict[_Wanted, ResolvedBranch] = {}
         self._locks: dict[_Wanted, asyncio.Lock] = {}
+        # The protected branch `neonlocal use NAME --write` allowed writes to (protect.py).
+        self._writable: str | None = None
 
     @property
     def settings(self) -> Settings:
@@ -190,6 +193,24 @@ class TargetResolver:
         if client is not None:
             self._retired.append(client)
 
+    # --- protection ------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> str | None:
+        """The protected branch whose sessions may write, if any."""
+        return self._writable
+
+    def allow_writes(self, name: str | None) -> None:
+        """Let sessions to protected branch ``name`` write (None: to none) from the next
+        resolution on; open sessions keep what they logged in with."""
+        self._writable = name
+
+    def _guarded(
+        self, name: str, target: Target, settings: Settings, found: ResolvedBranch | None
+    ) -> Target:
+        level = protection_of(name, settings, neon_protected=found is not None and found.protected)
+        return guarded(target, level, writes_allowed=self._writable == name)
+
     # --- resolving -------------------------------------------------------------------------
 
     def static_table(self, name: str, settings: Settings | None = None) -> BranchSettings | None:
@@ -201,12 +222,14 @@ class TargetResolver:
         """What resolving ``name`` would give without asking anyone, if known."""
         settings = settings or self._settings
         if self.static_table(name, settings) is not None:
-            return Resolution(name, _static_target(name, settings))
+            target = self._guarded(name, _static_target(name, settings), settings, None)
+            return Resolution(name, target)
         wanted = _wanted(name, settings)
         if wanted is None or wanted not in self._found:
             return None
         found = self._found[wanted]
-        return Resolution(name, _api_target(name, found, settings), found, from_cache=True)
+        target = self._guarded(name, _api_target(name, found, settings), settings, found)
+        return Resolution(name, target, found, from_cache=True)
 
     async def resolve(
         self, name: str, *, fresh: bool = False, settings: Settings | None = None
@@ -219,7 +242,8 @@ class TargetResolver:
         """
         settings = settings or self._settings
         if self.static_table(name, settings) is not None:
-            return Resolution(name, _static_target(name, settings))
+            target = self._guarded(name, _static_target(name, settings), settings, None)
+            return Resolution(name, target)
         if not fresh:
             known = self.cached(name, settings)
             if known is not None:
@@ -232,7 +256,8 @@ class TargetResolver:
                 found = self._found[wanted]
             else:
                 found = await self._ask(wanted, settings)
-        return Resolution(name, _api_target(name, found, settings), found)
+        target = self._guarded(name, _api_target(name, found, settings), settings, found)
+        return Resolution(name, target, found)
 
     async def refresh(self, name: str, stale: Target) -> Target | None:
         """A Target with credentials newer than ``stale``'s, or None when there are none.
@@ -247,12 +272,12 @@ class TargetResolver:
         async with self._lock(wanted):
             known = self._found.get(wanted)
             if known is not None and _differs(known, stale):
-                return _api_target(name, known, settings)
+                return self._guarded(name, _api_target(name, known, settings), settings, known)
             found = await self._ask(wanted, settings)
         if not _differs(found, stale):
             return None
         log.info("credentials_refreshed", branch=name, upstream=f"{found.endpoint_host}")
-        return _api_target(name, found, settings)
+        return self._guarded(name, _api_target(name, found, settings), settings, found)
 
     async def _ask(self, wanted: _Wanted, settings: Settings) -> ResolvedBranch:
         from neonlocal.neon import resolve_branch

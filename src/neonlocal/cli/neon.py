@@ -123,10 +123,13 @@ def target_for_use(
             )
         # A connection string in the config: no API client (and no httpx import) needed,
         # which keeps `use` quick.
+        from neonlocal.protect import guarded, protection_of
         from neonlocal.targets import TargetError, build_target
 
         try:
-            return UseResult(build_target(name, table), ())
+            target = build_target(name, table)
+            level = protection_of(name, settings)
+            return UseResult(guarded(target, level, writes_allowed=False), ())
         except TargetError as exc:
             fail(str(exc), EXIT_USAGE)
     from neonlocal.resolver import branch_for_use

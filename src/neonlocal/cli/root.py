@@ -156,6 +156,8 @@ def up(
     help="With --create: Neon deletes it after this long, e.g. 7d or 12h.",
 )
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the daemon.")
+@click.option("--write", is_flag=True, help="On a protected branch: allow writes.")
+@click.option("--yes", "-y", is_flag=True, help="Select a protected branch without asking.")
 @pass_ctx
 def use(
     obj: Context,
@@ -165,13 +167,16 @@ def use(
     parent: str | None,
     expires_in: str | None,
     timeout: float,
+    write: bool,
+    yes: bool,
 ) -> None:
     """Select branch NAME: new connections go there from now on.
 
     NAME is a [branches.NAME] table of the config, or a branch of the Neon project
     ([neon] project_id) found by name through the API. Sessions open on other branches
     end with 57P01 once idle outside a transaction, so pools reconnect to NAME ([switch]
-    sessions = "drain"); --keep leaves them, --terminate ends them now.
+    sessions = "drain"); --keep leaves them, --terminate ends them now. A protected branch
+    asks first (--yes on no terminal), and its sessions are read-only unless --write.
     """
     from neonlocal.config.file import switch_branch
     from neonlocal.control import DaemonNotRunning, request
@@ -193,7 +198,11 @@ def use(
             found.target.describe(),
             found.notes,
             f"localhost:{settings.listen.port}",
+            found.target.protection.value,
         )
+    from neonlocal.cli.protect import confirm_protected, protection_note
+
+    confirm_protected(name, checked.protection, write=write, yes=yes)
     for note in checked.notes:
         click.echo(f"neonlocal: {note}", err=True)
     if os.environ.get("NEONLOCAL_BRANCH"):
@@ -215,7 +224,12 @@ def use(
     try:
         reply = request(
             checked.control,
-            {"op": "reload", "branch": name, "terminate": sessions == "terminate"},
+            {
+                "op": "reload",
+                "branch": name,
+                "terminate": sessions == "terminate",
+                "write": write,
+            },
             timeout=timeout,
         )
     except DaemonNotRunning:
@@ -227,6 +241,7 @@ def use(
         fail(f"the daemon did not switch: {reply.get('error')}")
     listen = reply.get("listen") or [checked.listen]
     line = f"{_local_name(listen[0])} -> {name} ({checked.upstream})"
+    line += protection_note(name, checked.protection, write=write)
     click.echo(line + moved_sessions(reply.get("switch"), sessions))
 
 
@@ -237,6 +252,7 @@ class _Checked(NamedTuple):
     upstream: str
     notes: Sequence[str]
     listen: str
+    protection: str = "none"
 
 
 def _check_with_daemon(obj: Context, name: str, timeout: float) -> _Checked | None:
@@ -265,6 +281,7 @@ def _check_with_daemon(obj: Context, name: str, timeout: float) -> _Checked | No
             str(answer.get("upstream")),
             [str(note) for note in notes] if isinstance(notes, list) else [],
             "localhost",
+            str(answer.get("protection") or "none"),
         )
     error = answer.get("error")
     # A daemon from before `can_use` calls it unknown: it still takes the full check's word.
@@ -342,7 +359,8 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         return
     sessions = reply.get("sessions") or {}
     lines = [
-        f"branch:     {reply.get('branch') or '(none selected)'}",
+        f"branch:     {reply.get('branch') or '(none selected)'}"
+        + (" (read-only: protected)" if reply.get("read_only") else ""),
         f"upstream:   {reply.get('upstream_host') or '-'}",
         f"listening:  {', '.join(reply.get('listen', []))}",
         "sessions:   "

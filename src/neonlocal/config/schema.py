@@ -330,6 +330,9 @@ class BranchSchema(_Section):
     database: NonEmptyStr | None = None
     # Through the API only: use the endpoint's `-pooler` host (None: as [neon] pooled says).
     pooled: bool | None = None
+    # true: sessions are read-only and `use` asks first; "confirm": `use` asks first;
+    # false: neither. None: as Neon's own `protected` flag says (protect.py).
+    protect: Literal[True, False, "confirm"] | None = None
 
     @model_validator(mode="after")
     def _pooled_needs_the_api(self) -> BranchSchema:

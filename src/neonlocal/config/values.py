@@ -233,6 +233,7 @@ class BranchSettings:
     user: str | None = None
     database: str | None = None
     pooled: bool | None = None
+    protect: Literal[True, False, "confirm"] | None = None
 
 
 @dataclass(frozen=True)

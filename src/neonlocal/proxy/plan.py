@@ -25,6 +25,7 @@ from neonlocal.neon.edge import (
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.login import Credentials
 from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.protect import read_only_parameters
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.targets import Target
 
@@ -68,9 +69,15 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
         if target.pin_database and target.database
         else client_params.get("database") or target.database or user
     )
-    params = {"user": user, "database": database, **_forwarded(target, client_params)}
+    params = {
+        "user": user,
+        "database": database,
+        **_forwarded(target, client_params),
+        **read_only_parameters(target),
+    }
     ignored: tuple[str, ...] = ()
     if is_pooler_host(target.host):
+        _refuse_unguardable(target)
         ignored = tuple(dropped_by_edge(params))
     elif is_neon_host(target.host):
         params = fold_into_options(params)
@@ -85,6 +92,17 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
             neon_endpoint=_endpoint_id(target.host),
         )
     return Plan(target, user, database, params, credentials, ignored)
+
+
+def _refuse_unguardable(target: Target) -> None:
+    """A read-only branch behind PgBouncer would be writable: its pool ignores the setting."""
+    if target.read_only:
+        raise SessionRefused(
+            f'neonlocal: branch "{target.branch}" is protected (read-only), but its -pooler '
+            "host (PgBouncer) ignores default_transaction_read_only: use the unpooled host, "
+            f"or allow writes with `neonlocal use {target.branch} --write`",
+            sqlstate.FEATURE_NOT_SUPPORTED,
+        )
 
 
 def _check_edge_limits(params: Mapping[str, str]) -> None:

@@ -38,6 +38,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
+from neonlocal.protect import read_only_status
 from neonlocal.proxy.cancel import CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
@@ -303,7 +304,7 @@ class Session:
             self._context.cancels.bind(self.cancel_pid, CancelRoute(target, pid, secret))
 
     def _branch_status(self) -> dict[str, str]:
-        return {BRANCH_PARAMETER: self.branch or ""}
+        return {BRANCH_PARAMETER: self.branch or "", **read_only_status(self.target)}
 
     # --- an upstream session -------------------------------------------------------------------
 
