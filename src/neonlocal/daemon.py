@@ -45,6 +45,7 @@ from neonlocal.metrics import ErrorKind
 from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
+from neonlocal.pinned import PinnedPorts
 from neonlocal.proxy import tls
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.server import Server
@@ -142,6 +143,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = Notifier.from_env(self.env)
+        # [ports]: extra local ports, each pinned to one branch (pinned.py).
+        self.ports = PinnedPorts(
+            self._pinned_target,
+            refresher=self._refresh_credentials,
+            local_tls=lambda: self.server.local_tls if self.server is not None else None,
+        )
 
     # --- start and stop --------------------------------------------------------------------------
 
@@ -157,6 +164,7 @@ class Daemon:
         self._apply(checked, _fingerprint(self.config_path, self.env))
         assert self.server is not None
         await self.server.start(self._inherited)
+        await self.ports.apply(settings)
         await self._start_control(settings)
         await self._start_admin(settings)
         self._spawn(self._watch())
@@ -267,7 +275,9 @@ class Daemon:
         if self.server is not None:
             # An ephemeral branch is deleted after the sessions end, within the same deadline.
             reserve = min(EPHEMERAL_DELETE_RESERVE_S, deadline / 2) if self.ephemeral_branch else 0
-            await self.server.close(deadline - reserve)
+            await asyncio.gather(
+                self.server.close(deadline - reserve), self.ports.close(deadline - reserve)
+            )
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -402,6 +412,7 @@ class Daemon:
             log.error("config_rejected", problem=self.config_error, kept=_name(before))
             return self.config_error
         self._apply(checked, fingerprint)
+        await self.ports.apply(checked.settings)
         log.info("config_reloaded", reason=reason, branch=_name(self.server.selected))
         self._log_changes(previous, before)
         self._move_sessions(before)
@@ -498,6 +509,11 @@ class Daemon:
                 compute=resolution.neon.endpoint_state.value,
                 detail="the compute is suspended; the first connection wakes it and waits",
             )
+
+    async def _pinned_target(self, name: str, settings: Settings) -> Target:
+        """The Target a port pinned to ``name`` serves; raises as ``resolve`` does."""
+        assert self.resolver is not None
+        return (await self.resolver.resolve(name, settings=settings)).target
 
     async def _refresh_credentials(self, branch: str, stale: Target) -> Target | None:
         """The server refused our password (a reset, a rotation): ask the API once more."""
@@ -640,6 +656,7 @@ class Daemon:
             "upstream_host": selected[1].describe() if selected else None,
             "read_only": selected[1].read_only if selected else None,
             "listen": list(self.server.listening),
+            "ports": self.ports.status(),
             "sessions": self.server.sessions_by_branch(),
             "sessions_total": self.server.sessions_total,
             # Sessions whose login waits for Neon to wake the branch's compute.

@@ -373,26 +373,32 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         lines.append(
             f"config:     REJECTED, still serving the last good one: {reply['config_error']}"
         )
+    from neonlocal.cli.ports import port_lines
+
+    lines[4:4] = port_lines(reply)  # after the main port's sessions
     for warning in reply.get("warnings") or []:
         lines.append(f"warning:    {warning}")
     click.echo("\n".join(lines))
 
 
 @main.command()
+@click.option("--port", "pinned", type=int, help="A [ports] port: the URL of its branch.")
 @pass_ctx
-def url(obj: Context) -> None:
+def url(obj: Context, pinned: int | None) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
     from neonlocal.cli.neon import target_for_use
+    from neonlocal.cli.ports import branch_of_port
 
     settings = obj.settings(missing_ok=True)
     user, database = "neondb_owner", "neondb"
-    if settings.branch:
-        target = target_for_use(obj, settings, settings.branch).target
+    branch = settings.branch if pinned is None else branch_of_port(settings, pinned)
+    if branch:
+        target = target_for_use(obj, settings, branch).target
         user = target.user or user
         database = target.database or database
     from urllib.parse import quote
 
-    port = _port_served(obj, settings)
+    port = _port_served(obj, settings) if pinned is None else pinned
     query = ""
     if settings.local.tls and settings.local.tls_auth == "password":
         # libpq prefers TLS, which then asks for the branch role's password; plaintext to

@@ -265,6 +265,8 @@ class Settings:
     network: NetworkSettings = NetworkSettings()
     git: GitSettings = GitSettings()
     switch: SwitchSettings = SwitchSettings()
+    # Port number (as text, a TOML key) -> the branch it always serves.
+    ports: dict[str, str] = field(default_factory=dict)
     branches: dict[str, BranchSettings] = field(default_factory=dict)
     # Two Settings with the same values are the same configuration, wherever they came from
     # and whatever comments or layout the file had.
