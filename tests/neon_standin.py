@@ -246,6 +246,9 @@ class FakeBranch:
     databases: list[FakeDatabase] = field(default_factory=list)
     # database name -> its schema as pg_dump --schema-only would print it
     schemas: dict[str, str] = field(default_factory=dict)
+    # The point of the parent's history it was created from (point-in-time branches).
+    parent_timestamp: str | None = None
+    parent_lsn: str | None = None
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
     last_reset_at: datetime | None = None
@@ -762,6 +765,9 @@ class NeonStandIn:
         expires_at = spec.get("expires_at")
         if expires_at is not None:
             _check_expiry(expires_at)
+        parent_timestamp = spec.get("parent_timestamp")
+        if parent_timestamp is not None:
+            _check_in_history(parent_timestamp, _PROJECT_TEMPLATE["history_retention_seconds"])
         endpoints = body.get("endpoints") or []
         if not isinstance(endpoints, list) or any(
             not isinstance(e, dict) or e.get("type") not in ("read_write", "read_only")
@@ -793,6 +799,8 @@ class NeonStandIn:
             annotations=annotation,
         )
         branch.schemas = dict(parent.schemas)
+        branch.parent_timestamp = parent_timestamp
+        branch.parent_lsn = spec.get("parent_lsn")
         done_at = time.monotonic() + self.operation_delay
         branch.creating_until = done_at
         ops = [self._operation(project, branch, "create_branch", "running")]
@@ -1081,7 +1089,9 @@ class NeonStandIn:
             data["pending_state"] = "ready"
         if branch.parent_id:
             data["parent_id"] = branch.parent_id
-            data["parent_lsn"] = "0/1DE2850"
+            data["parent_lsn"] = branch.parent_lsn or "0/1DE2850"
+        if branch.parent_timestamp:
+            data["parent_timestamp"] = branch.parent_timestamp
         if branch.expires_at:
             data["expires_at"] = branch.expires_at
         if branch.last_reset_at:
@@ -1243,6 +1253,17 @@ def _check_expiry(value: Any) -> None:
         raise _ApiError(400, "invalid request: expires_at must be an RFC 3339 timestamp")
     if datetime.fromisoformat(value.replace("Z", "+00:00")) <= _now():
         raise _ApiError(400, "invalid request: expires_at must be in the future")
+
+
+def _check_in_history(value: Any, retention_s: int) -> None:
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise _ApiError(400, "invalid request: parent_timestamp must be RFC 3339") from None
+    if (_now() - when).total_seconds() > retention_s:
+        raise _ApiError(
+            400, "parent_timestamp is outside of the history retention window of the project"
+        )
 
 
 def _annotation_json(branch: FakeBranch) -> dict[str, Any]:

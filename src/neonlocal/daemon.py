@@ -75,6 +75,8 @@ EPHEMERAL_DELETE_RESERVE_S = 10.0
 RESOLVE_RETRY_MAX_S = 60.0
 # How long what `use` said about its switch (and the switch it made) count as this switch's.
 SWITCH_INTENT_S = 10.0
+# Deleting a point-in-time branch nothing serves any more (moments.py) tries this long.
+MOMENT_DELETE_BUDGET_S = 30.0
 
 
 def _fingerprint(path: Path, env: Mapping[str, str]) -> str:
@@ -165,6 +167,7 @@ class Daemon:
         assert self.server is not None
         await self.server.start(self._inherited)
         await self.ports.apply(settings)
+        self._drop_unused_moments()
         await self._start_control(settings)
         await self._start_admin(settings)
         self._spawn(self._watch())
@@ -283,6 +286,10 @@ class Daemon:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
         await self._delete_ephemeral(max(ends_at - loop.time(), EPHEMERAL_DELETE_MIN_S))
+        if self.resolver is not None:
+            await self.resolver.forget_moments(
+                set(), max(ends_at - loop.time(), EPHEMERAL_DELETE_MIN_S)
+            )
         if self.resolver is not None:
             await self.resolver.aclose()
         if self.admin is not None:
@@ -413,6 +420,7 @@ class Daemon:
             return self.config_error
         self._apply(checked, fingerprint)
         await self.ports.apply(checked.settings)
+        self._drop_unused_moments()
         log.info("config_reloaded", reason=reason, branch=_name(self.server.selected))
         self._log_changes(previous, before)
         self._move_sessions(before)
@@ -509,6 +517,16 @@ class Daemon:
                 compute=resolution.neon.endpoint_state.value,
                 detail="the compute is suspended; the first connection wakes it and waits",
             )
+
+    def _drop_unused_moments(self) -> None:
+        """Point-in-time branches that nothing selects or pins any more are deleted."""
+        if self.resolver is None or self.settings is None:
+            return
+        keep = set(self.settings.ports.values())
+        selected = self._wanted_branch(self.settings)
+        if selected is not None:
+            keep.add(selected)
+        self._spawn(self.resolver.forget_moments(keep, MOMENT_DELETE_BUDGET_S))
 
     async def _pinned_target(self, name: str, settings: Settings) -> Target:
         """The Target a port pinned to ``name`` serves; raises as ``resolve`` does."""

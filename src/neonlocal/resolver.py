@@ -139,6 +139,9 @@ class TargetResolver:
         self._locks: dict[_Wanted, asyncio.Lock] = {}
         # The protected branch `neonlocal use NAME --write` allowed writes to (protect.py).
         self._writable: str | None = None
+        # Point-in-time branches this resolver created (moments.py): branch id -> the name
+        # asked for (``main@-1h``), until ``forget_moments`` deletes them.
+        self._made: dict[str, str] = {}
 
     @property
     def settings(self) -> Settings:
@@ -287,7 +290,7 @@ class TargetResolver:
             found = await resolve_branch(
                 api,
                 wanted.project_id,
-                wanted.name,
+                await self._branch_for(api, wanted),
                 role=wanted.role,
                 database=wanted.database,
                 pooled=wanted.pooled,
@@ -297,6 +300,37 @@ class TargetResolver:
             raise
         self._found[wanted] = found
         return found
+
+    async def _branch_for(self, api: NeonApi, wanted: _Wanted) -> str:
+        """The name or id to look up for ``wanted``: for ``main@-1h``, the branch made for
+        that moment (created now unless it exists)."""
+        from neonlocal.moments import branch_at, parse_moment
+
+        moment = parse_moment(wanted.name, datetime.now(UTC))
+        if moment is None:
+            return wanted.name
+        branch, created = await branch_at(api, wanted.project_id, moment)
+        if created:
+            self._made[branch.id] = wanted.name
+        return branch.id
+
+    async def forget_moments(self, keep: set[str], budget: float) -> None:
+        """Delete the point-in-time branches made here that no name in ``keep`` is served
+        by now; failures are logged (Neon's expires_at is the safety net)."""
+        served = {f.branch_id for w, f in self._found.items() if w.name in keep}
+        unused = [bid for bid in self._made if bid not in served]
+        project = self.project_id
+        if not unused or project is None:
+            return
+        api = await self.api()
+        for branch_id in unused:
+            name = self._made.pop(branch_id, None)
+            if name is None:
+                continue  # another call is deleting it
+            for wanted in [w for w, f in self._found.items() if f.branch_id == branch_id]:
+                del self._found[wanted]
+            log.info("moment_branch_deleting", branch=name, branch_id=branch_id)
+            await delete_branch_within(api, project, branch_id, budget)
 
     def _lock(self, wanted: _Wanted) -> asyncio.Lock:
         return self._locks.setdefault(wanted, asyncio.Lock())

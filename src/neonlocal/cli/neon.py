@@ -25,6 +25,7 @@ from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
+    from neonlocal.moments import Moment
     from neonlocal.neon import Branch, Project
     from neonlocal.resolver import TargetResolver, UseTarget
     from neonlocal.targets import Target
@@ -132,6 +133,16 @@ def target_for_use(
             return UseResult(guarded(target, level, writes_allowed=False), ())
         except TargetError as exc:
             fail(str(exc), EXIT_USAGE)
+    moment = _moment_of(name)
+    if moment is not None:
+        if create:
+            fail(f"--create does not go with a moment ({name})", EXIT_USAGE)
+        # Made by the daemon that serves it, which also deletes it: not by this process,
+        # which could not.
+        of = moment.parent
+        resolved = with_api(obj, settings, lambda resolver: resolver.resolve(of))
+        note = f"{name}: a branch of {of} as it was then, made when the daemon serves it"
+        return UseResult(resolved.target, (note,))
     from neonlocal.resolver import branch_for_use
 
     found = with_api(
@@ -142,6 +153,17 @@ def target_for_use(
         ),
     )
     return UseResult(found.resolution.target, _use_notes(found, parent))
+
+
+def _moment_of(name: str) -> Moment | None:
+    from datetime import UTC
+
+    from neonlocal.moments import InvalidMoment, parse_moment
+
+    try:
+        return parse_moment(name, datetime.now(UTC))
+    except InvalidMoment as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _use_notes(found: UseTarget, parent: str | None) -> tuple[str, ...]:

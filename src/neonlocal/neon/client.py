@@ -219,9 +219,13 @@ class NeonApi:
         parent_id: str | None = None,
         expires_at: datetime | None = None,
         annotation: Mapping[str, str] = DEFAULT_ANNOTATION,
+        *,
+        parent_timestamp: datetime | None = None,
+        parent_lsn: str | None = None,
     ) -> CreatedBranch:
         """Create ``name`` with a read-write compute; its host is known at once.
 
+        With ``parent_timestamp`` or ``parent_lsn`` it starts from the parent as it was then.
         Wait for the returned operations before the next mutation of this branch.
         """
         spec: dict[str, Any] = {"name": name}
@@ -229,6 +233,10 @@ class NeonApi:
             spec["parent_id"] = parent_id
         if expires_at is not None:
             spec["expires_at"] = format_timestamp(expires_at)
+        if parent_timestamp is not None:
+            spec["parent_timestamp"] = format_timestamp(parent_timestamp)
+        if parent_lsn is not None:
+            spec["parent_lsn"] = parent_lsn
         body: dict[str, Any] = {
             "branch": spec,
             "endpoints": [{"type": "read_write"}],
