@@ -318,7 +318,9 @@ class TargetResolver:
         """Delete the point-in-time branches made here that no name in ``keep`` is served
         by now; failures are logged (Neon's expires_at is the safety net)."""
         served = {f.branch_id for w, f in self._found.items() if w.name in keep}
-        unused = [bid for bid in self._made if bid not in served]
+        # A name being resolved may have just been made and not yet be in _found.
+        busy = {w.name for w, lock in self._locks.items() if lock.locked()}
+        unused = [bid for bid, name in self._made.items() if bid not in served and name not in busy]
         project = self.project_id
         if not unused or project is None:
             return
