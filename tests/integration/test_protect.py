@@ -170,6 +170,8 @@ async def test_use_of_a_protected_branch_needs_yes_off_a_terminal(daemon: LocalD
         "; read-only (protected: `neonlocal use main --write` allows writes)"
     )
     assert await try_write(daemon.url(sslmode="disable")) == ("on", "main", "25006")
+    status = await cli(daemon.config_path, daemon.env, "status")
+    assert "branch:     main (read-only: protected)" in status.out.splitlines()
 
 
 async def test_use_with_write_and_yes_from_the_cli_allows_writes(daemon: LocalDaemon) -> None:
