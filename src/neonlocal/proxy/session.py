@@ -464,9 +464,13 @@ class Session:
         assert self.target is not None
         fresh = await self._context.refresh_credentials(self.branch or "", self.target)
         if fresh is None:
-            raise self._upstream_failure(
+            refusal = self._upstream_failure(
                 f": {stale.error.message}", sqlstate.INVALID_PASSWORD, ErrorKind.AUTH
             )
+            meaning = _edge_meaning(stale)
+            if meaning is not None:
+                refusal.hint = self._advice(meaning)  # what _pass_on_rejection would say
+            raise refusal
         self.target = fresh
         self._report.bind(upstream=fresh.describe())
         return fresh
