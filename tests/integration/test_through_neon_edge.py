@@ -526,6 +526,29 @@ async def test_a_limit_that_lasts_reaches_the_client_with_postgresqls_code_and_n
     assert neon_edge.connect_count > 2  # retried within the budget first
 
 
+async def test_a_relayed_login_is_retried_only_before_the_client_was_asked_to_authenticate(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """The endpoint's connection limit comes before any authentication, so a relayed login
+    (no password in the branch URL) is retried unseen; a wake limit comes after the client's
+    own SCRAM proof, which cannot be replayed, so libpq gets 53300 with Neon's words, not a
+    second SCRAM request ("duplicate SASL authentication request")."""
+    async with start(password=None) as daemon:
+        dsn = daemon.dsn(password=TEST_PASSWORD, sslmode="disable")
+        neon_edge.fail_next(2, TOO_MANY_CONNECTIONS)
+
+        assert await run_psql(dsn, "SELECT name FROM branch_info") == (0, "main\n", "")
+
+        neon_edge.fail_next(1, TOO_MANY_CONNECTION_ATTEMPTS)
+        code, _, err = await run_psql(dsn, "SELECT 1")
+
+        assert code == 2
+        assert f'FATAL:  neonlocal: branch "main" ({neon_edge.hostname(MAIN)}' in err
+        assert err.rstrip().endswith(TOO_MANY_CONNECTION_ATTEMPTS)
+    refused = [s.error for s in neon_edge.sessions if s.error is not None]
+    assert refused == [TOO_MANY_CONNECTIONS] * 2 + [TOO_MANY_CONNECTION_ATTEMPTS]
+
+
 @pytest.mark.parametrize(
     ("refusal_text", "code", "advice"),
     [
