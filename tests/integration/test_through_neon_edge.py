@@ -200,8 +200,10 @@ async def test_a_cold_start_longer_than_connect_timeout_succeeds_and_status_show
     start: StartDaemon, neon_edge: NeonEdge, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The edge says nothing for the 5 s the compute takes to wake; connect_timeout (2 s)
-    bounds TCP, TLS and SCRAM, not that wait."""
+    bounds TCP, TLS and SCRAM, not that wait. (This login is pipelined: the daemon has
+    logged in to the edge before.)"""
     async with start(extra=upstream(connect_timeout=2)) as daemon:
+        assert await branch_via(daemon) == "main"
         neon_edge.suspend(MAIN, wake_s=5.0)
         began = time.monotonic()
         login = asyncio.ensure_future(branch_via(daemon, timeout=30))
@@ -213,9 +215,43 @@ async def test_a_cold_start_longer_than_connect_timeout_succeeds_and_status_show
         assert seen == {0, 1}
         assert daemon.status()["sessions_waking"] == 0
     assert neon_edge.relayed[-1].cold_start_s >= 5.0
-    waking = [line for line in capsys.readouterr().out.splitlines() if "compute_waking" in line]
+    log = capsys.readouterr().out.splitlines()
+    waking = [line for line in log if "compute_waking" in line]
     assert len(waking) == 1
     assert "branch=main" in waking[0]
+    assert "pipelined=True" in [line for line in log if "session_ready" in line][-1]
+
+
+async def test_a_pools_burst_during_a_cold_start_waits_for_the_one_wake(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """Ten sessions at once (an app's pool filling) while the compute wakes: status counts
+    all ten waiting, and every one gets in when the compute is up."""
+    async with start(extra=upstream(connect_timeout=1)) as daemon:
+        neon_edge.suspend(MAIN, wake_s=3.0)
+        logins = asyncio.gather(*(branch_via(daemon, timeout=30) for _ in range(10)))
+
+        seen = await sessions_waking_while(daemon, logins)
+
+        assert await logins == ["main"] * 10
+        assert max(seen) == 10
+    assert len(neon_edge.relayed) == 10
+
+
+async def test_a_relayed_login_waits_for_the_wake_too(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """No password in the branch URL: the wait after the client's own last SCRAM message is
+    the compute waking, bounded by wake_timeout, not connect_timeout."""
+    async with start(password=None, extra=upstream(connect_timeout=1)) as daemon:
+        neon_edge.suspend(MAIN, wake_s=3.0)
+        login = asyncio.ensure_future(branch_via(daemon, password=TEST_PASSWORD, timeout=30))
+
+        seen = await sessions_waking_while(daemon, login)
+
+        assert await login == "main"
+        assert 1 in seen
+    assert neon_edge.relayed[-1].cold_start_s >= 3.0
 
 
 async def test_a_wake_longer_than_wake_timeout_fails_naming_the_setting(
@@ -580,6 +616,21 @@ async def test_a_database_the_compute_does_not_have_is_3D000(
             await asyncpg.connect(daemon.url(database="nope", sslmode="disable"))
     assert caught.value.args[0].endswith('): database "nope" does not exist')
     assert neon_edge.sessions[-1].error == 'database "nope" does not exist'  # XX000 upstream
+
+
+async def test_a_startup_packet_the_edge_would_drop_is_refused_with_a_reason(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """The edge hangs up without a word on a StartupMessage over 10,000 bytes. This client's
+    (about 6,000 bytes) grows past that once its spaces are escaped in ``options``."""
+    search_path = "public," + " " * 6_000 + "pg_catalog"
+    async with start() as daemon:
+        error = await refusal(daemon, server_settings={"search_path": search_path})
+
+        assert error.sqlstate == "08P01"
+        assert error.args[0].startswith("neonlocal: the startup packet for this session would be")
+        assert "Neon's edge accepts at most 10000" in error.args[0]
+    assert neon_edge.connect_count == 0
 
 
 # --- a pooled host ----------------------------------------------------------------------------
