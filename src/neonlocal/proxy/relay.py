@@ -83,8 +83,10 @@ class Relay:
         self._to_upstream(data)
 
     def _from_client_reusable(self, data: bytes) -> None:
-        # A client's Terminate would end the server session we want to keep: hold it back.
+        # A client's Terminate would end the server session we want to keep: hold it back,
+        # and close the client as PostgreSQL would (asyncpg waits for that before returning).
         if data == _TERMINATE and self.idle:
+            self.client.close()
             return
         self._from_client(data)
 
