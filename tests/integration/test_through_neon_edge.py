@@ -452,6 +452,27 @@ async def test_asyncpg_server_settings_take_effect_through_the_edge_as_they_do_n
     assert all(got != wanted for got, wanted in zip(direct, CLIENT_SEES, strict=True)), direct
 
 
+async def test_a_reused_session_keeps_the_clients_settings_and_drops_what_it_set(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """With ``reuse_sessions`` the next client with the same settings gets the same upstream
+    session back: DISCARD ALL returns it to the settings it was opened with, not to the
+    compute's defaults."""
+    async with start(extra="[upstream]\nreuse_sessions = true") as daemon:
+        first = await asyncpg.connect(daemon.url(sslmode="disable"), server_settings=SETTINGS)
+        await first.execute("SET TimeZone = 'Europe/Lisbon'")
+        await first.close()
+        pool = daemon.daemon.server.pool if daemon.daemon.server is not None else None
+        assert pool is not None
+        for _ in range(200):  # the reset runs as the client leaves
+            if len(pool) == 1:
+                break
+            await asyncio.sleep(0.01)
+
+        assert await settings_via_asyncpg(dsn=daemon.url(sslmode="disable")) == CLIENT_SEES
+    assert len(neon_edge.relayed) == 1
+
+
 async def test_libpq_pgtz_and_pgdatestyle_take_effect_through_the_edge(
     start: StartDaemon, neon_edge: NeonEdge, ca_file: Path
 ) -> None:
