@@ -385,6 +385,22 @@ async def test_a_password_rotated_in_neon_is_fetched_again_and_the_client_sees_n
     assert ROTATED not in out
 
 
+async def test_a_password_the_api_still_gives_out_but_the_edge_refuses_is_28P01_with_advice(
+    workdir: Path, through_api: NeonStandIn, neon_edge: NeonEdge
+) -> None:
+    async with api_daemon(workdir, through_api) as daemon:
+        neon_edge.set_password(TEST_ROLE, ROTATED)  # changed, and the API not yet told
+        reveals = len(through_api.requests_to("reveal_password"))
+
+        error = await refusal(daemon)
+
+        assert isinstance(error, asyncpg.InvalidPasswordError)
+        assert error.args[0].endswith("password authentication failed for user 'neondb_owner'")
+        assert error.hint is not None
+        assert "`neonlocal use main` fetches it again" in error.hint
+        assert len(through_api.requests_to("reveal_password")) == reveals + 1  # it did ask
+
+
 async def test_a_fresh_password_the_edge_has_not_learnt_yet_is_retried_until_it_has(
     workdir: Path, through_api: NeonStandIn, neon_edge: NeonEdge
 ) -> None:
