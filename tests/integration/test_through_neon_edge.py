@@ -507,9 +507,11 @@ async def test_libpq_pgtz_and_pgdatestyle_take_effect_through_the_edge(
         assert "German" not in out  # what the daemon fixes: straight to the edge, both are lost
 
 
-async def test_psycopg_options_reach_the_compute_with_the_folded_settings(
-    start: StartDaemon,
+async def test_psycopg_options_and_a_folded_pgtz_both_reach_the_compute(
+    start: StartDaemon, neon_edge: NeonEdge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The client's own ``options`` go first, as it wrote them; PGTZ follows as ``-c``."""
+    monkeypatch.setenv("PGTZ", "Asia/Kathmandu")  # libpq sends it as a startup parameter
     options = r"-c search_path=pg_catalog,\ public -c statement_timeout=4321"
     async with (
         start() as daemon,
@@ -519,9 +521,16 @@ async def test_psycopg_options_reach_the_compute_with_the_folded_settings(
     ):
         cur = await conn.execute(
             "SELECT current_setting('search_path'), current_setting('statement_timeout'), "
-            "current_setting('application_name')"
+            "current_setting('application_name'), current_setting('TimeZone')"
         )
-        assert await cur.fetchone() == ("pg_catalog, public", "4321ms", "edge-test")
+        assert await cur.fetchone() == (
+            "pg_catalog, public",
+            "4321ms",
+            "edge-test",
+            "Asia/Kathmandu",
+        )
+    sent = dict(neon_edge.relayed[-1].compute_params or [])
+    assert sent["options"] == options + " -c timezone=Asia/Kathmandu"
 
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
