@@ -24,6 +24,7 @@ from urllib.parse import quote
 import asyncpg
 import psycopg
 import pytest
+import sqlalchemy
 
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string, write_config
 from fixtures.dns import faked_dns
@@ -181,6 +182,30 @@ async def test_after_a_switch_asyncpgs_cancel_reaches_the_branch_its_session_is_
             await on_main.close()
         assert await branch_via(daemon) == "dev"
     assert [c.forwarded_to for c in neon_edge.cancels] == [MAIN]
+
+
+async def test_a_sqlalchemy_app_follows_a_switch_to_a_branch_whose_compute_sleeps(
+    start: StartDaemon, neon_edge: NeonEdge
+) -> None:
+    """The README's app (a pre-pinging SQLAlchemy pool) after `neonlocal use dev` while dev's
+    compute is suspended: its next request waits out the wake and runs on dev."""
+    async with start(extra=upstream(connect_timeout=1)) as daemon:
+        url = f"postgresql+psycopg://{TEST_ROLE}@127.0.0.1:{daemon.port}/{TEST_DATABASE}"
+        engine = sqlalchemy.create_engine(url, pool_pre_ping=True, pool_size=2)
+
+        def branch_now() -> str:
+            with engine.connect() as conn:
+                return str(conn.execute(sqlalchemy.text("SELECT name FROM branch_info")).scalar())
+
+        try:
+            assert await asyncio.to_thread(branch_now) == "main"
+            neon_edge.suspend(DEV, wake_s=3.0)
+            await daemon.use("dev")
+
+            assert await asyncio.to_thread(branch_now) == "dev"
+        finally:
+            await asyncio.to_thread(engine.dispose)
+    assert neon_edge.relayed[-1].cold_start_s >= 3.0
 
 
 # --- cold starts ------------------------------------------------------------------------------
