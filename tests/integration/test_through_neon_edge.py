@@ -332,7 +332,7 @@ async def test_a_wrong_password_in_the_branch_url_is_28P01_with_advice_not_xx000
         )
         assert error.hint is not None
         # A static URL: the hint says where in the config its password is.
-        assert f"branch \"main\"'s URL in {daemon.config_path}:" in error.hint
+        assert f'branch "main"\'s URL in {daemon.config_path}:' in error.hint
         assert "npg_Wr0ng-passw0rd" not in str(error) + error.hint
 
 
