@@ -45,7 +45,6 @@ from neonlocal.metrics import ErrorKind
 from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
-from neonlocal.pinned import PinnedPorts
 from neonlocal.proxy import tls
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.server import Server
@@ -61,6 +60,7 @@ from neonlocal.resolver import (
 from neonlocal.sdnotify import Notifier
 from neonlocal.targets import Target, TargetError, resolve_target
 from neonlocal.tls.local import load_local_tls
+from neonlocal.workflows.pinned import PinnedPorts
 
 if TYPE_CHECKING:
     from neonlocal.admin import AdminServer
@@ -734,7 +734,7 @@ class Daemon:
 
     def _grant_writes(self, request: dict[str, Any]) -> None:
         """`use NAME --write` lets sessions to protected NAME write until the selection
-        changes; any other `use` ends such a grant (protect.py)."""
+        changes; any other `use` ends such a grant (workflows/protect.py)."""
         name = request.get("branch")
         if self.resolver is not None and isinstance(name, str):
             self.resolver.allow_writes(name if request.get("write") else None)

@@ -29,8 +29,8 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
-from neonlocal.protect import guarded, protection_of
 from neonlocal.targets import Target, build_target
+from neonlocal.workflows.protect import guarded, protection_of
 
 if TYPE_CHECKING:
     from neonlocal.config.values import BranchSettings, Settings
@@ -137,9 +137,9 @@ class TargetResolver:
         self._retired: list[NeonApi] = []
         self._found: dict[_Wanted, ResolvedBranch] = {}
         self._locks: dict[_Wanted, asyncio.Lock] = {}
-        # The protected branch `neonlocal use NAME --write` allowed writes to (protect.py).
+        # The protected branch `use NAME --write` allowed writes to (workflows/protect.py).
         self._writable: str | None = None
-        # Point-in-time branches this resolver created (moments.py): branch id -> the name
+        # Point-in-time branches this resolver created (workflows/moments.py): branch id -> the name
         # asked for (``main@-1h``), until ``forget_moments`` deletes them.
         self._made: dict[str, str] = {}
 
@@ -304,7 +304,7 @@ class TargetResolver:
     async def _branch_for(self, api: NeonApi, wanted: _Wanted) -> str:
         """The name or id to look up for ``wanted``: for ``main@-1h``, the branch made for
         that moment (created now unless it exists)."""
-        from neonlocal.moments import branch_at, parse_moment
+        from neonlocal.workflows.moments import branch_at, parse_moment
 
         moment = parse_moment(wanted.name, datetime.now(UTC))
         if moment is None:

@@ -12,9 +12,8 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from neonlocal.config.errors import UnknownBranch
-from neonlocal.config.values import TlsMode
+from neonlocal.config.values import Protection, TlsMode
 from neonlocal.conninfo import ConnInfoError, parse_conninfo, validate_upstream
-from neonlocal.protect import Protection
 
 if TYPE_CHECKING:
     from neonlocal.config.values import BranchSettings, Settings
@@ -62,7 +61,7 @@ class Target:
     application_name: str | None
     # The URL's sslnegotiation (libpq 17's keyword), AUTO when it has none.
     negotiation: Negotiation = Negotiation.AUTO
-    # How the branch is guarded, and whether its sessions log in read-only (protect.py).
+    # How the branch is guarded, and whether its sessions log in read-only (workflows/protect.py).
     protection: Protection = Protection.NONE
     read_only: bool = False
 

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from neonlocal.moments import InvalidMoment, Moment, parse_moment
+from neonlocal.workflows.moments import InvalidMoment, Moment, parse_moment
 
 NOW = datetime(2026, 12, 5, 12, 30, 15, 123456, tzinfo=UTC)
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 
 from neonlocal.config.values import BranchSettings, Secret, Settings
-from neonlocal.protect import (
+from neonlocal.proxy.context import SessionRefused
+from neonlocal.proxy.plan import plan_login
+from neonlocal.targets import Target, build_target
+from neonlocal.workflows.protect import (
     Protection,
     guarded,
     protection_of,
     read_only_parameters,
     read_only_status,
 )
-from neonlocal.proxy.context import SessionRefused
-from neonlocal.proxy.plan import plan_login
-from neonlocal.targets import Target, build_target
 
 NEON_URL = "postgresql://owner:pw@ep-x.us-east-2.aws.neon.tech/neondb"
 OTHER_URL = "postgresql://owner:pw@db.example.com/neondb"

@@ -25,10 +25,10 @@ from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
-    from neonlocal.moments import Moment
     from neonlocal.neon import Branch, Project
     from neonlocal.resolver import TargetResolver, UseTarget
     from neonlocal.targets import Target
+    from neonlocal.workflows.moments import Moment
 
 __all__ = ["branch", "branches", "init", "target_for_use"]
 
@@ -124,8 +124,8 @@ def target_for_use(
             )
         # A connection string in the config: no API client (and no httpx import) needed,
         # which keeps `use` quick.
-        from neonlocal.protect import guarded, protection_of
         from neonlocal.targets import TargetError, build_target
+        from neonlocal.workflows.protect import guarded, protection_of
 
         try:
             target = build_target(name, table)
@@ -158,7 +158,7 @@ def target_for_use(
 def _moment_of(name: str) -> Moment | None:
     from datetime import UTC
 
-    from neonlocal.moments import InvalidMoment, parse_moment
+    from neonlocal.workflows.moments import InvalidMoment, parse_moment
 
     try:
         return parse_moment(name, datetime.now(UTC))

@@ -1,4 +1,4 @@
-"""What ``status`` and ``url`` say about pinned ports (``[ports]``, neonlocal/pinned.py)."""
+"""What ``status`` and ``url`` say about pinned ports (``[ports]``, workflows/pinned.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What ``neonlocal use`` says and asks about a protected branch (neonlocal/protect.py).
+"""What ``neonlocal use`` says and asks about a protected branch (neonlocal/workflows/protect.py).
 
 Selecting one takes a yes: asked on a terminal, ``--yes`` anywhere else, so a script that
 switches to production by mistake stops instead.

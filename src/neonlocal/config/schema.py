@@ -338,7 +338,7 @@ class BranchSchema(_Section):
     # Through the API only: use the endpoint's `-pooler` host (None: as [neon] pooled says).
     pooled: bool | None = None
     # true: sessions are read-only and `use` asks first; "confirm": `use` asks first;
-    # false: neither. None: as Neon's own `protected` flag says (protect.py).
+    # false: neither. None: as Neon's own `protected` flag says (workflows/protect.py).
     protect: Literal[True, False, "confirm"] | None = None
 
     @model_validator(mode="after")

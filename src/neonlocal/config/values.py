@@ -34,6 +34,7 @@ __all__ = [
     "LocalSettings",
     "NeonSettings",
     "NetworkSettings",
+    "Protection",
     "Provenance",
     "Secret",
     "SessionsOnSwitch",
@@ -117,6 +118,16 @@ class Secret:
 
 # --- the values -------------------------------------------------------------------------
 # The comments on what each key means are in neonlocal.config.schema, beside its rules.
+
+
+class Protection(enum.StrEnum):
+    """How a branch is guarded (``[branches.NAME] protect``, or Neon's own flag)."""
+
+    NONE = "none"
+    READ_ONLY = "read_only"
+    """Sessions are read-only unless `use NAME --write` allowed writes; `use` asks first."""
+    CONFIRM = "confirm"
+    """`use` asks first; sessions may write."""
 
 
 class TlsMode(Enum):

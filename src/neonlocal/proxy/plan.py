@@ -25,9 +25,9 @@ from neonlocal.neon.edge import (
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.login import Credentials
 from neonlocal.pgwire.scram import ChannelBindingPolicy
-from neonlocal.protect import read_only_parameters
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.targets import Target
+from neonlocal.workflows.protect import read_only_parameters
 
 # Startup parameters that choose where a Neon session goes. To Neon's own names we route by
 # SNI, so they go; to any other name (a custom domain, a CNAME, an IP) they are the only way

@@ -40,7 +40,6 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
-from neonlocal.protect import read_only_status
 from neonlocal.proxy.cancel import CancelKey, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
@@ -60,6 +59,7 @@ from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
 from neonlocal.tls.local import LOCAL_ALPN
+from neonlocal.workflows.protect import read_only_status
 
 # The parameter that tells a client which branch it is on.
 BRANCH_PARAMETER = "neonlocal.branch"

@@ -13,9 +13,10 @@ which can ``SET default_transaction_read_only = off`` (README, "Team workflows")
 
 from __future__ import annotations
 
-import enum
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final
+
+from neonlocal.config.values import Protection
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
@@ -35,16 +36,6 @@ __all__ = [
 READ_ONLY_PARAMETER: Final = "neonlocal.read_only"
 # The setting that makes PostgreSQL refuse writes (25006 read_only_sql_transaction).
 READ_ONLY_SETTING: Final = "default_transaction_read_only"
-
-
-class Protection(enum.StrEnum):
-    """How a branch is guarded."""
-
-    NONE = "none"
-    READ_ONLY = "read_only"
-    """Sessions are read-only unless `use NAME --write` allowed writes; `use` asks first."""
-    CONFIRM = "confirm"
-    """`use` asks first; sessions may write."""
 
 
 def protection_of(name: str, settings: Settings, *, neon_protected: bool = False) -> Protection:

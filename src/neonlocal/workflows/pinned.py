@@ -21,8 +21,8 @@ import structlog
 
 from neonlocal.errors import UserError
 from neonlocal.neon.errors import NeonApiError
-from neonlocal.protect import guarded
 from neonlocal.proxy.server import CredentialRefresher, ListenError, Server
+from neonlocal.workflows.protect import guarded
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
