@@ -26,6 +26,9 @@ from neonlocal.metrics import ErrorKind
 
 # The first byte of a TLS record carrying a handshake message (RFC 8446, 5.1).
 TLS_HANDSHAKE_RECORD = 0x16
+# The first byte of an HTTP request: its method is ASCII capitals. A PostgreSQL startup packet
+# starting so would claim over 1 GiB (its length's top byte), which no client sends.
+HTTP_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 LISTEN_BACKLOG = 100
 # What asyncio's own accept loop waits after running out of file descriptors.
 ACCEPT_RETRY_DELAY_S = 1.0
@@ -75,8 +78,11 @@ class TcpListener:
         tls_context: Callable[[], ssl.SSLContext | None],
         on_refused: Callable[[str, ErrorKind], None],
         first_byte_timeout: float,
+        http_factory: ProtocolFactory | None = None,
     ) -> None:
         self.socket = sock
+        # Serves connections that open with an HTTP request (the serverless driver).
+        self._http_factory = http_factory
         self._factory = protocol_factory
         self._tls_context = tls_context
         self._on_refused = on_refused
@@ -165,9 +171,12 @@ class TcpListener:
             if not first:
                 return  # connected and closed without a word (a port probe)
             context = self._tls_context() if first[0] == TLS_HANDSHAKE_RECORD else None
+            factory = self._factory
+            if self._http_factory is not None and first[0] in HTTP_METHOD_START:
+                factory = self._http_factory
             try:
                 await loop.connect_accepted_socket(
-                    self._factory,
+                    factory,
                     conn,
                     ssl=context,
                     ssl_handshake_timeout=self._first_byte_timeout if context else None,
