@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
+from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.pg import TEST_PASSWORD
 
@@ -301,6 +304,113 @@ async def test_answers_over_10_mib_are_refused_with_a_clear_error(daemon: LocalD
         assert "response is too large (max is 10485760 bytes)" in error["message"]
         # The session is still good.
         assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
+
+
+# --- the PostgreSQL protocol in a WebSocket, byte for byte --------------------------------------
+
+
+class RawWebSocket:
+    """A WebSocket client speaking raw PostgreSQL messages, as the driver does."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self._ws = WSConnection(ConnectionType.CLIENT)
+        self._received = bytearray()
+
+    async def open(self, path: str = "/v2") -> None:
+        self._writer.write(self._ws.send(Request(host="localhost", target=path)))
+        while not any(isinstance(e, AcceptConnection) for e in await self._events()):
+            pass
+
+    async def _events(self) -> list[object]:
+        data = await asyncio.wait_for(self._reader.read(65536), 10)
+        assert data, "the daemon closed the connection"
+        self._ws.receive_data(data)
+        return list(self._ws.events())
+
+    def send(self, data: bytes) -> None:
+        self._writer.write(self._ws.send(BytesMessage(data=data)))
+
+    def send_text(self, text: str) -> None:
+        self._writer.write(self._ws.send(TextMessage(data=text)))
+
+    async def read_to_end(self) -> bytes:
+        """The raw bytes the daemon still sends, until it closes."""
+        return await asyncio.wait_for(self._reader.read(), 10)
+
+    async def read_until_ready(self) -> list[rawpg.Message]:
+        """Backend messages up to and including the next ReadyForQuery."""
+        while True:
+            messages = _whole_messages(bytes(self._received))
+            for index, message in enumerate(messages):
+                if message.kind == b"Z":
+                    consumed = sum(5 + len(m.payload) for m in messages[: index + 1])
+                    del self._received[:consumed]
+                    return messages[: index + 1]
+            for event in await self._events():
+                if isinstance(event, BytesMessage):
+                    self._received += event.data
+
+
+def _whole_messages(data: bytes) -> list[rawpg.Message]:
+    out, pos = [], 0
+    while len(data) - pos >= 5:
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        if len(data) - pos < 1 + length:
+            break
+        out.append(rawpg.Message(data[pos : pos + 1], data[pos + 5 : pos + 1 + length]))
+        pos += 1 + length
+    return out
+
+
+@contextlib.asynccontextmanager
+async def raw_websocket(port: int) -> AsyncIterator[RawWebSocket]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        ws = RawWebSocket(reader, writer)
+        await ws.open()
+        yield ws
+    finally:
+        writer.close()
+
+
+LOGIN = {"user": "neondb_owner", "database": "neondb"}
+
+
+async def test_a_websocket_session_gets_the_branch_parameter_and_a_working_cancel_key(
+    daemon: LocalDaemon,
+) -> None:
+    """Startup, password and a query in one frame, as the driver pipelines them; then a
+    cancel with the session's key (over TCP, as any cancel) stops its query."""
+    async with raw_websocket(daemon.port) as ws:
+        ws.send(rawpg.startup(LOGIN) + rawpg.typed(b"p", b"x\0") + rawpg.query("SELECT 1"))
+        login = await ws.read_until_ready()
+        assert login[0].payload == (3).to_bytes(4, "big")  # AuthenticationCleartextPassword
+        status = dict(rawpg.parameter_status(m) for m in login if m.kind == b"S")
+        assert status["neonlocal.branch"] == "main"
+        key = next(m.payload for m in login if m.kind == b"K")
+        answer = await ws.read_until_ready()
+        assert [m.kind for m in answer] == [b"T", b"D", b"C", b"Z"]
+        ws.send(rawpg.query("SELECT pg_sleep(30)"))
+        await asyncio.sleep(0.3)
+        await asyncio.to_thread(
+            rawpg.exchange,
+            "127.0.0.1",
+            daemon.port,
+            rawpg.cancel_request(int.from_bytes(key[:4], "big"), key[4:]),
+        )
+        cancelled = await asyncio.wait_for(ws.read_until_ready(), 10)
+        errors = [rawpg.parse_error(m.payload) for m in cancelled if m.kind == b"E"]
+        assert [e.sqlstate for e in errors] == ["57014"]
+
+
+async def test_text_frames_are_refused(daemon: LocalDaemon) -> None:
+    """The PostgreSQL protocol travels in binary frames only; a text frame ends the socket."""
+    async with raw_websocket(daemon.port) as ws:
+        ws.send_text("SELECT 1")
+        data = await ws.read_to_end()
+    assert data[:1] == b"\x88"  # a Close frame
+    assert int.from_bytes(data[2:4], "big") == 1003
 
 
 # --- HTTP on the PostgreSQL port -----------------------------------------------------------------

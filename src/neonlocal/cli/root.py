@@ -360,8 +360,13 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--serverless",
+    is_flag=True,
+    help="Print the @neondatabase/serverless (JavaScript) setup for this daemon instead.",
+)
 @pass_ctx
-def url(obj: Context) -> None:
+def url(obj: Context, serverless: bool) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
     from neonlocal.cli.neon import target_for_use
 
@@ -374,6 +379,12 @@ def url(obj: Context) -> None:
     from urllib.parse import quote
 
     port = _port_served(obj, settings)
+    if serverless:
+        from neonlocal.serverless.snippet import driver_setup
+
+        local_password = settings.local.password is not None
+        click.echo(driver_setup(port, user, database, local_password=local_password))
+        return
     query = ""
     if settings.local.tls and settings.local.tls_auth == "password":
         # libpq prefers TLS, which then asks for the branch role's password; plaintext to

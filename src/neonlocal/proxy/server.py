@@ -50,7 +50,7 @@ from neonlocal.targets import Target
 from neonlocal.tls.local import LocalTls
 
 if TYPE_CHECKING:
-    from neonlocal.serverless import Gateway
+    from neonlocal.serverless.gateway import Gateway
 
 log = structlog.get_logger("neonlocal.server")
 
@@ -265,10 +265,10 @@ class Server:
     def _http_protocol(self) -> asyncio.Protocol:
         if self._serverless is None:
             # Imported here: a daemon no HTTP client talks to does not carry it (README).
-            from neonlocal.serverless import Gateway
+            from neonlocal.serverless.gateway import Gateway
 
             self._serverless = Gateway(self)
-        from neonlocal.serverless import HttpConnection
+        from neonlocal.serverless.http import HttpConnection
 
         return HttpConnection(self._serverless)
 
