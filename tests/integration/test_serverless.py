@@ -142,6 +142,19 @@ async def test_a_pool_over_websockets_and_errors_keep_their_sqlstate(daemon: Loc
         assert (await node.result("query", name="p", sql="SELECT 1 AS one"))["rows"] == [{"one": 1}]
 
 
+async def test_listen_over_a_websocket_hears_notify_sent_over_http(daemon: LocalDaemon) -> None:
+    async with driver(daemon) as node:
+        await node.result("connect", name="listener", kind="client")
+        await node.result("query", name="listener", sql="LISTEN sls_channel")
+        await node.result("sql", sql="SELECT pg_notify('sls_channel', $1)", params=["hello"])
+        for _ in range(50):
+            notes = await node.result("notifications", name="listener")
+            if notes:
+                break
+            await asyncio.sleep(0.1)
+        assert notes == [{"channel": "sls_channel", "payload": "hello"}]
+
+
 async def test_use_moves_new_websocket_sessions_and_ends_old_ones_when_idle(
     daemon: LocalDaemon,
 ) -> None:
@@ -304,6 +317,27 @@ async def test_answers_over_10_mib_are_refused_with_a_clear_error(daemon: LocalD
         assert "response is too large (max is 10485760 bytes)" in error["message"]
         # The session is still good.
         assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
+
+
+# --- Drizzle ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orm_driver", ["neon-http", "neon-serverless"])
+async def test_drizzle_inserts_and_selects_through_the_daemon(
+    daemon: LocalDaemon, orm_driver: str
+) -> None:
+    table = "sls_drizzle_" + orm_driver.replace("-", "_")
+    async with driver(daemon) as node:
+        await node.result("sql", sql=f"DROP TABLE IF EXISTS {table}")
+        await node.result("sql", sql=f"CREATE TABLE {table} (id int, name text)")
+        try:
+            outcome = await node.result("drizzle", driver=orm_driver, table=table)
+        finally:
+            await node.result("sql", sql=f"DROP TABLE {table}")
+    assert outcome == {
+        "inserted": [{"id": 1, "name": orm_driver}],
+        "selected": [{"id": 1, "name": orm_driver}],
+    }
 
 
 # --- the PostgreSQL protocol in a WebSocket, byte for byte --------------------------------------

@@ -8,8 +8,10 @@
 //   {"op": "transaction", "queries": [{"sql", "params"}], "opts": {...}}
 //   {"op": "connect", "name": "a", "kind": "client" | "pool", "url": optional}
 //   {"op": "query", "name": "a", "sql": "...", "params": [..]}
+//   {"op": "notifications", "name": "a"}   (LISTEN's notifications since the last ask)
 //   {"op": "lastError", "name": "a"}   (an error the session had between queries)
 //   {"op": "end", "name": "a"}
+//   {"op": "drizzle", "driver": "neon-http" | "neon-serverless", "table": "t"}
 // Answers: {"result": ...} or {"error": {"message", "code", ...}}.
 'use strict'
 
@@ -88,6 +90,8 @@ async function run(command, sql, sessions, options) {
       if (command.kind !== 'pool') await session.connect()
       // The first error between queries (the server ended the session) is kept for "lastError".
       session.on('error', (err) => { session.lastError = session.lastError || describeError(err) })
+      session.notes = []
+      session.on('notification', (note) => session.notes.push({ channel: note.channel, payload: note.payload }))
       sessions[command.name] = session
       return null
     }
@@ -95,6 +99,8 @@ async function run(command, sql, sessions, options) {
       const result = await sessions[command.name].query(command.sql, command.params || [])
       return { rows: result.rows, command: result.command, rowCount: result.rowCount }
     }
+    case 'notifications':
+      return sessions[command.name].notes.splice(0)
     case 'lastError':
       return sessions[command.name].lastError || null
     case 'end': {
@@ -103,8 +109,31 @@ async function run(command, sql, sessions, options) {
       await session.end()
       return null
     }
+    case 'drizzle':
+      return await drizzleRoundTrip(command.driver, command.table, options.url)
     default:
       throw new Error(`unknown op ${command.op}`)
+  }
+}
+
+// Drizzle on either of the driver's transports: an insert, then a select of what it wrote.
+async function drizzleRoundTrip(driver, table, url) {
+  const { pgTable, integer, text } = require('drizzle-orm/pg-core')
+  const items = pgTable(table, { id: integer('id'), name: text('name') })
+  let db
+  let pool
+  if (driver === 'neon-http') {
+    db = require('drizzle-orm/neon-http').drizzle(neon(url))
+  } else {
+    pool = new Pool({ connectionString: url })
+    db = require('drizzle-orm/neon-serverless').drizzle(pool)
+  }
+  try {
+    const inserted = await db.insert(items).values({ id: 1, name: driver }).returning()
+    const selected = await db.select().from(items)
+    return { inserted, selected }
+  } finally {
+    if (pool) await pool.end()
   }
 }
 
