@@ -48,6 +48,7 @@ from neonlocal.pgwire import sqlstate
 from neonlocal.proxy import tls
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.server import Server
+from neonlocal.proxy.unix import socket_hint
 from neonlocal.resolver import (
     API_RETRY,
     EphemeralSpec,
@@ -188,6 +189,10 @@ class Daemon:
             config=str(self.config_path),
             database_url=self._database_url(),
         )
+        unix = self.server.unix_socket
+        hint = socket_hint(unix) if unix is not None else None
+        if hint is not None:
+            log.warning("unix_socket_not_where_libpq_looks", socket=str(unix), detail=hint)
         for warning in self.warnings:
             log.warning("insecure_target", detail=warning)
 
@@ -630,6 +635,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         assert self.server is not None
         selected = self.server.selected
+        unix = self.server.unix_socket
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -639,6 +645,8 @@ class Daemon:
             "listen": list(self.server.listening),
             "sessions": self.server.sessions_by_branch(),
             "sessions_total": self.server.sessions_total,
+            "unix_socket": str(unix) if unix is not None else None,
+            "unix_socket_hint": socket_hint(unix) if unix is not None else None,
             # Sessions whose login waits for Neon to wake the branch's compute.
             "sessions_waking": len(self.server.waking),
             "last_error": self.server.last_error,

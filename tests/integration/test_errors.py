@@ -231,14 +231,26 @@ async def test_wrong_password_in_branch_url_is_28P01_naming_the_branch(
     async with start({"stale": url}, branch="stale") as d:
         error = await connect_error(d)
         assert isinstance(error, asyncpg.InvalidPasswordError)
-        assert str(error) == (
+        assert str(error).splitlines()[0] == (
             f'neonlocal: branch "stale" ({compute_main.spec.hostname}:{compute_main.spec.port}): '
             'password authentication failed for user "neondb_owner"'
         )
+        assert error.hint == (
+            f'the password in branch "stale"\'s URL in {d.config_path}:'
+            f"{line_of_url(d.config_path, 'stale')} was refused: paste the branch's current "
+            "connection string there"
+        )
+        assert "Wr0ng" not in error.hint
         last_error = d.status()["last_error"]
         assert 'branch "stale"' in last_error
         assert "password authentication failed" in last_error
         await serves_main_next(d)
+
+
+def line_of_url(config: Path, branch: str) -> int:
+    lines = config.read_text().splitlines()
+    table = lines.index(f'[branches."{branch}"]')
+    return next(n for n, line in enumerate(lines[table:], table + 1) if line.startswith("url ="))
 
 
 async def test_missing_database_is_3D000(start: StartDaemon, branch_urls: dict[str, str]) -> None:

@@ -28,12 +28,20 @@ async def still_serves(daemon: LocalDaemon) -> None:
         assert await cur.fetchone() == ("main",)
 
 
+# What PostgreSQL only logs ("invalid length of startup packet", a COMMERROR) and closes on
+# without a reply: the peer may not speak the protocol at all.
+UNANSWERED_STARTUPS = {
+    "length below 8": _I32.pack(4),
+    "length 7 with a body": _I32.pack(7) + b"\0\3\0",
+    "oversized": _I32.pack(10_001) + b"\0\3\0\0",
+    "huge": _I32.pack(2**31 - 1),
+    "negative length": _I32.pack(-8) + b"\0" * 8,
+    "HTTP request": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "Terminate": rawpg.terminate(),
+    "CancelRequest too short": rawpg.packet(_I32.pack(rawpg.CANCEL_REQUEST_CODE) + b"\0\0"),
+}
+
 BAD_STARTUPS = {
-    "length below 8": (_I32.pack(4), "08P01", "invalid length of startup packet"),
-    "length 7 with a body": (_I32.pack(7) + b"\0\3\0", "08P01", "invalid length"),
-    "oversized": (_I32.pack(10_001) + b"\0\3\0\0", "08P01", "invalid length"),
-    "huge": (_I32.pack(2**31 - 1), "08P01", "invalid length"),
-    "negative length": (_I32.pack(-8) + b"\0" * 8, "08P01", "invalid length"),
     "unterminated parameters": (
         rawpg.packet(_I32.pack(rawpg.PROTOCOL_3_0) + b"user\0bob\0"),
         "08P01",
@@ -57,11 +65,6 @@ BAD_STARTUPS = {
         "08P01",
         "SSLRequest",
     ),
-    "CancelRequest too short": (
-        rawpg.packet(_I32.pack(rawpg.CANCEL_REQUEST_CODE) + b"\0\0"),
-        "08P01",
-        "CancelRequest",
-    ),
 }
 
 
@@ -73,6 +76,17 @@ async def test_malformed_startup_gets_an_error_and_a_close(daemon: LocalDaemon, 
     assert (error.sqlstate, error.severity) == (code, "FATAL")
     assert text in error.message
     assert after == b""
+    await still_serves(daemon)
+
+
+@pytest.mark.parametrize("case", list(UNANSWERED_STARTUPS))
+async def test_an_impossible_startup_length_is_closed_without_a_reply(
+    daemon: LocalDaemon, case: str
+) -> None:
+    """As PostgreSQL: no ErrorResponse for bytes that are no startup packet, just a close."""
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(UNANSWERED_STARTUPS[case])
+        assert await client.read_to_end() == b""
     await still_serves(daemon)
 
 

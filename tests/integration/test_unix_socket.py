@@ -15,7 +15,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, toml_string, write_config
+from fixtures.daemon import (
+    LocalDaemon,
+    daemon_env,
+    neonlocal_cmd,
+    running_daemon,
+    toml_string,
+    write_config,
+)
 from fixtures.net import free_port
 
 pytestmark = pytest.mark.pg
@@ -210,3 +217,46 @@ async def test_an_empty_socket_directory_turns_the_socket_off(
         assert d.daemon.server is not None
         assert d.daemon.server.unix_socket is None
         assert all(":" in address for address in d.status()["listen"])
+
+
+async def test_psql_with_its_default_role_uses_the_branch_urls_role_on_the_socket(
+    daemon: LocalDaemon, socket_dir: Path
+) -> None:
+    """`psql -d neondb` names the role after the OS user (root here); no branch has that role,
+    and over the owner-only socket the kernel says it is only libpq's default."""
+    code, out, err = await psql(
+        "-h", str(socket_dir), "-p", str(daemon.port), "-d", "neondb",
+        "-c", "SELECT current_user || ' on ' || name FROM branch_info",
+    )  # fmt: skip
+    assert (code, out) == (0, "neondb_owner on main"), err
+
+
+async def test_url_socket_and_status_name_the_socket(daemon: LocalDaemon, socket_dir: Path) -> None:
+    status = daemon.status()
+    assert status["unix_socket"] == str(socket_dir / f".s.PGSQL.{daemon.port}")
+    env = {**clean_env(), "XDG_RUNTIME_DIR": str(daemon.env["XDG_RUNTIME_DIR"])}
+    proc = await asyncio.create_subprocess_exec(
+        *neonlocal_cmd("--config", str(daemon.config_path), "url", "--socket"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    url = out.decode().strip()
+    assert url == f"postgresql://neondb_owner@/neondb?host={socket_dir}&port={daemon.port}"
+    code, answer, perr = await psql(url, "-c", SELECT_BRANCH)
+    assert (code, answer) == (0, "main"), perr
+
+
+async def test_a_role_of_the_clients_own_over_tcp_is_told_which_role_works(
+    daemon: LocalDaemon,
+) -> None:
+    """Over TCP the OS user is unknown: a refused role of its own gets a hint naming the URL's."""
+    dsn = (
+        f"host=127.0.0.1 port={daemon.port} user=alice password=guess dbname=neondb sslmode=disable"
+    )
+    with pytest.raises(psycopg.OperationalError) as refused:
+        await psycopg.AsyncConnection.connect(dsn)
+    said = str(refused.value)
+    assert 'password authentication failed for user "alice"' in said
+    assert 'HINT:  neonlocal logs in for you as "neondb_owner"' in said
+    assert "psql -U neondb_owner" in said

@@ -84,7 +84,8 @@ def up(
         workdir / "config.toml",
         {branch: c.url(ca_file=ca_file) for branch, c in soak_computes.items()},
         branch="a",
-        extra='unix_socket_dir = ""',
+        # pgbench does not reconnect: its sessions stay on their branch across the flips.
+        extra='unix_socket_dir = ""\n\n[switch]\nsessions = "keep"',
     )
     daemon = start_daemon_process(config, process_env(workdir), log_level="info")
     try:

@@ -80,7 +80,8 @@ async def rig(
         async with running_daemon(config, daemon_env(workdir)) as daemon:
             bystander = await asyncpg.connect(daemon.url(sslmode="disable"))
             try:
-                await daemon.use("faulty")
+                # The bystander stays on main: that it is unharmed is the point.
+                await daemon.use("faulty", sessions="keep")
                 yield Rig(daemon, relay, bystander)
                 await eventually(lambda: not rig_sessions(daemon), what="faulty sessions to end")
             finally:

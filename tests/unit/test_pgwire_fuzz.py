@@ -266,7 +266,6 @@ def _login(mode: str) -> UpstreamLogin:
         {"user": "u", "database": "d"},
         credentials=creds,
         certificate_der=CERT_DER,
-        client_key=(1, b"\0\0\0\1"),
         extra_status={"neonlocal.branch": "main"},
     )
 

@@ -114,6 +114,13 @@ def _after_auth(*extra: bytes) -> bytes:
     )
 
 
+def _with_tail(login: UpstreamLogin, out: Output) -> Output:
+    """The step's output and, once the login is ready, the client's tail with our key."""
+    if login.state is LoginState.READY:
+        out.to_client += login.client_tail(OUR_KEY)
+    return out
+
+
 def _state(login: UpstreamLogin) -> LoginState:
     """Read the state afresh (mypy would keep an earlier narrowing across method calls)."""
     return login.state
@@ -129,7 +136,6 @@ def _login(
         PARAMS,
         credentials=creds,
         certificate_der=cert_der,
-        client_key=OUR_KEY,
         extra_status=BRANCH_STATUS,
         expected_sasl=expected_sasl,
     )
@@ -166,7 +172,7 @@ def test_scram_plus_is_used_when_offered_and_a_certificate_is_known(cert_der: by
     """Knowing the server certificate, we bind: SCRAM-SHA-256-PLUS, p=tls-server-end-point."""
     login = _login(cert_der=cert_der)
     server = FakeServer(PASSWORD, cert_der=cert_der)
-    out = _scram_login(login, server, PLUS_AND_PLAIN)
+    out = _with_tail(login, _scram_login(login, server, PLUS_AND_PLAIN))
     assert server.mechanism == codec.SCRAM_SHA_256_PLUS
     assert server.client_first.startswith("p=tls-server-end-point,,")
     assert login.channel_bound
@@ -392,7 +398,7 @@ def test_startup_messages_are_held_until_ready_for_query_and_reordered(cert_der:
     out = login.receive_upstream(final + codec.auth_ok() + _after_auth()[:-6])
     assert out.to_client == b""
     assert login.state is LoginState.STARTING
-    out = login.receive_upstream(codec.ready_for_query(b"I"))
+    out = _with_tail(login, login.receive_upstream(codec.ready_for_query(b"I")))
     assert [(m.kind, m.payload) for m in _messages(out.to_client)] == [
         (b"R", b"\0\0\0\0"),
         (b"S", b"server_version\x0016.4\0"),
@@ -411,8 +417,11 @@ def test_server_key_of_pg18_length_is_captured() -> None:
     """A 32-byte PostgreSQL 18 cancel key from the server is kept whole for cancel forwarding."""
     login = _login()
     key = (31337, bytes(range(32)))
-    out = login.receive_upstream(
-        codec.auth_ok() + codec.backend_key_data(*key) + codec.ready_for_query()
+    out = _with_tail(
+        login,
+        login.receive_upstream(
+            codec.auth_ok() + codec.backend_key_data(*key) + codec.ready_for_query()
+        ),
     )
     assert login.server_key == key
     keys = [m for m in _messages(out.to_client) if m.kind == b"K"]
@@ -435,7 +444,9 @@ def test_notice_during_auth_is_delivered_after_auth_ok() -> None:
     """A NoticeResponse sent before AuthenticationOk is not lost."""
     notice = codec.error_from_fields({"S": "WARNING", "M": "early"}, kind=b"N")
     login = _login()
-    out = login.receive_upstream(notice + codec.auth_ok() + codec.ready_for_query())
+    out = _with_tail(
+        login, login.receive_upstream(notice + codec.auth_ok() + codec.ready_for_query())
+    )
     kinds = [m.kind for m in _messages(out.to_client)]
     assert kinds == [b"R", b"N", b"S", b"K", b"Z"]
 
@@ -444,7 +455,9 @@ def test_a_message_right_behind_ready_for_query_goes_to_the_client_in_order() ->
     """An asynchronous ParameterStatus in the same chunk as ReadyForQuery is relayed after it."""
     login = _login()
     late = codec.parameter_status("TimeZone", "UTC")
-    out = login.receive_upstream(codec.auth_ok() + codec.ready_for_query() + late)
+    out = _with_tail(
+        login, login.receive_upstream(codec.auth_ok() + codec.ready_for_query() + late)
+    )
     assert login.state is LoginState.READY
     assert out.to_client.endswith(codec.ready_for_query() + late)
 
@@ -488,7 +501,7 @@ def test_pipelined_login_sends_the_scram_first_message_behind_the_startup(
     out = login.receive_upstream(codec.auth_sasl(PLUS_AND_PLAIN) + continue_)
     assert out.to_client == b""
     final = server.on_final(out.to_upstream)
-    out = login.receive_upstream(final + codec.auth_ok() + _after_auth())
+    out = _with_tail(login, login.receive_upstream(final + codec.auth_ok() + _after_auth()))
     assert login.state is LoginState.READY
     assert login.pipelined
     assert login.channel_bound
@@ -620,7 +633,7 @@ def test_relay_forwards_a_whole_scram_exchange_byte_for_byte() -> None:
     assert not login.awaiting_client  # SASLFinal needs no answer
     client.set_server_final(_one(final).payload[4:].decode())
 
-    out = login.receive_upstream(codec.auth_ok() + _after_auth())
+    out = _with_tail(login, login.receive_upstream(codec.auth_ok() + _after_auth()))
     assert login.state is LoginState.READY
     assert _messages(out.to_client)[0] == Message(b"R", b"\0\0\0\0")
     assert login.auth_method == "relayed " + codec.SCRAM_SHA_256
@@ -637,6 +650,26 @@ def test_relay_forwards_password_requests_and_awaits_the_client(code: int, data:
     answer = codec.password_message("whatever the client says")
     assert login.receive_client(answer) == answer
     assert not login.awaiting_client
+
+
+def test_relay_hands_on_a_pipelined_password_and_keeps_the_query_behind_it() -> None:
+    """A password sent ahead of the request answers it when it comes; a query pipelined
+    behind it waits for the relay, after the client's tail."""
+    login = _relay()
+    answer = codec.password_message("sent early")
+    query = codec.message(b"Q", b"SELECT 1\0")
+    assert login.receive_client(answer + query) == b""
+    request = codec.message(b"R", struct.pack("!i", codec.AUTH_CLEARTEXT))
+    out = login.receive_upstream(request)
+    assert (out.to_client, out.to_upstream) == (request, answer)
+    assert not login.awaiting_client
+    login.receive_upstream(codec.auth_ok() + codec.backend_key_data(*SERVER_KEY))
+    out = login.receive_upstream(codec.ready_for_query())
+    assert (out.to_client, login.state) == (b"", LoginState.READY)
+    assert login.take_client_rest() == query
+    tail = _messages(login.client_tail(OUR_KEY))
+    assert [m.kind for m in tail] == [b"R", b"S", b"K", b"Z"]
+    assert codec.parse_backend_key_data(tail[2].payload) == OUR_KEY
 
 
 def test_relay_refuses_non_password_client_messages() -> None:

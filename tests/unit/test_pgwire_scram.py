@@ -214,14 +214,17 @@ def test_non_password_message_between_scram_steps_is_refused(secret: ScramSecret
         auth.receive(codec.message(b"Q", b"SELECT 1\0"))
 
 
-def test_data_after_successful_auth_is_refused(secret: ScramSecret) -> None:
-    """A client pipelining bytes after its final SCRAM message is refused."""
+def test_data_after_successful_auth_is_kept_for_whoever_reads_next(secret: ScramSecret) -> None:
+    """A query pipelined behind the final SCRAM message is not refused (PostgreSQL reads it
+    once the login is done): it waits, whole and in order, for the relay."""
     client = LibpqLikeClient(PASSWORD)
     auth = LocalPasswordAuth(secret)
     cont = _one(auth.receive(codec.sasl_initial_response(codec.SCRAM_SHA_256, client.first())))
     final = codec.sasl_response(client.final(cont.payload[4:]))
-    with pytest.raises(ProtocolError):
-        auth.receive(final + codec.message(b"Q", b"SELECT 1\0"))
+    query = codec.message(b"Q", b"SELECT 1\0")
+    assert _one(auth.receive(final + query)).kind == b"R"
+    assert auth.done
+    assert auth.take_rest() == query
 
 
 def test_unknown_mechanism_is_refused(secret: ScramSecret) -> None:

@@ -86,3 +86,21 @@ def test_a_startup_packet_over_the_edges_limit_is_refused_with_a_reason() -> Non
     assert refused.value.sqlstate == "08P01"
     assert "at most 10000" in refused.value.message
     plan_login(target("postgresql://owner:pw@db.example.com/db"), {"user": "o", "x": "y" * 10_000})
+
+
+def test_libpqs_default_role_becomes_the_urls_role_only_when_the_kernel_says_so() -> None:
+    """`psql -d neondb` as OS user maria asks for role maria: on our Unix socket (os_user
+    known) that is a default, not a choice; over TCP (os_user None) it is the client's."""
+    on_socket = plan_login(target(), {"user": "maria"}, os_user="maria")
+    assert on_socket.user == "owner"
+    assert on_socket.credentials is not None
+    chosen = plan_login(target(), {"user": "alice"}, os_user="maria")
+    assert (chosen.user, chosen.credentials) == ("alice", None)
+    over_tcp = plan_login(target(), {"user": "maria"})
+    assert (over_tcp.user, over_tcp.credentials) == ("maria", None)
+    no_password = plan_login(
+        target("postgresql://owner@ep-x.us-east-2.aws.neon.tech/db"),
+        {"user": "maria"},
+        os_user="maria",
+    )
+    assert no_password.user == "maria"

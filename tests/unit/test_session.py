@@ -85,7 +85,7 @@ class FakeContext:
     async def forward_cancel(self, request: CancelRequest) -> None:
         self.forwarded.append(request)
 
-    def cancel_query(self, cancel_pid: int) -> None:
+    def cancel_query(self, cancel_key: tuple[int, bytes]) -> None:
         pass
 
     def login_slots(self, target: Target) -> asyncio.Semaphore:
@@ -175,13 +175,34 @@ async def test_a_cancel_request_is_forwarded_and_answered_with_nothing() -> None
     assert not context.sessions
 
 
-async def test_a_malformed_startup_packet_is_a_protocol_violation() -> None:
+async def test_a_malformed_startup_packet_is_a_protocol_violation_without_a_reply() -> None:
+    """As PostgreSQL: an invalid startup length is logged and the connection closed, unanswered."""
     context = FakeContext()
     session, sent = await run_session(context, b"\0\0\0\3garbage")
-    error = error_of(sent)
-    assert error.sqlstate == sqlstate.PROTOCOL_VIOLATION
+    assert sent == b""
     assert session.close_reason.startswith("protocol error: invalid length of startup packet")
     assert errors_counted(context.metrics, ErrorKind.PROTOCOL)
+
+
+async def test_a_query_pipelined_behind_the_startup_packet_is_not_refused() -> None:
+    """PostgreSQL reads it after the login: the session goes on (here: to no branch)."""
+    context = FakeContext()
+    _session, sent = await run_session(context, STARTUP + codec.message(b"Q", b"SELECT 1\0"))
+    assert error_of(sent).sqlstate == sqlstate.UNABLE_TO_CONNECT
+
+
+async def test_a_startup_packet_cut_short_by_eof_gets_no_reply() -> None:
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    client.data_received(STARTUP[:9])
+    client.eof_received()
+    session = Session(context, client)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == b""
+    assert not context.sessions
 
 
 async def test_an_ssl_request_without_local_tls_is_answered_no() -> None:

@@ -348,6 +348,9 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         + (", ".join(f"{b}: {n}" for b, n in sorted(sessions.items())) if sessions else "none"),
         f"last error: {_last_error(reply)}",
     ]
+    if reply.get("unix_socket"):
+        hint = reply.get("unix_socket_hint")
+        lines.insert(3, f"socket:     {reply['unix_socket']}" + (f" ({hint})" if hint else ""))
     if reply.get("sessions_waking"):
         lines.insert(4, f"waking:     {reply['sessions_waking']} waiting for the compute to start")
     if reply.get("config_error"):
@@ -361,12 +364,15 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
 
 @main.command()
 @click.option(
+    "--socket", "via_socket", is_flag=True, help="The URL of the daemon's Unix socket instead."
+)
+@click.option(
     "--serverless",
     is_flag=True,
     help="Print the @neondatabase/serverless (JavaScript) setup for this daemon instead.",
 )
 @pass_ctx
-def url(obj: Context, serverless: bool) -> None:
+def url(obj: Context, via_socket: bool, serverless: bool) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
     from neonlocal.cli.neon import target_for_use
 
@@ -385,6 +391,9 @@ def url(obj: Context, serverless: bool) -> None:
         local_password = settings.local.password is not None
         click.echo(driver_setup(port, user, database, local_password=local_password))
         return
+    if via_socket:
+        click.echo(_socket_url(obj, settings, quote(user, safe=""), quote(database, safe="")))
+        return
     query = ""
     if settings.local.tls and settings.local.tls_auth == "password":
         # libpq prefers TLS, which then asks for the branch role's password; plaintext to
@@ -398,6 +407,28 @@ def url(obj: Context, serverless: bool) -> None:
     click.echo(
         f"postgresql://{quote(user, safe='')}@localhost:{port}/{quote(database, safe='')}{query}"
     )
+
+
+def _socket_url(obj: Context, settings: Any, user: str, database: str) -> str:
+    """The running daemon's Unix socket as a libpq URL (host= names its directory)."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    from neonlocal.control import DaemonNotRunning, request
+
+    try:
+        reply = request(obj.control_path(settings), {"op": "status"}, timeout=5.0)
+    except (DaemonNotRunning, OSError, ValueError):
+        fail("no daemon is running to say where its socket is: start it (neonlocal up)")
+    path = reply.get("unix_socket")
+    if not path:
+        fail("the daemon listens on no Unix socket ([listen] unix_socket_dir)")
+    hint = reply.get("unix_socket_hint")
+    if hint:
+        click.echo(f"# {hint}", err=True)
+    socket = Path(path)
+    port = socket.name.rpartition(".")[2]
+    return f"postgresql://{user}@/{database}?host={quote(str(socket.parent))}&port={port}"
 
 
 def _running_daemon(obj: Context) -> dict[str, Any] | None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from neonlocal.pgwire import sqlstate
-from neonlocal.pgwire.errors import ProtocolError, ServerError
+from neonlocal.pgwire.errors import ProtocolError, ServerError, UnansweredProtocolError
 
 # Special request codes sent in place of a protocol version (PostgreSQL pqcomm.h).
 SSL_REQUEST_CODE: Final = 80877103
@@ -117,7 +117,8 @@ def parse_request(payload: bytes) -> Request:
     if code == CANCEL_REQUEST_CODE:
         secret = payload[8:]
         if len(payload) < 12 or len(secret) > MAX_CANCEL_SECRET:
-            raise ProtocolError("invalid length of CancelRequest")
+            # PostgreSQL: "invalid length of startup packet", logged only.
+            raise UnansweredProtocolError("invalid length of CancelRequest")
         (pid,) = _I32.unpack_from(payload, 4)
         return CancelRequest(pid, bytes(secret))
     major, minor = code >> 16, code & 0xFFFF
@@ -129,17 +130,21 @@ def parse_request(payload: bytes) -> Request:
     return StartupMessage(major, minor, _parse_parameters(payload[4:]))
 
 
+# PostgreSQL's one complaint about a broken parameter list (ProcessStartupPacket).
+_BAD_LAYOUT = "invalid startup packet layout: expected terminator as last byte"
+
+
 def _parse_parameters(body: bytes) -> dict[str, str]:
     if not body.endswith(b"\0"):
-        raise ProtocolError("invalid startup packet layout: expected terminator as last byte")
+        raise ProtocolError(_BAD_LAYOUT)
     content = body[:-1]
     if not content:
         return {}
     if not content.endswith(b"\0"):
-        raise ProtocolError("invalid startup packet layout: parameter without a terminator")
+        raise ProtocolError(_BAD_LAYOUT)
     parts = content[:-1].split(b"\0")
     if len(parts) % 2:
-        raise ProtocolError("invalid startup packet layout: parameter without a value")
+        raise ProtocolError(_BAD_LAYOUT)
     params: dict[str, str] = {}
     for raw_key, raw_value in zip(parts[::2], parts[1::2], strict=True):
         try:
@@ -147,7 +152,7 @@ def _parse_parameters(body: bytes) -> dict[str, str]:
         except UnicodeDecodeError:
             raise ProtocolError("invalid startup packet: parameter is not valid UTF-8") from None
         if not key:
-            raise ProtocolError("invalid startup packet layout: empty parameter name")
+            raise ProtocolError(_BAD_LAYOUT)
         params[key] = value
     return params
 
@@ -302,7 +307,8 @@ def parse_error_fields(payload: bytes) -> ServerError:
 
 
 def parse_backend_key_data(payload: bytes) -> tuple[int, bytes]:
-    if len(payload) < 8:
+    """The server's (process id, secret); the secret is 4 bytes, or up to 256 in 3.2."""
+    if len(payload) < 8 or len(payload) - 4 > MAX_CANCEL_SECRET:
         raise ProtocolError("malformed BackendKeyData message")
     (pid,) = _I32.unpack_from(payload)
     return pid, bytes(payload[4:])

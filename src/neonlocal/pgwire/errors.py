@@ -1,7 +1,8 @@
 """Errors raised by the protocol layer.
 
 ``ProtocolError`` means the peer broke the protocol: a ``neonlocal.errors.Refusal`` whose
-SQLSTATE and message the proxy sends back in an ErrorResponse before closing. Programming
+SQLSTATE and message the proxy sends back in an ErrorResponse before closing (or, for an
+``UnansweredProtocolError``, only logs). Programming
 errors (calling a state machine out of order) raise ``RuntimeError`` instead, as h11 does.
 """
 
@@ -18,6 +19,11 @@ class ProtocolError(Refusal):
 
     def __init__(self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION) -> None:
         super().__init__(message, code)
+
+
+class UnansweredProtocolError(ProtocolError):
+    """A broken startup packet PostgreSQL closes on without a reply: it only logs it (a
+    COMMERROR in ProcessStartupPacket), since the peer may not speak the protocol at all."""
 
 
 @dataclass(frozen=True)

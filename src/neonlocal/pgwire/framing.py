@@ -11,7 +11,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
 
 # PostgreSQL's own limit for startup packets (MAX_STARTUP_PACKET_LENGTH).
 MAX_STARTUP_PACKET: Final = 10_000
@@ -43,7 +43,8 @@ class _Framer:
 
 
 class StartupFramer(_Framer):
-    """Untyped packets: int32 length (counting itself) then the body."""
+    """Untyped packets: int32 length (counting itself) then the body. As in PostgreSQL, an
+    impossible length gets no reply: the peer may not speak the protocol at all."""
 
     def __init__(self, max_size: int = MAX_STARTUP_PACKET) -> None:
         super().__init__(max_size)
@@ -54,7 +55,7 @@ class StartupFramer(_Framer):
             return None
         (length,) = _I32.unpack_from(self._buf)
         if length < 8 or length > self._max:
-            raise ProtocolError(f"invalid length of startup packet: {length}")
+            raise UnansweredProtocolError(f"invalid length of startup packet: {length}")
         if len(self._buf) < length:
             return None
         body = bytes(self._buf[4:length])

@@ -162,9 +162,12 @@ class LocalPasswordAuth:
             else:
                 out += codec.auth_sasl_final(self._scram.server_final(msg.payload))
                 self.state = AuthState.DONE
-        if self.state is AuthState.DONE and self._framer.buffered:
-            raise ProtocolError("unexpected data after authentication")
         return out
+
+    def take_rest(self) -> bytes:
+        """What the client sent past its last answer (it may pipeline its first query):
+        it belongs to whoever reads next."""
+        return self._framer.take_rest()
 
     @property
     def done(self) -> bool:

@@ -9,8 +9,9 @@ Two machines, chosen by whether we hold the role's password (``upstream_login`` 
   when it sees PLUS on a non-TLS connection); the client's answers pass through upstream.
 
 Either way everything the server sends after AuthenticationOk is held back until
-ReadyForQuery and then handed to the client in one piece, with the server's cancel key
-replaced by ours and our own ParameterStatus added.
+ReadyForQuery; then ``client_tail`` hands it to the client in one piece, with our own
+ParameterStatus added and a cancel key the caller issues once it knows the server's
+(proxy/cancel.py).
 
 A credentials login can be pipelined: when the caller knows which SASL mechanisms
 this server offered last time, ``start`` sends the SASLInitialResponse right behind the
@@ -102,11 +103,9 @@ class _Login:
         self,
         parameters: Mapping[str, str],
         *,
-        client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
     ) -> None:
         self._params = dict(parameters)
-        self._client_key = client_key
         self._extra_status = dict(extra_status)
         self._upstream = MessageFramer()
         self._held: list[bytes] = []
@@ -117,9 +116,25 @@ class _Login:
         # this session later.
         self.status_messages = b""
         self.auth_method: str | None = None
+        self._ready_status = codec.IDLE
 
     def start(self) -> bytes:
         return codec.startup_message(self._params)
+
+    def client_tail(self, client_key: tuple[int, bytes]) -> bytes:
+        """Once ready: what the client gets, AuthenticationOk through ReadyForQuery with
+        ``client_key``, then whatever the server sent right behind its ReadyForQuery."""
+        if self.state is not LoginState.READY:
+            raise RuntimeError("the login is not ready")
+        tail = codec.login_tail(
+            b"".join(self._held), self._extra_status, client_key, self._ready_status
+        )
+        self._held.clear()
+        return tail + self._upstream.take_rest()
+
+    def take_client_rest(self) -> bytes:
+        """Client bytes read past its last answer: they belong to the relay, in order."""
+        return b""
 
     @property
     def done(self) -> bool:
@@ -140,10 +155,8 @@ class _Login:
             if msg is None:
                 break
             self._on_message(msg.kind, msg.payload, out)
-        if self.state is LoginState.READY:
-            # An asynchronous message (ParameterStatus, a notification) may follow
-            # ReadyForQuery in the same chunk: it belongs to the relay, in order.
-            out.to_client += self._upstream.take_rest()
+        # An asynchronous message (ParameterStatus, a notification) may follow ReadyForQuery
+        # in the same chunk: it stays buffered, for ``client_tail`` to hand on in order.
         return out
 
     def receive_client(self, data: bytes) -> bytes:
@@ -187,10 +200,7 @@ class _Login:
         elif kind == b"N":
             self._held.append(codec.message(kind, payload))
         elif kind == b"Z":
-            out.to_client += codec.login_tail(
-                b"".join(self._held), self._extra_status, self._client_key, payload
-            )
-            self._held.clear()
+            self._ready_status = payload
             self.state = LoginState.READY
         else:
             raise ProtocolError(
@@ -211,11 +221,10 @@ class CredentialsLogin(_Login):
         *,
         credentials: Credentials,
         certificate_der: bytes | None,
-        client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
         expected_sasl: tuple[str, ...] | None = None,
     ) -> None:
-        super().__init__(parameters, client_key=client_key, extra_status=extra_status)
+        super().__init__(parameters, extra_status=extra_status)
         self._creds = credentials
         self._cert = certificate_der
         self._scram: ScramClientExchange | None = None
@@ -348,11 +357,10 @@ class RelayedLogin(_Login):
         self,
         parameters: Mapping[str, str],
         *,
-        client_key: tuple[int, bytes],
         extra_status: Mapping[str, str],
         client_tls: bool = False,
     ) -> None:
-        super().__init__(parameters, client_key=client_key, extra_status=extra_status)
+        super().__init__(parameters, extra_status=extra_status)
         self._client_tls = client_tls
         self._client_answers = 0
         self._client = MessageFramer()
@@ -362,21 +370,32 @@ class RelayedLogin(_Login):
         self._final_answer_due = False
 
     def receive_client(self, data: bytes) -> bytes:
-        """Client bytes during login; only SASL/password answers are valid."""
+        """Client bytes during login: its answer to the request passed on. What follows the
+        answer (a client may pipeline its first query) waits for the relay, as in
+        PostgreSQL, which reads it only once the login is done."""
         if self.state is not LoginState.AUTHENTICATING:
             return super().receive_client(data)
         self._client.feed(data)
-        out = b""
-        while (msg := self._client.next_message()) is not None:
-            if msg.kind != b"p":
-                raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
-            if self._client_tls and self._client_answers == 0:
-                _refuse_relayed_binding(msg.payload)
-            self._client_answers += 1
-            out += msg.encode()
-            self.awaiting_client = False
-            self.awaiting_compute = self._final_answer_due
-        return out
+        return self._client_answer()
+
+    def take_client_rest(self) -> bytes:
+        return self._client.take_rest()
+
+    def _client_answer(self) -> bytes:
+        """The client's answer, once it is whole; SASL/password answers only are valid."""
+        if not self.awaiting_client:
+            return b""
+        msg = self._client.next_message()
+        if msg is None:
+            return b""
+        if msg.kind != b"p":
+            raise ProtocolError(f"expected password response, got message type {msg.kind!r}")
+        if self._client_tls and self._client_answers == 0:
+            _refuse_relayed_binding(msg.payload)
+        self._client_answers += 1
+        self.awaiting_client = False
+        self.awaiting_compute = self._final_answer_due
+        return msg.encode()
 
     def _on_auth(self, request: codec.AuthRequest, payload: bytes, out: Output) -> None:
         if request.code == codec.AUTH_OK:
@@ -392,6 +411,7 @@ class RelayedLogin(_Login):
             self.auth_method = "relayed " + offered[0]
             out.to_client += codec.auth_sasl(offered)
             self.awaiting_client = True
+            out.to_upstream += self._client_answer()
         elif request.code in (
             codec.AUTH_SASL_CONTINUE,
             codec.AUTH_SASL_FINAL,
@@ -406,6 +426,7 @@ class RelayedLogin(_Login):
             # SASLFinal is followed by AuthenticationOk without an answer from the client.
             self.awaiting_client = request.code != codec.AUTH_SASL_FINAL
             self._final_answer_due = request.code != codec.AUTH_SASL_FINAL
+            out.to_upstream += self._client_answer()
         else:
             raise _unsupported(request)
 
@@ -418,21 +439,17 @@ def upstream_login(
     *,
     credentials: Credentials | None,
     certificate_der: bytes | None,
-    client_key: tuple[int, bytes],
     extra_status: Mapping[str, str],
     client_tls: bool = False,
     expected_sasl: tuple[str, ...] | None = None,
 ) -> UpstreamLogin:
     """The login for what we hold: our own with ``credentials``, else the client's, relayed."""
     if credentials is None:
-        return RelayedLogin(
-            parameters, client_key=client_key, extra_status=extra_status, client_tls=client_tls
-        )
+        return RelayedLogin(parameters, extra_status=extra_status, client_tls=client_tls)
     return CredentialsLogin(
         parameters,
         credentials=credentials,
         certificate_der=certificate_der,
-        client_key=client_key,
         extra_status=extra_status,
         expected_sasl=expected_sasl,
     )

@@ -20,7 +20,7 @@ from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.addresses import AddressBook
-from neonlocal.proxy.cancel import CancelRegistry
+from neonlocal.proxy.cancel import CancelKey, CancelRegistry
 from neonlocal.proxy.pool import SessionPool
 from neonlocal.targets import Target
 from neonlocal.tls.local import LocalTls
@@ -183,8 +183,8 @@ class SessionContext(Protocol):
 
     async def forward_cancel(self, request: CancelRequest) -> None: ...
 
-    def cancel_query(self, cancel_pid: int) -> None:
-        """Cancel, in the background, what the session holding ``cancel_pid`` runs upstream."""
+    def cancel_query(self, cancel_key: CancelKey) -> None:
+        """Cancel, in the background, what the session holding ``cancel_key`` runs upstream."""
 
     @property
     def pool(self) -> SessionPool | None: ...

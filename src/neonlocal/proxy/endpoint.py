@@ -106,11 +106,13 @@ class Endpoint(asyncio.Protocol):
         while not has_bytes():
             if self.eof:
                 raise PeerClosed
-            self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await self._waiter
+                await waiter
             finally:
-                self._waiter = None
+                # A cancelled wait must not clear the waiter of a newer one.
+                if self._waiter is waiter:
+                    self._waiter = None
 
     async def recv(self) -> bytes:
         """Bytes received so far (waiting for some); raises PeerClosed at end of stream."""
@@ -118,6 +120,10 @@ class Endpoint(asyncio.Protocol):
         data = bytes(self._buf)
         self._buf.clear()
         return data
+
+    def unread(self, data: bytes) -> None:
+        """Put back bytes a parser read past what it needed: the next reader gets them first."""
+        self._buf[:0] = data
 
     def take_buffered(self) -> bytes:
         data = bytes(self._buf)

@@ -60,9 +60,18 @@ def strip_routing_options(options: str) -> str:
     return " ".join(cleaned)
 
 
-def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
-    """Choose role, database, startup parameters and auth mode for a client on ``target``."""
+def plan_login(
+    target: Target, client_params: Mapping[str, str], *, os_user: str | None = None
+) -> Plan:
+    """Choose role, database, startup parameters and auth mode for a client on ``target``.
+
+    ``os_user`` is the client's OS user when the kernel says it (our Unix socket): a role
+    that is only libpq's default for that user becomes the branch URL's role.
+    """
     user = target.user if target.pin_user and target.user else client_params["user"]
+    if _only_libpq_default(user, target, os_user):
+        assert target.user is not None
+        user = target.user
     database = (
         target.database
         if target.pin_database and target.database
@@ -85,6 +94,16 @@ def plan_login(target: Target, client_params: Mapping[str, str]) -> Plan:
             neon_endpoint=_endpoint_id(target.host),
         )
     return Plan(target, user, database, params, credentials, ignored)
+
+
+def _only_libpq_default(user: str, target: Target, os_user: str | None) -> bool:
+    return (
+        os_user is not None
+        and user == os_user
+        and target.user is not None
+        and target.user != user
+        and target.password is not None
+    )
 
 
 def _check_edge_limits(params: Mapping[str, str]) -> None:

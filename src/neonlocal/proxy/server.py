@@ -28,7 +28,7 @@ from neonlocal.pgwire import sqlstate
 from neonlocal.pgwire.codec import CancelRequest
 from neonlocal.pgwire.scram import ScramSecret
 from neonlocal.proxy.addresses import AddressBook
-from neonlocal.proxy.cancel import CancelRegistry, CancelRoute
+from neonlocal.proxy.cancel import CancelKey, CancelRegistry, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     FAILURE_MEMORY_S,
@@ -412,9 +412,9 @@ class Server:
             return
         await self._send_cancel(route)
 
-    def cancel_query(self, cancel_pid: int) -> None:
-        """Cancel what the session holding ``cancel_pid`` runs upstream (we are ending it)."""
-        route = self.cancels.route_of(cancel_pid)
+    def cancel_query(self, cancel_key: CancelKey) -> None:
+        """Cancel what the session holding ``cancel_key`` runs upstream (we are ending it)."""
+        route = self.cancels.route_of(cancel_key)
         if route is None:
             return
         task = asyncio.get_running_loop().create_task(self._send_cancel(route))

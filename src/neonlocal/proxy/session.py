@@ -14,9 +14,11 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
+from neonlocal.config.file import key_lines
+from neonlocal.config.values import Settings
 from neonlocal.errors import Refusal
 from neonlocal.metrics import ErrorKind
 from neonlocal.neon.edge import EdgeMeaning, Retry, meaning_of
@@ -28,7 +30,7 @@ from neonlocal.pgwire.codec import (
     SSLRequest,
     StartupMessage,
 )
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
     Output,
@@ -38,7 +40,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
-from neonlocal.proxy.cancel import CancelRoute
+from neonlocal.proxy.cancel import CancelKey, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
     SLOW_CONNECT_S,
@@ -50,6 +52,7 @@ from neonlocal.proxy.context import (
 )
 from neonlocal.proxy.drive import drive
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
+from neonlocal.proxy.peer import peer_user_name
 from neonlocal.proxy.plan import Plan, plan_login
 from neonlocal.proxy.pool import Parked, PoolKey
 from neonlocal.proxy.relay import Relay
@@ -74,6 +77,16 @@ SLOW_FAILURE_S = SLOW_CONNECT_S
 _ids = itertools.count(1)
 
 
+class _EndWithoutReply(Exception):
+    """End the session with a bare close, as PostgreSQL does where the client cannot be
+    told (or is not told) why; ``kind`` counts it."""
+
+    def __init__(self, reason: str, kind: ErrorKind) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.kind = kind
+
+
 class Session:
     def __init__(self, context: SessionContext, client: Endpoint) -> None:
         self.id = next(_ids)
@@ -84,7 +97,7 @@ class Session:
         self.target: Target | None = None
         self.relay: Relay | None = None
         self.upstream: Upstream | None = None
-        self.cancel_pid: int | None = None
+        self.cancel_key: CancelKey | None = None
         self.started = time.monotonic()
         self.close_reason = "client closed"
         self.user: str | None = None
@@ -94,6 +107,7 @@ class Session:
         self.client_tls_negotiation: str | None = None
         self._admitted = False
         self._holds_password = False
+        self._os_user: str | None = None
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
 
@@ -106,6 +120,10 @@ class Session:
     async def run(self) -> None:
         try:
             await self._run()
+        except UnansweredProtocolError as exc:
+            self._end_without_reply(f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
+        except _EndWithoutReply as exc:
+            self._end_without_reply(exc.reason, exc.kind)
         except ProtocolError as exc:
             self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
@@ -131,12 +149,11 @@ class Session:
         plan = self._plan(params)
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             await self._authenticate_locally(plan)
-        client_key = self._issue_cancel_key()
         parked = self._take_parked(plan)
         if parked is not None:
-            await self._resume(parked, client_key)
+            await self._resume(parked)
             return
-        upstream, login = await self._log_in_upstream(plan, params, client_key)
+        upstream, login = await self._log_in_upstream(plan, params)
         self._logged_in(upstream, login, plan)
         await self._relay(upstream.endpoint, login.server_key)
 
@@ -147,9 +164,15 @@ class Session:
         if ssl_object is not None:
             self._accept_direct_tls(ssl_object)
         phase = StartupPhase()
-        await drive(
-            phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
-        )
+        try:
+            await drive(
+                phase, self.client.recv, lambda event: self._answer_encryption_request(event, phase)
+            )
+        except PeerClosed:
+            if phase.buffered:
+                # PostgreSQL logs this one (a COMMERROR) and, like us, says nothing.
+                self._report.event("startup_incomplete", received=phase.buffered)
+            raise
         request = phase.result
         if isinstance(request, CancelRequest):
             self.close_reason = "cancel request"
@@ -168,7 +191,9 @@ class Session:
         if isinstance(request, SSLRequest) and self.client_tls:
             raise ProtocolError("unexpected SSLRequest over an encrypted connection")
         if phase.buffered:
-            raise ProtocolError("received unencrypted data after SSL request")
+            # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
+            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
+            raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
         if isinstance(request, GSSENCRequest) or local_tls is None:
             self.client.write(codec.ENCRYPTION_REFUSED)
@@ -177,8 +202,9 @@ class Session:
             await self._start_client_tls(local_tls.context)
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
-        if phase.take_rest():
-            raise ProtocolError("unexpected data after the startup packet")
+        # A client may send its first messages right behind the StartupMessage (a password
+        # ahead of the request, a query): PostgreSQL reads them in turn, and so do we.
+        self.client.unread(phase.take_rest())
         if (
             self._context.settings.local.require_tls
             and not self.client_tls
@@ -194,8 +220,11 @@ class Session:
     def _on_unix_socket(self) -> bool:
         """libpq never uses TLS on a Unix socket, and ours is for its owner alone; like
         PostgreSQL's hostssl lines, require_tls concerns TCP clients."""
+        return self._unix_socket() is not None
+
+    def _unix_socket(self) -> socket.socket | None:
         sock = self.client.extra("socket")  # noqa: S610 - a transport's, not Django's
-        return sock is not None and sock.family == socket.AF_UNIX
+        return sock if sock is not None and sock.family == socket.AF_UNIX else None
 
     async def _start_client_tls(self, context: ssl.SSLContext) -> None:
         transport = self.client.transport
@@ -247,7 +276,8 @@ class Session:
         self.branch, self.target = branch, target
         self._report.bind(branch=branch, upstream=target.describe())
         self._report.opened(branch)
-        plan = plan_login(target, params)
+        self._os_user = peer_user_name(self._unix_socket())
+        plan = plan_login(target, params, os_user=self._os_user)
         self.user = plan.user
         self._holds_password = plan.credentials is not None
         self._report.bind(user=plan.user, database=plan.database)
@@ -291,16 +321,14 @@ class Session:
                     ErrorKind.AUTH,
                 ) from None
             raise
+        self.client.unread(auth.take_rest())
 
-    def _issue_cancel_key(self) -> tuple[int, bytes]:
-        pid, secret = self._context.cancels.issue(self)
-        self.cancel_pid = pid
-        return pid, secret
-
-    def _bind_cancel(self, target: Target, server_key: tuple[int, bytes] | None) -> None:
-        if server_key is not None and self.cancel_pid is not None:
-            pid, secret = server_key
-            self._context.cancels.bind(self.cancel_pid, CancelRoute(target, pid, secret))
+    def _issue_cancel_key(self, target: Target, server_key: CancelKey | None) -> CancelKey:
+        """The client's key: the server's process id (what ``pg_backend_pid()`` says) and a
+        secret of ours, so that its cancels come to us (proxy/cancel.py)."""
+        route = None if server_key is None else CancelRoute(target, *server_key)
+        self.cancel_key = self._context.cancels.issue(self, route)
+        return self.cancel_key
 
     def _branch_status(self) -> dict[str, str]:
         return {BRANCH_PARAMETER: self.branch or ""}
@@ -314,14 +342,14 @@ class Session:
         self._pool_key = PoolKey.of(self.branch or "", plan.target, plan.parameters)
         return pool.take(self._pool_key)
 
-    async def _resume(self, parked: Parked, client_key: tuple[int, bytes]) -> None:
+    async def _resume(self, parked: Parked) -> None:
         """Serve the client on a reused upstream session: no handshake upstream at all."""
         self.upstream = Upstream(parked.endpoint, None, parked.tls_version, parked.address)
+        client_key = self._issue_cancel_key(parked.target, parked.server_key)
         self.client.write(
             codec.login_tail(parked.status_messages, self._branch_status(), client_key)
         )
         self._status_messages = parked.status_messages
-        self._bind_cancel(parked.target, parked.server_key)
         self.auth = "reused"
         self._report.ready()
         self._report.event(
@@ -333,7 +361,7 @@ class Session:
         await self._relay(parked.endpoint, parked.server_key)
 
     async def _log_in_upstream(
-        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+        self, plan: Plan, params: Mapping[str, str]
     ) -> tuple[Upstream, UpstreamLogin]:
         """Connect and log in, one login to a host at a time beyond its slots; a branch that
         failed slowly a moment ago gets the same answer at once."""
@@ -343,14 +371,14 @@ class Session:
         began = time.monotonic()
         try:
             async with self._context.login_slots(plan.target):
-                return await self._log_in_with_retries(plan, params, client_key)
+                return await self._log_in_with_retries(plan, params)
         except SessionRefused as exc:
             if time.monotonic() - began >= SLOW_FAILURE_S:
                 self._context.remember_failure(plan.target, exc)
             raise
 
     async def _log_in_with_retries(
-        self, plan: Plan, params: Mapping[str, str], client_key: tuple[int, bytes]
+        self, plan: Plan, params: Mapping[str, str]
     ) -> tuple[Upstream, UpstreamLogin]:
         """A new connection at most once for a pipelined login the server did not expect,
         once with fresh credentials for a refused password, and, within the connect
@@ -361,7 +389,7 @@ class Session:
         retries = 0
         while True:
             upstream = await self._connect(plan.target)
-            login = self._upstream_login(plan, upstream, client_key, pipeline=may_pipeline)
+            login = self._upstream_login(plan, upstream, pipeline=may_pipeline)
             try:
                 await self._pump_login(upstream.endpoint, login)
             except SpeculationFailed as exc:
@@ -376,7 +404,7 @@ class Session:
                     # A reset branch or a changed password: fetch the credentials again,
                     # once, before the client sees an error.
                     may_refresh = False
-                    plan = plan_login(await self._fresh_target(exc), params)
+                    plan = plan_login(await self._fresh_target(exc), params, os_user=self._os_user)
                     continue
                 pause = _retry_pause(retries, exc, refreshed=not may_refresh)
                 if pause is None or time.monotonic() + pause > retry_until:
@@ -409,9 +437,7 @@ class Session:
         self.upstream = upstream
         return upstream
 
-    def _upstream_login(
-        self, plan: Plan, upstream: Upstream, client_key: tuple[int, bytes], *, pipeline: bool
-    ) -> UpstreamLogin:
+    def _upstream_login(self, plan: Plan, upstream: Upstream, *, pipeline: bool) -> UpstreamLogin:
         expected = None
         pipelining = pipeline and self._context.settings.upstream.pipeline_auth
         if pipelining and plan.credentials is not None:
@@ -420,7 +446,6 @@ class Session:
             plan.parameters,
             credentials=plan.credentials,
             certificate_der=upstream.certificate_der,
-            client_key=client_key,
             extra_status=self._branch_status(),
             client_tls=self.client_tls,
             expected_sasl=expected,
@@ -428,19 +453,54 @@ class Session:
 
     async def _pump_login(self, up: Endpoint, login: UpstreamLogin) -> None:
         """Carry the login's bytes until its ReadyForQuery: between us and the server, and
-        the client's own answers when it logs in for itself."""
+        the client's own answers when it logs in for itself.
 
-        def read() -> Awaitable[bytes]:
+        A relayed login ends, as in PostgreSQL, if the client has not answered within
+        STARTUP_TIMEOUT_S (authentication_timeout); the server is watched meanwhile, so its
+        error or its close (its own authentication_timeout) ends the session at once."""
+        deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        up.write(login.start())
+        while not login.done:
             if login.awaiting_client:
-                return self.client.recv()
-            return self._recv_during_login(up, waking=login.awaiting_compute)
-
-        def act(out: Output) -> None:
+                out = await self._client_answer(up, login, deadline)
+            else:
+                out = login.receive_upstream(
+                    await self._recv_during_login(up, waking=login.awaiting_compute)
+                )
             up.write(out.to_upstream)
             self.client.write(out.to_client)
 
-        up.write(login.start())
-        await drive(login, read, act)
+    async def _client_answer(self, up: Endpoint, login: UpstreamLogin, deadline: float) -> Output:
+        """The client's answer to a relayed request, or what the server says meanwhile."""
+        from_client = asyncio.ensure_future(self.client.recv())
+        from_server = asyncio.ensure_future(up.recv())
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.wait((from_client, from_server), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            raise _EndWithoutReply(
+                "the client did not finish its login in time", ErrorKind.STARTUP_TIMEOUT
+            ) from None
+        finally:
+            from_client.cancel()
+            from_server.cancel()
+            # Settled before anyone reads either side again; a read already done keeps
+            # its bytes.
+            await asyncio.wait((from_client, from_server))
+        server_data, server_closed = _outcome(from_server)
+        client_data, client_closed = _outcome(from_client)
+        if server_closed:
+            # The server gave up on the client (its authentication_timeout): so do we, and
+            # the client sees what it would see directly, a bare close.
+            raise _EndWithoutReply(
+                "server closed the connection during the relayed login", ErrorKind.UPSTREAM_CLOSED
+            )
+        out = login.receive_upstream(server_data) if server_data else Output()
+        if client_closed:
+            raise PeerClosed("client closed during login")
+        if client_data:
+            out.to_upstream += login.receive_client(client_data)
+        return out
 
     async def _recv_during_login(self, up: Endpoint, *, waking: bool) -> bytes:
         """The server's next bytes. A server that went silent (a stuck compute, a half-open
@@ -480,7 +540,10 @@ class Session:
         fresh = await self._context.refresh_credentials(self.branch or "", self.target)
         if fresh is None:
             raise self._upstream_failure(
-                f": {stale.error.message}", sqlstate.INVALID_PASSWORD, ErrorKind.AUTH
+                f": {stale.error.message}",
+                sqlstate.INVALID_PASSWORD,
+                ErrorKind.AUTH,
+                hint=self._password_advice(),
             )
         self.target = fresh
         self._report.bind(upstream=fresh.describe())
@@ -490,7 +553,10 @@ class Session:
         self.auth = login.auth_method
         if login.sasl_offer is not None and self._context.settings.upstream.pipeline_auth:
             self._context.sasl_offers[_offer_key(plan)] = login.sasl_offer
-        self._bind_cancel(plan.target, login.server_key)
+        client_key = self._issue_cancel_key(plan.target, login.server_key)
+        # What the client sent past its login belongs to the relay, ahead of what comes next.
+        self.client.unread(login.take_client_rest())
+        self.client.write(login.client_tail(client_key))
         self._report.ready()
         self._report.event(
             "session_ready",
@@ -506,15 +572,41 @@ class Session:
         )
         self._status_messages = login.status_messages
 
-    def _advice(self, meaning: EdgeMeaning) -> str | None:
-        """What the user can do about an edge error, said in the client's HINT."""
-        if meaning.sqlstate == sqlstate.INVALID_PASSWORD and self._holds_password:
+    def _role_hint(self, code: str) -> str | None:
+        """A client refused under a role of its own, where the branch URL names another whose
+        password we hold: most often libpq's default role (the OS user) over TCP."""
+        target = self.target
+        if self._holds_password or not code.startswith("28") or target is None:
+            return None
+        if target.user is None or target.user == self.user or target.password is None:
+            return None
+        return (
+            f'neonlocal logs in for you as "{target.user}", the role in the branch URL: '
+            f"connect with user={target.user} (psql -U {target.user})"
+        )
+
+    def _advice(self, code: str, meaning: EdgeMeaning | None) -> str | None:
+        """What the user can do about a refused login, said in the client's HINT."""
+        if code == sqlstate.INVALID_PASSWORD and self._holds_password:
+            return self._password_advice()
+        if meaning is not None and meaning.advice is not None:
+            return meaning.advice
+        return self._role_hint(code)
+
+    def _password_advice(self) -> str:
+        """Our own password was refused: say where it came from, so it can be put right."""
+        settings = self._context.settings
+        table = settings.branches.get(self.branch or "")
+        if table is not None and table.url is not None:
             return (
-                f"neonlocal logs in with the password it holds for this branch: if the branch "
-                f"was reset or its password changed, `neonlocal use {self.branch}` fetches it "
-                "again (or update the branch URL in the config)"
+                f'the password in branch "{self.branch}"\'s URL{_where_in(settings, self.branch)}'
+                " was refused: paste the branch's current connection string there"
             )
-        return meaning.advice
+        return (
+            f"neonlocal logs in with the password the Neon API gave for this branch: if the "
+            f"branch was reset or its password changed, `neonlocal use {self.branch}` fetches "
+            "it again"
+        )
 
     def _upstream_message(self, problem: str, *, unreached: bool = False) -> str:
         """Every failure upstream names the branch and its host, then what went wrong."""
@@ -523,12 +615,18 @@ class Session:
         return f"neonlocal: {'cannot reach ' if unreached else ''}{where}{problem}"
 
     def _upstream_failure(
-        self, problem: str, code: str, kind: ErrorKind, *, unreached: bool = False
+        self,
+        problem: str,
+        code: str,
+        kind: ErrorKind,
+        *,
+        unreached: bool = False,
+        hint: str | None = None,
     ) -> SessionRefused:
         """The refusal for a failure upstream, also kept as the last error for ``status``."""
         message = self._upstream_message(problem, unreached=unreached)
         self._report.failure(message)
-        return SessionRefused(message, code, kind)
+        return SessionRefused(message, code, kind, hint=hint)
 
     # --- the relay -----------------------------------------------------------------------------
 
@@ -598,9 +696,17 @@ class Session:
     def _cancel_then_end(self, relay: Relay, error: bytes) -> None:
         if relay.done.done() or relay.finished:
             return  # the query ended within the grace, and with it the session
-        if self.cancel_pid is not None:
-            self._context.cancel_query(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancel_query(self.cancel_key)
         asyncio.get_running_loop().call_later(CANCEL_WAIT_S, relay.force_terminate, error)
+
+    def _end_without_reply(self, reason: str, kind: ErrorKind) -> None:
+        self.close_reason = reason
+        self._report.error(kind)
+        self._report.event("session_ended_without_reply", reason=reason)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.endpoint.close()
 
     def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
         self.close_reason = reason
@@ -619,10 +725,10 @@ class Session:
             # Neon's edge sends every login error as XX000; a driver decides by the code
             # PostgreSQL itself would have sent.
             fields["C"] = meaning.sqlstate
-            hint = self._advice(meaning)
-            if hint is not None:
-                fields["H"] = hint
         code = fields.get("C", error.sqlstate)
+        hint = self._advice(code, meaning)
+        if hint is not None:
+            fields["H"] = hint
         self.close_reason = f"upstream refused: {code}"
         during_auth = rejected.during_auth or code.startswith("28")
         self._report.error(ErrorKind.AUTH if during_auth else ErrorKind.UPSTREAM_REJECTED)
@@ -636,8 +742,8 @@ class Session:
             self.upstream.endpoint.close()
 
     def _cleanup(self) -> None:
-        if self.cancel_pid is not None:
-            self._context.cancels.release(self.cancel_pid)
+        if self.cancel_key is not None:
+            self._context.cancels.release(self.cancel_key)
         if not self.client.lost:
             self.client.close()
         if self.upstream is not None and not self.upstream.endpoint.lost:
@@ -667,6 +773,19 @@ class Session:
         )
 
 
+def _where_in(settings: Settings, branch: str | None) -> str:
+    """`` in /path/config.toml:12`` for a branch's url line, read when it is needed."""
+    path = settings.config_path
+    if path is None or branch is None:
+        return ""
+    try:
+        lines = key_lines(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return f" in {path}"
+    line = lines.get(("branches", branch, "url"))
+    return f" in {path}:{line}" if line is not None else f" in {path}"
+
+
 def _edge_meaning(rejected: UpstreamRejected) -> EdgeMeaning | None:
     return meaning_of(rejected.error.sqlstate, rejected.error.message)
 
@@ -680,6 +799,15 @@ def _retry_pause(retries: int, rejected: UpstreamRejected, *, refreshed: bool) -
         ceiling = min(RETRY_MAX_PAUSE_S, RETRY_FIRST_PAUSE_S * 2**retries)
         return random.uniform(RETRY_FIRST_PAUSE_S / 2, ceiling)  # noqa: S311 - jitter
     return None
+
+
+def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
+    """What a finished or cancelled ``recv`` got: its bytes, and whether the peer closed."""
+    if not read.done() or read.cancelled():
+        return b"", False
+    if isinstance(read.exception(), PeerClosed):
+        return b"", True
+    return read.result(), False
 
 
 def _offer_key(plan: Plan) -> tuple[str, int, str, str]:

@@ -38,6 +38,25 @@ def unix_socket_dir(setting: str) -> Path | None:
     return None
 
 
+def where_libpq_looks() -> Path:
+    """The directory this machine's libpq most likely looks in when no host is given."""
+    for candidate in _LIBPQ_SOCKET_DIRS:
+        if os.path.isdir(candidate):
+            return Path(candidate)
+    return Path(_LIBPQ_SOCKET_DIRS[-1])
+
+
+def socket_hint(path: Path) -> str | None:
+    """How to reach a socket that is not where libpq looks by itself; None when it is."""
+    directory, default = path.parent, where_libpq_looks()
+    if directory == default:
+        return None
+    return (
+        f"libpq looks in {default}, which this user cannot write to; connect with "
+        f"host={directory} (psql -h {directory}) or export PGHOST={directory}"
+    )
+
+
 def socket_answers(path: Path, timeout: float) -> bool:
     """Whether something accepts connections on the Unix socket at ``path`` (not stale)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -1,0 +1,678 @@
+"""Same as direct: a driver cannot tell neonlocal from the server it stands in front of.
+
+Every scenario runs the same code three ways — straight to a test compute, through a daemon
+that logs in with the branch URL's credentials, and through one that relays the client's own
+SCRAM login — and the outcomes (what the driver observes) must be equal. Each scenario also
+asserts the outcome PostgreSQL itself gives, so that a bug on both sides cannot pass.
+
+The one difference a driver may see is the ``neonlocal.branch`` ParameterStatus; scenarios
+that look at ParameterStatus messages leave it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+
+from fixtures import rawpg
+from fixtures.daemon import LocalDaemon, daemon_env, private_dir, running_daemon, write_config
+from fixtures.pg import TEST_PASSWORD, MakeCompute
+from neonlocal.localpg import LocalCompute
+
+pytestmark = pytest.mark.pg
+
+NODE_DIR = Path(__file__).resolve().parents[1] / "node"
+JAVA_SOURCE = Path(__file__).resolve().parents[1] / "java" / "SameAsDirect.java"
+PGJDBC_JAR = Path("/usr/share/java/postgresql.jar")
+
+BRANCH_STATUS = "neonlocal.branch"
+
+
+@dataclass(frozen=True)
+class Way:
+    """One way to reach the same server: straight, or through one of the daemons."""
+
+    name: str
+    host: str
+    port: int
+    password: str | None
+    sslmode: str
+    sslrootcert: str | None = None
+    user: str = "neondb_owner"
+    database: str = "neondb"
+    # The way straight to the server, for the second connection a scenario may need.
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def conninfo(self, **params: str) -> str:
+        parts = {
+            "host": self.host,
+            "port": str(self.port),
+            "user": self.user,
+            "dbname": self.database,
+            "sslmode": self.sslmode,
+        }
+        if self.password is not None:
+            parts["password"] = self.password
+        if self.sslrootcert is not None:
+            parts["sslrootcert"] = self.sslrootcert
+        parts.update(params)
+        return " ".join(f"{k}={_quote(v)}" for k, v in parts.items())
+
+    def jdbc_url(self) -> str:
+        query = {"user": self.user, "sslmode": self.sslmode}
+        if self.password is not None:
+            query["password"] = self.password
+        if self.sslrootcert is not None:
+            query["sslrootcert"] = self.sslrootcert
+        args = "&".join(f"{k}={v}" for k, v in query.items())
+        return f"jdbc:postgresql://{self.host}:{self.port}/{self.database}?{args}"
+
+    def node_options(self) -> dict[str, Any]:
+        client: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "database": self.database,
+        }
+        if self.password is not None:
+            client["password"] = self.password
+        options: dict[str, Any] = {"client": client}
+        if self.sslmode != "disable":
+            # verify-ca: the certificate names the Neon host, not the address used here.
+            client["ssl"] = {"checkServerIdentity": None}
+            options["caFile"] = self.sslrootcert
+        return options
+
+    async def asyncpg_connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(dsn=self._asyncpg_dsn())
+
+    def _asyncpg_dsn(self) -> str:
+        password = f":{self.password}" if self.password is not None else ""
+        query = f"sslmode={self.sslmode}"
+        if self.sslrootcert is not None:
+            query += f"&sslrootcert={self.sslrootcert}"
+        return f"postgresql://{self.user}{password}@{self.host}:{self.port}/{self.database}?{query}"
+
+
+def _quote(value: str) -> str:
+    if value and not any(c in value for c in " '\\"):
+        return value
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+Scenario = Callable[[Way], Awaitable[Any]]
+
+
+@dataclass
+class Ways:
+    direct: Way
+    through: list[Way]
+    daemons: dict[str, LocalDaemon]
+
+    async def compare(self, scenario: Scenario) -> Any:
+        """Run ``scenario`` every way; every outcome must equal the direct one, returned."""
+        expected = await scenario(self.direct)
+        for way in self.through:
+            assert await scenario(way) == expected, f"{way.name} differs from direct"
+        return expected
+
+
+@contextlib.asynccontextmanager
+async def _daemon(branches: dict[str, str], extra: str = "") -> AsyncIterator[LocalDaemon]:
+    workdir = private_dir("neonlocal-test-direct-")
+    try:
+        config = write_config(workdir / "config.toml", branches, branch="main", extra=extra)
+        async with running_daemon(config, daemon_env(workdir)) as running:
+            yield running
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _direct(compute: LocalCompute, ca_file: Path) -> Way:
+    return Way(
+        "direct",
+        compute.spec.listen_addr,
+        compute.spec.port,
+        TEST_PASSWORD,
+        "verify-ca",
+        str(ca_file),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _ways(compute: LocalCompute, ca_file: Path, extra: str = "") -> AsyncIterator[Ways]:
+    with_password = {"main": compute.url(ca_file=ca_file)}
+    without = {"main": compute.url(ca_file=ca_file, password=False)}
+    async with _daemon(with_password, extra) as creds, _daemon(without, extra) as relayed:
+        yield Ways(
+            _direct(compute, ca_file),
+            [
+                Way("neonlocal (credentials)", "127.0.0.1", creds.port, None, "disable"),
+                Way("neonlocal (relayed)", "127.0.0.1", relayed.port, TEST_PASSWORD, "disable"),
+            ],
+            {"credentials": creds, "relayed": relayed},
+        )
+
+
+@pytest.fixture
+async def ways(compute_main: LocalCompute, ca_file: Path) -> AsyncIterator[Ways]:
+    async with _ways(compute_main, ca_file) as made:
+        yield made
+
+
+@pytest.fixture
+async def reuse_ways(compute_main: LocalCompute, ca_file: Path) -> AsyncIterator[Ways]:
+    async with _ways(compute_main, ca_file, "[upstream]\nreuse_sessions = true") as made:
+        yield made
+
+
+# --- the backend pid ------------------------------------------------------------------------
+
+
+async def test_the_drivers_pid_is_the_servers(ways: Ways) -> None:
+    """psycopg's backend_pid and asyncpg's server pid are what pg_backend_pid() says."""
+
+    async def pids_agree(way: Way) -> tuple[bool, bool]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo()) as conn:
+            row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+            psycopg_agrees = row is not None and row[0] == conn.info.backend_pid
+        conn2 = await way.asyncpg_connect()
+        try:
+            asyncpg_agrees = await conn2.fetchval("SELECT pg_backend_pid()") == (
+                conn2.get_server_pid()
+            )
+        finally:
+            await conn2.close()
+        return psycopg_agrees, asyncpg_agrees
+
+    assert await ways.compare(pids_agree) == (True, True)
+
+
+async def test_an_own_notify_carries_the_own_pid(ways: Ways) -> None:
+    """Apps skip NOTIFYs their own connection sent by comparing pids."""
+
+    async def own_notify(way: Way) -> tuple[str, bool]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            await conn.execute("LISTEN same_as_direct")
+            await conn.execute("NOTIFY same_as_direct, 'mine'")
+            async with asyncio.timeout(5):
+                async for note in conn.notifies():
+                    return note.payload, note.pid == conn.info.backend_pid
+        raise AssertionError("no notification")
+
+    assert await ways.compare(own_notify) == ("mine", True)
+
+
+async def test_notify_from_another_session_names_that_sessions_pid(ways: Ways) -> None:
+    async def across(way: Way) -> tuple[str, bool]:
+        async with (
+            await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as listener,
+            await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as sender,
+        ):
+            await listener.execute("LISTEN same_as_direct")
+            await sender.execute("NOTIFY same_as_direct, 'theirs'")
+            async with asyncio.timeout(5):
+                async for note in listener.notifies():
+                    return note.payload, note.pid == sender.info.backend_pid
+        raise AssertionError("no notification")
+
+    assert await ways.compare(across) == ("theirs", True)
+
+
+async def test_terminating_the_drivers_pid_ends_that_connection(ways: Ways) -> None:
+    """pg_terminate_backend(<the driver's pid>) ends it with 57P01, as pools expect."""
+
+    async def terminate_own(way: Way) -> tuple[bool, str | None]:
+        async with (
+            await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as victim,
+            await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as admin,
+        ):
+            cur = await admin.execute("SELECT pg_terminate_backend(%s)", (victim.info.backend_pid,))
+            row = await cur.fetchone()
+            try:
+                await victim.execute("SELECT 1")
+            except psycopg.Error as exc:
+                return bool(row and row[0]), exc.sqlstate
+            return bool(row and row[0]), None
+
+    assert await ways.compare(terminate_own) == (True, "57P01")
+
+
+async def test_a_reused_session_shows_the_pid_that_serves_it(reuse_ways: Ways) -> None:
+    """With session reuse, the second client gets the pid of the server session it reuses."""
+
+    async def twice(way: Way) -> tuple[bool, bool, str]:
+        agreements = []
+        for _ in range(2):
+            async with await psycopg.AsyncConnection.connect(way.conninfo()) as conn:
+                row = await (await conn.execute("SELECT pg_backend_pid()")).fetchone()
+                agreements.append(row is not None and row[0] == conn.info.backend_pid)
+                await conn.execute("SET application_name = 'left behind'")
+                show = await (await conn.execute("SHOW application_name")).fetchone()
+        assert show is not None
+        return agreements[0], agreements[1], "closed"
+
+    assert await reuse_ways.compare(twice) == (True, True, "closed")
+
+
+async def test_a_closed_connection_leaves_nothing_behind_with_reuse(reuse_ways: Ways) -> None:
+    """A setting made before close() is gone for the next client, as with a new session."""
+
+    async def settings_after_close(way: Way) -> str:
+        async with await psycopg.AsyncConnection.connect(way.conninfo()) as conn:
+            await conn.execute("SET search_path = 'left_behind'")
+            await conn.commit()
+        async with await psycopg.AsyncConnection.connect(way.conninfo()) as conn:
+            row = await (await conn.execute("SHOW search_path")).fetchone()
+            assert row is not None
+            return str(row[0])
+
+    assert await reuse_ways.compare(settings_after_close) == '"$user", public'
+
+
+# --- startup behaviour ----------------------------------------------------------------------
+
+
+async def test_terminate_before_the_startup_packet_gets_no_reply(ways: Ways) -> None:
+    """PostgreSQL closes without a word on an invalid startup length (a COMMERROR)."""
+
+    async def terminate_first(way: Way) -> bytes:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            await client.send(rawpg.terminate())
+            return await client.read_to_end()
+
+    assert await ways.compare(terminate_first) == b""
+
+
+async def test_an_unfinished_startup_packet_gets_no_reply(ways: Ways) -> None:
+    async def half_a_packet(way: Way) -> bytes:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            await client.send(rawpg.startup({"user": "neondb_owner"})[:10])
+            client.writer.write_eof()
+            return await client.read_to_end()
+
+    assert await ways.compare(half_a_packet) == b""
+
+
+async def test_a_query_pipelined_behind_the_startup_packet_is_answered(
+    ways: Ways, compute_main: LocalCompute
+) -> None:
+    """StartupMessage + Query in one write: AuthenticationOk ... ReadyForQuery, then rows.
+
+    Straight to a server that trusts the client (its Unix socket), and through the daemon that
+    logs in with the URL's credentials (which trusts local clients by default).
+    """
+
+    async def pipelined(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            await client.send(
+                rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+                + rawpg.query("SELECT 41 + 1")
+            )
+            messages = await client.read_until(b"Z")  # the login's ReadyForQuery
+            messages += await client.read_until(b"Z")  # the query's
+        finally:
+            await client.close()
+        return [_describe(m) for m in messages if not _is_branch_status(m)]
+
+    socket_path = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
+    direct = await pipelined(*await asyncio.open_unix_connection(str(socket_path)))
+    creds = ways.daemons["credentials"]
+    through = await pipelined(*await asyncio.open_connection("127.0.0.1", creds.port))
+    assert _kinds(direct) == _kinds(through)
+    assert "D:42" in through
+    assert direct[0] == through[0] == "R:ok"
+
+
+async def test_a_relayed_login_that_never_finishes_ends_when_the_server_ends_it(
+    make_compute: MakeCompute, ca_file: Path
+) -> None:
+    """A client that never answers the password request is closed by the server's
+    authentication_timeout (PostgreSQL says why in its log only), through neonlocal too."""
+    compute = make_compute("authtimeout")
+    compute.psql("ALTER SYSTEM SET authentication_timeout = '1s'", dbname="postgres")
+    compute.psql("SELECT pg_reload_conf()", dbname="postgres")
+
+    async def abandoned_login(way: Way) -> tuple[str, bytes]:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            if way.sslmode != "disable":
+                await client.send(rawpg.ssl_request())
+                assert await client.read_byte() == b"S"
+                await client.start_tls()
+            await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+            request = await client.read_message()
+            assert request is not None
+            return _describe(request), await client.read_to_end()
+
+    async with _ways(compute, ca_file) as made:
+        relayed = next(way for way in made.through if "relayed" in way.name)
+        expected = await abandoned_login(made.direct)
+        assert expected == ("R:other", b"")
+        assert await abandoned_login(relayed) == expected
+
+
+def _describe(message: rawpg.Message) -> str:
+    if message.kind == b"R":
+        return "R:ok" if message.payload == b"\0\0\0\0" else "R:other"
+    if message.kind == b"D":
+        return "D:" + message.payload[6:].decode()
+    return message.kind.decode()
+
+
+def _kinds(described: list[str]) -> list[str]:
+    # ParameterStatus count and order are the server's; compare every other message exactly.
+    return [d for d in described if d != "S"]
+
+
+def _is_branch_status(message: rawpg.Message) -> bool:
+    return message.kind == b"S" and rawpg.parameter_status(message)[0] == BRANCH_STATUS
+
+
+# --- queries, errors and settings -----------------------------------------------------------
+
+
+async def test_error_fields_reach_the_driver_unchanged(ways: Ways) -> None:
+    async def errors(way: Way) -> list[tuple[Any, ...]]:
+        seen = []
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            for sql in (
+                "SELECT 1/0",
+                "SELECT no_such_column FROM (SELECT 1) AS t",
+                "DO $$ BEGIN RAISE EXCEPTION 'custom' USING DETAIL = 'the detail', "
+                "HINT = 'the hint', ERRCODE = 'P0001'; END $$",
+            ):
+                try:
+                    await conn.execute(sql)
+                except psycopg.Error as exc:
+                    diag = exc.diag
+                    seen.append(
+                        (
+                            diag.sqlstate,
+                            diag.message_primary,
+                            diag.message_detail,
+                            diag.message_hint,
+                            diag.statement_position,
+                            diag.severity,
+                        )
+                    )
+        return seen
+
+    outcome = await ways.compare(errors)
+    assert [e[0] for e in outcome] == ["22012", "42703", "P0001"]
+    assert outcome[2][2:4] == ("the detail", "the hint")
+
+
+async def test_set_and_show_and_parameter_status(ways: Ways) -> None:
+    async def settings(way: Way) -> tuple[str, str | None]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+            row = await (await conn.execute("SHOW TimeZone")).fetchone()
+            assert row is not None
+            return str(row[0]), conn.info.parameter_status("TimeZone")
+
+    assert await ways.compare(settings) == ("Asia/Tokyo", "Asia/Tokyo")
+
+
+async def test_startup_settings_take_effect(ways: Ways) -> None:
+    """Settings a driver sends at startup (options and plain parameters) apply on the server."""
+
+    async def startup_settings(way: Way) -> tuple[str, str]:
+        conninfo = way.conninfo(options="-c search_path=from_options")
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            path = await (await conn.execute("SHOW search_path")).fetchone()
+        conn2 = await asyncpg.connect(
+            dsn=way._asyncpg_dsn(), server_settings={"DateStyle": "SQL, DMY"}
+        )
+        try:
+            style = await conn2.fetchval("SHOW DateStyle")
+        finally:
+            await conn2.close()
+        assert path is not None
+        return str(path[0]), str(style)
+
+    assert await ways.compare(startup_settings) == ("from_options", "SQL, DMY")
+
+
+async def test_copy_both_ways(ways: Ways) -> None:
+    async def copy(way: Way) -> tuple[int, int]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo()) as conn:
+            out = bytearray()
+            async with conn.cursor().copy(
+                "COPY (SELECT g, repeat('x', 50) FROM generate_series(1, 5000) g) TO STDOUT"
+            ) as copy_out:
+                async for chunk in copy_out:
+                    out += chunk
+            await conn.execute("CREATE TEMP TABLE copied (n int, s text)")
+            async with conn.cursor().copy("COPY copied FROM STDIN") as copy_in:
+                await copy_in.write(bytes(out))
+            row = await (await conn.execute("SELECT count(*) FROM copied")).fetchone()
+            assert row is not None
+            return out.count(b"\n"), int(row[0])
+
+    assert await ways.compare(copy) == (5000, 5000)
+
+
+async def test_a_pipelined_batch_with_a_failure(ways: Ways) -> None:
+    """libpq pipeline mode: results in order, the failing statement's error, the rest aborted."""
+
+    async def batch(way: Way) -> list[str]:
+        seen: list[str] = []
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            async with conn.pipeline() as pipeline:
+                cursors = [await conn.execute("SELECT 1"), await conn.execute("SELECT 2")]
+                await pipeline.sync()
+                for cur in cursors:
+                    row = await cur.fetchone()
+                    seen.append(f"row {row[0] if row else None}")
+            try:
+                async with conn.pipeline() as pipeline:
+                    await conn.execute("SELECT 1/0")
+                    await conn.execute("SELECT 3")
+                    await pipeline.sync()
+            except psycopg.Error as exc:
+                seen.append(f"error {exc.sqlstate}")
+            row = await (await conn.execute("SELECT 4")).fetchone()
+            seen.append(f"after {row[0] if row else None}")
+        return seen
+
+    assert await ways.compare(batch) == ["row 1", "row 2", "error 22012", "after 4"]
+
+
+# --- cancel ---------------------------------------------------------------------------------
+
+
+def _cancel_soon(conn: psycopg.AsyncConnection[Any], delay: float = 0.5) -> asyncio.Task[None]:
+    """Cancel ``conn``'s query after ``delay`` without blocking the loop the daemon runs in."""
+
+    async def later() -> None:
+        await asyncio.sleep(delay)
+        await conn.cancel_safe()
+
+    return asyncio.create_task(later())
+
+
+async def test_cancel_a_running_query(ways: Ways) -> None:
+    async def cancel_one(way: Way) -> tuple[str | None, int]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            canceller = _cancel_soon(conn)
+            try:
+                await conn.execute("SELECT pg_sleep(10)")
+            except psycopg.Error as exc:
+                state: str | None = exc.sqlstate
+            else:
+                state = None
+            await canceller
+            row = await (await conn.execute("SELECT 5")).fetchone()
+            return state, row[0] if row else 0
+
+    assert await ways.compare(cancel_one) == ("57014", 5)
+
+
+async def test_cancel_with_asyncpg_timeout(ways: Ways) -> None:
+    """asyncpg cancels a query that overran its timeout with a CancelRequest."""
+
+    async def overrun(way: Way) -> tuple[str, int]:
+        conn = await way.asyncpg_connect()
+        try:
+            try:
+                await conn.fetchval("SELECT pg_sleep(10)", timeout=0.5)
+            except TimeoutError:
+                outcome = "timed out"
+            else:
+                outcome = "finished"
+            return outcome, await conn.fetchval("SELECT 6")
+        finally:
+            await conn.close()
+
+    assert await ways.compare(overrun) == ("timed out", 6)
+
+
+async def test_cancel_the_second_request_of_a_pipeline(ways: Ways) -> None:
+    async def cancel_second(way: Way) -> list[str]:
+        seen: list[str] = []
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            try:
+                async with conn.pipeline() as pipeline:
+                    first = await conn.execute("SELECT 'first'")
+                    await conn.execute("SELECT pg_sleep(10)")
+                    canceller = _cancel_soon(conn)
+                    await pipeline.sync()
+            except psycopg.Error as exc:
+                seen.append(f"second {exc.sqlstate}")
+            await canceller
+            row = await first.fetchone()
+            seen.append(f"first {row[0] if row else None}")
+        return seen
+
+    assert await ways.compare(cancel_second) == ["second 57014", "first first"]
+
+
+async def test_cancel_during_binary_copy(ways: Ways) -> None:
+    async def cancel_copy(way: Way) -> tuple[str | None, int]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            state: str | None = None
+            got = 0
+            try:
+                async with conn.cursor().copy(
+                    "COPY (SELECT g, pg_sleep(0.01) FROM generate_series(1, 2000) g) "
+                    "TO STDOUT (FORMAT binary)"
+                ) as copy:
+                    async for _ in copy:
+                        got += 1
+                        if got == 5:
+                            await conn.cancel_safe()
+            except psycopg.Error as exc:
+                state = exc.sqlstate
+            row = await (await conn.execute("SELECT 7")).fetchone()
+            return state, row[0] if row else 0
+
+    assert await ways.compare(cancel_copy) == ("57014", 7)
+
+
+# --- other drivers --------------------------------------------------------------------------
+
+
+def _node_problem() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not installed"
+    if not (NODE_DIR / "node_modules" / "pg").is_dir():
+        return f"node-postgres is not installed: run `npm ci` in {NODE_DIR}"
+    return None
+
+
+async def _node(scenario: str, way: Way) -> dict[str, Any]:
+    problem = _node_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "NODE_"))}
+    options = {"scenario": scenario, **way.node_options()}
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(NODE_DIR / "scenario.js"),
+        json.dumps(options),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert out, err.decode()
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("pid", {"agrees": True}),
+        ("ownNotify", {"payload": "hello", "own": True}),
+        ("connectThenEnd", None),
+    ],
+)
+async def test_node_postgres(ways: Ways, scenario: str, expected: dict[str, Any] | None) -> None:
+    async def run(way: Way) -> dict[str, Any]:
+        return await _node(scenario, way)
+
+    outcome = await ways.compare(run)
+    if expected is not None:
+        assert outcome == expected
+    assert "crash" not in outcome
+
+
+@pytest.fixture(scope="session")
+def pgjdbc_classes() -> Iterator[Path]:
+    javac = shutil.which("javac")
+    if javac is None or not PGJDBC_JAR.exists():
+        pytest.skip("pgjdbc needs javac and libpostgresql-jdbc-java (scripts/bootstrap)")
+    out = private_dir("neonlocal-test-java-")
+    subprocess.run(
+        [javac, "-d", str(out), "-cp", str(PGJDBC_JAR), str(JAVA_SOURCE)],
+        check=True,
+        timeout=120,
+    )
+    yield out
+    shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("scenario", "expected"),
+    [
+        ("pid", {"agrees": True}),
+        ("ownNotify", {"received": True, "own": True}),
+        ("terminateOwn", {"terminated": True, "next_query": "57P01"}),
+    ],
+)
+async def test_pgjdbc(
+    ways: Ways, pgjdbc_classes: Path, scenario: str, expected: dict[str, Any]
+) -> None:
+    async def run(way: Way) -> dict[str, Any]:
+        proc = await asyncio.create_subprocess_exec(
+            "java",
+            "-cp",
+            f"{PGJDBC_JAR}:{pgjdbc_classes}",
+            "SameAsDirect",
+            scenario,
+            way.jdbc_url(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+        return result
+
+    assert await ways.compare(run) == expected
