@@ -36,7 +36,6 @@ UNANSWERED_STARTUPS = {
     "oversized": _I32.pack(10_001) + b"\0\3\0\0",
     "huge": _I32.pack(2**31 - 1),
     "negative length": _I32.pack(-8) + b"\0" * 8,
-    "HTTP request": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
     "Terminate": rawpg.terminate(),
     "CancelRequest too short": rawpg.packet(_I32.pack(rawpg.CANCEL_REQUEST_CODE) + b"\0\0"),
 }

@@ -550,3 +550,19 @@ async def test_an_http_connection_that_never_finishes_its_request_is_closed(
         assert await asyncio.wait_for(reader.read(), 5) == b""
     finally:
         writer.close()
+
+
+async def test_a_client_hanging_up_mid_query_leaves_no_session_behind(daemon: LocalDaemon) -> None:
+    server = daemon.daemon.server
+    assert server is not None
+    body = json.dumps({"query": "SELECT pg_sleep(1)"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    writer.write(sql_request(daemon, body))
+    await asyncio.sleep(0.3)
+    assert len(server.sessions) == 1
+    writer.close()
+    for _ in range(50):
+        if not server.sessions:
+            break
+        await asyncio.sleep(0.1)
+    assert not server.sessions

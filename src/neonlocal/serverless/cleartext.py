@@ -19,14 +19,13 @@ AUTH_CLEARTEXT_PASSWORD = 3
 
 
 class CleartextPasswordAuth:
-    """``start()`` asks; ``receive(data)`` until ``done``; ``rest`` is what came after."""
+    """``start()`` asks; ``receive(data)`` until ``done``; ``take_rest()`` is what came after."""
 
     def __init__(self, expected: str | None) -> None:
         self._expected = expected
         self._framer = MessageFramer()
         self.done = False
         self.password: str | None = None
-        self.rest = b""
 
     def start(self) -> bytes:
         return codec.message(b"R", AUTH_CLEARTEXT_PASSWORD.to_bytes(4, "big"))
@@ -48,5 +47,8 @@ class CleartextPasswordAuth:
             raise ProtocolError("password authentication failed", sqlstate.INVALID_PASSWORD)
         self.password = password
         self.done = True
-        self.rest = self._framer.take_rest()
         return b""
+
+    def take_rest(self) -> bytes:
+        """What the client sent after its password (the driver's first query), to relay."""
+        return self._framer.take_rest()

@@ -67,6 +67,11 @@ class Gateway:
             result = problem_answer(problem)
         except LinkClosed:
             result = problem_answer(HttpProblem("connection to the database was closed"))
+        except BaseException:
+            # The client hung up mid-query (or worse): the link's state is unknown.
+            if link is not None:
+                link.end()
+            raise
         if link is not None:
             self.pool.give(key, selection, link)
         return result

@@ -13,6 +13,7 @@ import contextlib
 from typing import TYPE_CHECKING, cast
 
 import h11
+import structlog
 
 from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.serverless import answer
@@ -26,12 +27,18 @@ if TYPE_CHECKING:
 
 # Request line and headers together (the body has its own limit).
 MAX_HEADER_BYTES = 64 * 1024
+# The longest request method we wait for (the standard ones have at most 7 letters).
+MAX_METHOD_BYTES = 16
+_METHOD_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 # A connection with no request in hand for this long is closed (fetch's own keep-alive is
 # shorter, so it is the client that normally closes first).
 IDLE_TIMEOUT_S = 30.0
 HTTP_NO_CONTENT = 204
 HTTP_NOT_FOUND = 404
 HTTP_PAYLOAD_TOO_LARGE = 413
+HTTP_INTERNAL_ERROR = 500
+
+log = structlog.get_logger("neonlocal.serverless")
 
 _CORS = [
     (b"access-control-allow-origin", b"*"),
@@ -56,6 +63,8 @@ class HttpConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._ws: WebSocketCarrier | None = None
         self._idle: asyncio.TimerHandle | None = None
+        # The first bytes, until they show a method and a space (None once they have).
+        self._opening: bytes | None = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -74,8 +83,30 @@ class HttpConnection(asyncio.Protocol):
         if self._ws is not None:
             self._ws.receive(data)
             return
+        if self._opening is not None and not self._opens_like_http(data):
+            return
         self._h11.receive_data(data)
         self._advance()
+
+    def _opens_like_http(self, data: bytes) -> bool:
+        """Whether the connection may still be HTTP. Bytes that only began with a capital
+        (a PostgreSQL Terminate, line noise) are closed without a word, as PostgreSQL closes
+        on what is no startup packet."""
+        assert self._opening is not None
+        self._opening += data[: MAX_METHOD_BYTES + 1]
+        for index, byte in enumerate(self._opening[: MAX_METHOD_BYTES + 1]):
+            if byte == ord(" ") and index > 0:
+                self._opening = None
+                return True
+            if byte not in _METHOD_BYTES:
+                break
+        else:
+            if len(self._opening) <= MAX_METHOD_BYTES:
+                return True  # wait for the rest of the method
+        self._opening = None
+        if self._transport is not None:
+            self._transport.abort()
+        return False
 
     def eof_received(self) -> bool | None:
         if self._ws is None:
@@ -133,9 +164,13 @@ class HttpConnection(asyncio.Protocol):
     async def _answer(self, request: h11.Request, body: bytes) -> None:
         try:
             status, payload = await self._route(request, body)
-            self._send(status, payload)
+        except Exception:
+            log.exception("http_request_failed", target=request.target.decode("latin-1"))
+            status = HTTP_INTERNAL_ERROR
+            payload = answer.encode(answer.error("neonlocal: internal error (see its log)"))
         finally:
             self._task = None
+        self._send(status, payload)
         if self._h11.our_state is h11.MUST_CLOSE or self._transport is None:
             self._close()
             return
