@@ -556,7 +556,7 @@ async def test_a_client_hanging_up_mid_query_leaves_no_session_behind(daemon: Lo
     server = daemon.daemon.server
     assert server is not None
     body = json.dumps({"query": "SELECT pg_sleep(1)"}).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
     writer.write(sql_request(daemon, body))
     await asyncio.sleep(0.3)
     assert len(server.sessions) == 1
