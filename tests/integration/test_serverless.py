@@ -76,10 +76,15 @@ def database_url(daemon: LocalDaemon, password: str = TEST_PASSWORD) -> str:
 
 
 @contextlib.asynccontextmanager
-async def driver(daemon: LocalDaemon, url: str | None = None) -> AsyncIterator[Driver]:
+async def driver(
+    daemon: LocalDaemon, url: str | None = None, *, secure: bool = False
+) -> AsyncIterator[Driver]:
+    """The driver in a node process; ``secure``: https and wss, trusting the local CA."""
     assert NODE is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "NODE_"))}
-    options = {"port": daemon.port, "url": url or database_url(daemon)}
+    if secure:
+        env["NODE_EXTRA_CA_CERTS"] = str(daemon.config_path.parent / "tls" / "ca.crt")
+    options = {"port": daemon.port, "url": url or database_url(daemon), "secure": secure}
     proc = await asyncio.create_subprocess_exec(
         NODE, str(NODE_DIR / "serverless.js"), json.dumps(options),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=NODE_DIR,
@@ -566,3 +571,13 @@ async def test_a_client_hanging_up_mid_query_leaves_no_session_behind(daemon: Lo
             break
         await asyncio.sleep(0.1)
     assert not server.sessions
+
+
+async def test_https_and_wss_with_the_local_certificate(daemon: LocalDaemon) -> None:
+    """After `neonlocal trust`, an app may keep useSecureWebSocket = true and https."""
+    async with driver(daemon, secure=True) as node:
+        assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
+        await node.result("connect", name="c", kind="client")
+        assert (await node.result("query", name="c", sql=SELECT_BRANCH))["rows"] == [
+            {"name": "main"}
+        ]

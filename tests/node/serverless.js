@@ -1,7 +1,7 @@
 // Drive @neondatabase/serverless from a test: one JSON command per stdin line, one JSON answer
 // per stdout line, so the test can switch branches between steps.
 //
-//   node serverless.js '{"port": 5432, "url": "postgresql://user:pw@localhost:5432/db"}'
+//   node serverless.js '{"port": 5432, "url": "postgresql://user:pw@localhost:5432/db", "secure": false}'
 //
 // Commands:
 //   {"op": "sql", "sql": "SELECT $1", "params": [..], "opts": {arrayMode, fullResults, ...}}
@@ -22,11 +22,12 @@ const { neon, neonConfig, Pool, Client } = require('@neondatabase/serverless')
 const ERROR_FIELDS = ['message', 'code', 'detail', 'hint', 'position', 'severity', 'where',
   'table', 'column', 'schema', 'dataType', 'constraint', 'routine', 'name']
 
-function setup(port) {
+function setup(port, secure) {
+  // secure: https and wss with the daemon's local certificate (NODE_EXTRA_CA_CERTS trusts it)
   neonConfig.webSocketConstructor = ws
-  neonConfig.fetchEndpoint = `http://localhost:${port}/sql`
+  neonConfig.fetchEndpoint = `${secure ? 'https' : 'http'}://localhost:${port}/sql`
   neonConfig.wsProxy = () => `localhost:${port}/v2`
-  neonConfig.useSecureWebSocket = false
+  neonConfig.useSecureWebSocket = Boolean(secure)
   neonConfig.pipelineConnect = 'password'
 }
 
@@ -47,7 +48,7 @@ function describeError(err) {
 
 async function main() {
   const options = JSON.parse(process.argv[2])
-  setup(options.port)
+  setup(options.port, options.secure)
   const sql = neon(options.url)
   const sessions = {}
   const lines = readline.createInterface({ input: process.stdin })

@@ -21,6 +21,7 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from neonlocal.metrics import ErrorKind
 
@@ -174,6 +175,8 @@ class TcpListener:
             factory = self._factory
             if self._http_factory is not None and first[0] in HTTP_METHOD_START:
                 factory = self._http_factory
+            elif self._http_factory is not None and context is not None:
+                factory = self._after_tls
             try:
                 await loop.connect_accepted_socket(
                     factory,
@@ -191,6 +194,49 @@ class TcpListener:
                 # On failure the loop may already have closed or detached it: harmless.
                 with contextlib.suppress(OSError):
                     conn.close()
+
+    def _after_tls(self) -> asyncio.Protocol:
+        assert self._http_factory is not None
+        return AfterTls(self._factory, self._http_factory, self._first_byte_timeout)
+
+
+class AfterTls(asyncio.Protocol):
+    """Chooses, once TLS is up, between PostgreSQL and HTTP (``https``, ``wss``).
+
+    A client that agreed on ALPN "postgresql" is a PostgreSQL client at once. Any other
+    (browsers and Node.js offer "http/1.1", or nothing) is told by its first plaintext byte,
+    as a plaintext connection is; one that sends nothing is dropped after ``timeout``.
+    """
+
+    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, timeout: float) -> None:
+        self._postgres, self._http, self._timeout = postgres, http, timeout
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() is not None:
+            self._hand_to(self._postgres())
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._timeout, self._transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        chosen = self._http() if data[:1] and data[0] in HTTP_METHOD_START else self._postgres()
+        self._hand_to(chosen)
+        chosen.data_received(data)
+
+    def _hand_to(self, protocol: asyncio.Protocol) -> None:
+        assert self._transport is not None
+        self._transport.set_protocol(protocol)
+        protocol.connection_made(self._transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def _peek_first_byte(conn: socket.socket) -> bytes:
