@@ -25,6 +25,8 @@ def driver_setup(port: int, user: str, database: str, *, local_password: bool) -
             f"neonConfig.fetchEndpoint = 'http://localhost:{port}/sql';",
             f"neonConfig.wsProxy = () => 'localhost:{port}/v2';",
             "neonConfig.useSecureWebSocket = false;",
+            "// With the local CA trusted (neonlocal trust; Node.js: NODE_EXTRA_CA_CERTS),",
+            f"// 'https://localhost:{port}/sql' and useSecureWebSocket = true work as well.",
             "// Node.js before 22 has no global WebSocket: npm install ws, then",
             "// import ws from 'ws'; neonConfig.webSocketConstructor = ws;",
             "const sql = neon(process.env.DATABASE_URL);",
