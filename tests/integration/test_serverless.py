@@ -581,3 +581,21 @@ async def test_https_and_wss_with_the_local_certificate(daemon: LocalDaemon) -> 
         assert (await node.result("query", name="c", sql=SELECT_BRANCH))["rows"] == [
             {"name": "main"}
         ]
+
+
+async def test_requests_sent_back_to_back_on_one_connection_are_answered_in_order(
+    daemon: LocalDaemon,
+) -> None:
+    first = json.dumps({"query": "SELECT 1 AS n"}).encode()
+    second = json.dumps({"query": "SELECT 2 AS n"}).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.port)
+    try:
+        writer.write(sql_request(daemon, first) + sql_request(daemon, second))
+        answers = []
+        for _ in range(2):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append(json.loads(await reader.readexactly(length))["rows"])
+    finally:
+        writer.close()
+    assert answers == [[{"n": 1}], [{"n": 2}]]

@@ -65,6 +65,7 @@ class HttpConnection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         # The first bytes, until they show a method and a space (None once they have).
         self._opening: bytes | None = b""
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -86,7 +87,16 @@ class HttpConnection(asyncio.Protocol):
         if self._opening is not None and not self._opens_like_http(data):
             return
         self._h11.receive_data(data)
+        if self._task is not None and self._buffered_too_much():
+            # A client sending its next requests while one is answered: hold it to one
+            # request's worth, then stop reading until the answer is out.
+            assert self._transport is not None
+            self._transport.pause_reading()
+            self._paused = True
         self._advance()
+
+    def _buffered_too_much(self) -> bool:
+        return len(self._h11.trailing_data[0]) > MAX_REQUEST_BYTES + MAX_HEADER_BYTES
 
     def _opens_like_http(self, data: bytes) -> bool:
         """Whether the connection may still be HTTP. Bytes that only began with a capital
@@ -176,6 +186,9 @@ class HttpConnection(asyncio.Protocol):
             return
         with contextlib.suppress(h11.LocalProtocolError):
             self._h11.start_next_cycle()
+        if self._paused and not self._transport.is_closing():
+            self._paused = False
+            self._transport.resume_reading()
         self._wait_for_request()
         self._advance()
 
