@@ -11,6 +11,10 @@ bytes already read. So these listeners accept connections themselves, peek (``MS
 while no transport exists yet, and only then hand each socket to the event loop with
 ``connect_accepted_socket``, with TLS for a ClientHello and without it for everything else.
 This works alike on the standard loop and on uvloop.
+
+The same first byte tells HTTP (the serverless driver) from PostgreSQL: a request opens with
+its method in ASCII capitals. Over TLS, a client that did not agree on ALPN "postgresql" is
+told apart by its first plaintext byte the same way (``AfterTls``).
 """
 
 from __future__ import annotations
