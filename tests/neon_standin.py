@@ -26,6 +26,7 @@ import argparse
 import base64
 import contextlib
 import copy
+import difflib
 import itertools
 import json
 import re
@@ -188,6 +189,10 @@ ROUTES: dict[str, tuple[str, str]] = {
     ),
     "list_operations": ("GET", r"/projects/(?P<project>[^/]+)/operations"),
     "get_operation": ("GET", r"/projects/(?P<project>[^/]+)/operations/(?P<operation>[^/]+)"),
+    "compare_schema": (
+        "GET",
+        r"/projects/(?P<project>[^/]+)/branches/(?P<branch>[^/]+)/compare_schema",
+    ),
 }
 _COMPILED = [(name, method, re.compile(pattern)) for name, (method, pattern) in ROUTES.items()]
 
@@ -239,6 +244,11 @@ class FakeBranch:
     roles: dict[str, str] = field(default_factory=dict)  # role name -> password
     protected_roles: set[str] = field(default_factory=set)
     databases: list[FakeDatabase] = field(default_factory=list)
+    # database name -> its schema as pg_dump --schema-only would print it
+    schemas: dict[str, str] = field(default_factory=dict)
+    # The point of the parent's history it was created from (point-in-time branches).
+    parent_timestamp: str | None = None
+    parent_lsn: str | None = None
     created_at: datetime = field(default_factory=_now)
     updated_at: datetime = field(default_factory=_now)
     last_reset_at: datetime | None = None
@@ -495,6 +505,8 @@ class NeonStandIn:
                 expires_at=expires_at,
                 annotations=annotations,
             )
+            if parent_branch is not None:
+                branch.schemas = dict(parent_branch.schemas)
             if default:
                 for other in project.branches.values():
                     other.default = other is branch
@@ -515,6 +527,11 @@ class NeonStandIn:
     def set_password(self, branch: str, role: str, password: str) -> None:
         with self._lock:
             self.branch(branch).roles[role] = password
+
+    def set_schema(self, branch: str, schema: str, database: str = DEFAULT_DATABASE) -> None:
+        """What ``compare_schema`` sees as the schema of ``database`` on ``branch``."""
+        with self._lock:
+            self.branch(branch).schemas[database] = schema
 
     def set_store_passwords(self, enabled: bool, project_id: str | None = None) -> None:
         with self._lock:
@@ -748,6 +765,9 @@ class NeonStandIn:
         expires_at = spec.get("expires_at")
         if expires_at is not None:
             _check_expiry(expires_at)
+        parent_timestamp = spec.get("parent_timestamp")
+        if parent_timestamp is not None:
+            _check_in_history(parent_timestamp, _PROJECT_TEMPLATE["history_retention_seconds"])
         endpoints = body.get("endpoints") or []
         if not isinstance(endpoints, list) or any(
             not isinstance(e, dict) or e.get("type") not in ("read_write", "read_only")
@@ -778,6 +798,9 @@ class NeonStandIn:
             expires_at=expires_at,
             annotations=annotation,
         )
+        branch.schemas = dict(parent.schemas)
+        branch.parent_timestamp = parent_timestamp
+        branch.parent_lsn = spec.get("parent_lsn")
         done_at = time.monotonic() + self.operation_delay
         branch.creating_until = done_at
         ops = [self._operation(project, branch, "create_branch", "running")]
@@ -909,6 +932,27 @@ class NeonStandIn:
         if op is None:
             raise _ApiError(404, "operation not found")
         return _Reply(200, {"operation": self._operation_json(op)})
+
+    def _r_compare_schema(self, params: dict[str, str], query: dict[str, str], body: Any) -> _Reply:
+        project = self._project(params)
+        branch = self._branch(params)
+        database = query.get("db_name")
+        if not database:
+            raise _ApiError(400, "invalid request: db_name (query parameter required)")
+        base_id = query.get("base_branch_id") or branch.parent_id
+        base = project.branches.get(base_id) if base_id else None
+        if base is None:
+            raise _ApiError(404 if base_id else 400, "base branch not found")
+        for side in (base, branch):
+            if all(d.name != database for d in side.databases):
+                raise _ApiError(404, f"database {database!r} not found on branch {side.id}")
+        diff = difflib.unified_diff(
+            base.schemas.get(database, "").splitlines(keepends=True),
+            branch.schemas.get(database, "").splitlines(keepends=True),
+            fromfile=f"a/{database}",
+            tofile=f"b/{database}",
+        )
+        return _Reply(200, {"diff": "".join(diff)})
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -1045,7 +1089,9 @@ class NeonStandIn:
             data["pending_state"] = "ready"
         if branch.parent_id:
             data["parent_id"] = branch.parent_id
-            data["parent_lsn"] = "0/1DE2850"
+            data["parent_lsn"] = branch.parent_lsn or "0/1DE2850"
+        if branch.parent_timestamp:
+            data["parent_timestamp"] = branch.parent_timestamp
         if branch.expires_at:
             data["expires_at"] = branch.expires_at
         if branch.last_reset_at:
@@ -1207,6 +1253,17 @@ def _check_expiry(value: Any) -> None:
         raise _ApiError(400, "invalid request: expires_at must be an RFC 3339 timestamp")
     if datetime.fromisoformat(value.replace("Z", "+00:00")) <= _now():
         raise _ApiError(400, "invalid request: expires_at must be in the future")
+
+
+def _check_in_history(value: Any, retention_s: int) -> None:
+    try:
+        when = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise _ApiError(400, "invalid request: parent_timestamp must be RFC 3339") from None
+    if (_now() - when).total_seconds() > retention_s:
+        raise _ApiError(
+            400, "parent_timestamp is outside of the history retention window of the project"
+        )
 
 
 def _annotation_json(branch: FakeBranch) -> dict[str, Any]:

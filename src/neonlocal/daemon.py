@@ -45,6 +45,7 @@ from neonlocal.metrics import ErrorKind
 from neonlocal.neon import ApiUnreachable, NeonApiError
 from neonlocal.paths import control_socket_path
 from neonlocal.pgwire import sqlstate
+from neonlocal.pinned import PinnedPorts
 from neonlocal.proxy import tls
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.proxy.server import Server
@@ -75,6 +76,8 @@ EPHEMERAL_DELETE_RESERVE_S = 10.0
 RESOLVE_RETRY_MAX_S = 60.0
 # How long what `use` said about its switch (and the switch it made) count as this switch's.
 SWITCH_INTENT_S = 10.0
+# Deleting a point-in-time branch nothing serves any more (moments.py) tries this long.
+MOMENT_DELETE_BUDGET_S = 30.0
 
 
 def _fingerprint(path: Path, env: Mapping[str, str]) -> str:
@@ -143,6 +146,12 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.notifier = Notifier.from_env(self.env)
+        # [ports]: extra local ports, each pinned to one branch (pinned.py).
+        self.ports = PinnedPorts(
+            self._pinned_target,
+            refresher=self._refresh_credentials,
+            local_tls=lambda: self.server.local_tls if self.server is not None else None,
+        )
 
     # --- start and stop --------------------------------------------------------------------------
 
@@ -158,6 +167,8 @@ class Daemon:
         self._apply(checked, _fingerprint(self.config_path, self.env))
         assert self.server is not None
         await self.server.start(self._inherited)
+        await self.ports.apply(settings)
+        self._drop_unused_moments()
         await self._start_control(settings)
         await self._start_admin(settings)
         self._spawn(self._watch())
@@ -272,12 +283,18 @@ class Daemon:
         if self.server is not None:
             # An ephemeral branch is deleted after the sessions end, within the same deadline.
             reserve = min(EPHEMERAL_DELETE_RESERVE_S, deadline / 2) if self.ephemeral_branch else 0
-            await self.server.close(deadline - reserve)
+            await asyncio.gather(
+                self.server.close(deadline - reserve), self.ports.close(deadline - reserve)
+            )
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
         await self._delete_ephemeral(max(ends_at - loop.time(), EPHEMERAL_DELETE_MIN_S))
+        if self.resolver is not None:
+            await self.resolver.forget_moments(
+                set(), max(ends_at - loop.time(), EPHEMERAL_DELETE_MIN_S)
+            )
         if self.resolver is not None:
             await self.resolver.aclose()
         if self.admin is not None:
@@ -372,6 +389,8 @@ class Daemon:
                 candidate = resolve_target(settings, configured)
                 if candidate.insecure:
                     self.warnings.append(_insecure_warning(configured, candidate))
+        if resolution is None or resolution.name != self._writable_branch():
+            self._end_write_grant()
         if resolution is None:
             self.server.unselect("neonlocal: no branch is selected; run `neonlocal use NAME`")
             return
@@ -405,6 +424,8 @@ class Daemon:
             log.error("config_rejected", problem=self.config_error, kept=_name(before))
             return self.config_error
         self._apply(checked, fingerprint)
+        await self.ports.apply(checked.settings)
+        self._drop_unused_moments()
         log.info("config_reloaded", reason=reason, branch=_name(self.server.selected))
         self._log_changes(previous, before)
         self._move_sessions(before)
@@ -501,6 +522,21 @@ class Daemon:
                 compute=resolution.neon.endpoint_state.value,
                 detail="the compute is suspended; the first connection wakes it and waits",
             )
+
+    def _drop_unused_moments(self) -> None:
+        """Point-in-time branches that nothing selects or pins any more are deleted."""
+        if self.resolver is None or self.settings is None:
+            return
+        keep = set(self.settings.ports.values())
+        selected = self._wanted_branch(self.settings)
+        if selected is not None:
+            keep.add(selected)
+        self._spawn(self.resolver.forget_moments(keep, MOMENT_DELETE_BUDGET_S))
+
+    async def _pinned_target(self, name: str, settings: Settings) -> Target:
+        """The Target a port pinned to ``name`` serves; raises as ``resolve`` does."""
+        assert self.resolver is not None
+        return (await self.resolver.resolve(name, settings=settings)).target
 
     async def _refresh_credentials(self, branch: str, stale: Target) -> Target | None:
         """The server refused our password (a reset, a rotation): ask the API once more."""
@@ -642,7 +678,9 @@ class Daemon:
             "config": str(self.config_path),
             "branch": _name(selected),
             "upstream_host": selected[1].describe() if selected else None,
+            "read_only": selected[1].read_only if selected else None,
             "listen": list(self.server.listening),
+            "ports": self.ports.status(),
             "sessions": self.server.sessions_by_branch(),
             "sessions_total": self.server.sessions_total,
             "unix_socket": str(unix) if unix is not None else None,
@@ -662,12 +700,15 @@ class Daemon:
         if op == "status":
             return {"ok": True, **self.status()}
         if op == "reload":
+            self._grant_writes(request)
             problem = await self.reload("control request", force=True)
             status = self.status()
             if problem is not None:
+                self._end_write_grant()
                 return {"ok": False, "error": problem, **status}
             expected = request.get("branch")
             if expected is not None and status["branch"] != expected:
+                self._end_write_grant()
                 return {
                     "ok": False,
                     "error": f'the daemon serves "{status["branch"]}", not "{expected}"',
@@ -690,6 +731,21 @@ class Daemon:
         if op == "can_use":
             return await self._can_use(request.get("branch"))
         return {"ok": False, "error": f"unknown control operation {op!r}"}
+
+    def _grant_writes(self, request: dict[str, Any]) -> None:
+        """`use NAME --write` lets sessions to protected NAME write until the selection
+        changes; any other `use` ends such a grant (protect.py)."""
+        name = request.get("branch")
+        if self.resolver is not None and isinstance(name, str):
+            self.resolver.allow_writes(name if request.get("write") else None)
+
+    def _writable_branch(self) -> str | None:
+        return self.resolver.writable if self.resolver is not None else None
+
+    def _end_write_grant(self) -> None:
+        if self.resolver is not None and self.resolver.writable is not None:
+            log.info("writes_allowed_ended", branch=self.resolver.writable)
+            self.resolver.allow_writes(None)
 
     def _expect_switch(self, name: object, mode: object) -> dict[str, Any]:
         """`use --keep/--terminate` says, before it writes the file, what the switch it is
@@ -736,7 +792,12 @@ class Daemon:
         notes = []
         if resolution.compute_suspended:
             notes.append("its compute is suspended; the first connection wakes it")
-        return {"ok": True, "upstream": resolution.target.describe(), "notes": notes}
+        return {
+            "ok": True,
+            "upstream": resolution.target.describe(),
+            "notes": notes,
+            "protection": resolution.target.protection.value,
+        }
 
     def _status_line(self) -> str:
         if self.server is None or self.server.selected is None:

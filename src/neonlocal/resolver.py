@@ -29,6 +29,7 @@ from neonlocal.neon import (
     ProtectedBranch,
     RetryPolicy,
 )
+from neonlocal.protect import guarded, protection_of
 from neonlocal.targets import Target, build_target
 
 if TYPE_CHECKING:
@@ -136,6 +137,11 @@ class TargetResolver:
         self._retired: list[NeonApi] = []
         self._found: dict[_Wanted, ResolvedBranch] = {}
         self._locks: dict[_Wanted, asyncio.Lock] = {}
+        # The protected branch `neonlocal use NAME --write` allowed writes to (protect.py).
+        self._writable: str | None = None
+        # Point-in-time branches this resolver created (moments.py): branch id -> the name
+        # asked for (``main@-1h``), until ``forget_moments`` deletes them.
+        self._made: dict[str, str] = {}
 
     @property
     def settings(self) -> Settings:
@@ -190,6 +196,24 @@ class TargetResolver:
         if client is not None:
             self._retired.append(client)
 
+    # --- protection ------------------------------------------------------------------------
+
+    @property
+    def writable(self) -> str | None:
+        """The protected branch whose sessions may write, if any."""
+        return self._writable
+
+    def allow_writes(self, name: str | None) -> None:
+        """Let sessions to protected branch ``name`` write (None: to none) from the next
+        resolution on; open sessions keep what they logged in with."""
+        self._writable = name
+
+    def _guarded(
+        self, name: str, target: Target, settings: Settings, found: ResolvedBranch | None
+    ) -> Target:
+        level = protection_of(name, settings, neon_protected=found is not None and found.protected)
+        return guarded(target, level, writes_allowed=self._writable == name)
+
     # --- resolving -------------------------------------------------------------------------
 
     def static_table(self, name: str, settings: Settings | None = None) -> BranchSettings | None:
@@ -201,12 +225,14 @@ class TargetResolver:
         """What resolving ``name`` would give without asking anyone, if known."""
         settings = settings or self._settings
         if self.static_table(name, settings) is not None:
-            return Resolution(name, _static_target(name, settings))
+            target = self._guarded(name, _static_target(name, settings), settings, None)
+            return Resolution(name, target)
         wanted = _wanted(name, settings)
         if wanted is None or wanted not in self._found:
             return None
         found = self._found[wanted]
-        return Resolution(name, _api_target(name, found, settings), found, from_cache=True)
+        target = self._guarded(name, _api_target(name, found, settings), settings, found)
+        return Resolution(name, target, found, from_cache=True)
 
     async def resolve(
         self, name: str, *, fresh: bool = False, settings: Settings | None = None
@@ -219,7 +245,8 @@ class TargetResolver:
         """
         settings = settings or self._settings
         if self.static_table(name, settings) is not None:
-            return Resolution(name, _static_target(name, settings))
+            target = self._guarded(name, _static_target(name, settings), settings, None)
+            return Resolution(name, target)
         if not fresh:
             known = self.cached(name, settings)
             if known is not None:
@@ -232,7 +259,8 @@ class TargetResolver:
                 found = self._found[wanted]
             else:
                 found = await self._ask(wanted, settings)
-        return Resolution(name, _api_target(name, found, settings), found)
+        target = self._guarded(name, _api_target(name, found, settings), settings, found)
+        return Resolution(name, target, found)
 
     async def refresh(self, name: str, stale: Target) -> Target | None:
         """A Target with credentials newer than ``stale``'s, or None when there are none.
@@ -247,12 +275,12 @@ class TargetResolver:
         async with self._lock(wanted):
             known = self._found.get(wanted)
             if known is not None and _differs(known, stale):
-                return _api_target(name, known, settings)
+                return self._guarded(name, _api_target(name, known, settings), settings, known)
             found = await self._ask(wanted, settings)
         if not _differs(found, stale):
             return None
         log.info("credentials_refreshed", branch=name, upstream=f"{found.endpoint_host}")
-        return _api_target(name, found, settings)
+        return self._guarded(name, _api_target(name, found, settings), settings, found)
 
     async def _ask(self, wanted: _Wanted, settings: Settings) -> ResolvedBranch:
         from neonlocal.neon import resolve_branch
@@ -262,7 +290,7 @@ class TargetResolver:
             found = await resolve_branch(
                 api,
                 wanted.project_id,
-                wanted.name,
+                await self._branch_for(api, wanted),
                 role=wanted.role,
                 database=wanted.database,
                 pooled=wanted.pooled,
@@ -272,6 +300,39 @@ class TargetResolver:
             raise
         self._found[wanted] = found
         return found
+
+    async def _branch_for(self, api: NeonApi, wanted: _Wanted) -> str:
+        """The name or id to look up for ``wanted``: for ``main@-1h``, the branch made for
+        that moment (created now unless it exists)."""
+        from neonlocal.moments import branch_at, parse_moment
+
+        moment = parse_moment(wanted.name, datetime.now(UTC))
+        if moment is None:
+            return wanted.name
+        branch, created = await branch_at(api, wanted.project_id, moment)
+        if created:
+            self._made[branch.id] = wanted.name
+        return branch.id
+
+    async def forget_moments(self, keep: set[str], budget: float) -> None:
+        """Delete the point-in-time branches made here that no name in ``keep`` is served
+        by now; failures are logged (Neon's expires_at is the safety net)."""
+        served = {f.branch_id for w, f in self._found.items() if w.name in keep}
+        # A name being resolved may have just been made and not yet be in _found.
+        busy = {w.name for w, lock in self._locks.items() if lock.locked()}
+        unused = [bid for bid, name in self._made.items() if bid not in served and name not in busy]
+        project = self.project_id
+        if not unused or project is None:
+            return
+        api = await self.api()
+        for branch_id in unused:
+            name = self._made.pop(branch_id, None)
+            if name is None:
+                continue  # another call is deleting it
+            for wanted in [w for w, f in self._found.items() if f.branch_id == branch_id]:
+                del self._found[wanted]
+            log.info("moment_branch_deleting", branch=name, branch_id=branch_id)
+            await delete_branch_within(api, project, branch_id, budget)
 
     def _lock(self, wanted: _Wanted) -> asyncio.Lock:
         return self._locks.setdefault(wanted, asyncio.Lock())

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from neonlocal.config.errors import UnknownBranch
 from neonlocal.config.values import TlsMode
 from neonlocal.conninfo import ConnInfoError, parse_conninfo, validate_upstream
+from neonlocal.protect import Protection
 
 if TYPE_CHECKING:
     from neonlocal.config.values import BranchSettings, Settings
@@ -61,6 +62,9 @@ class Target:
     application_name: str | None
     # The URL's sslnegotiation (libpq 17's keyword), AUTO when it has none.
     negotiation: Negotiation = Negotiation.AUTO
+    # How the branch is guarded, and whether its sessions log in read-only (protect.py).
+    protection: Protection = Protection.NONE
+    read_only: bool = False
 
     @property
     def connect_host(self) -> str:

@@ -282,6 +282,20 @@ async def test_a_closed_connection_leaves_nothing_behind_with_reuse(reuse_ways: 
     assert await reuse_ways.compare(settings_after_close) == '"$user", public'
 
 
+async def test_asyncpg_close_returns_with_session_reuse(reuse_ways: Ways) -> None:
+    """close() sends Terminate and waits for the server to hang up: with reuse on, the
+    daemon keeps the upstream session but must still hang up on the client."""
+
+    async def close(way: Way) -> str:
+        conn = await way.asyncpg_connect()
+        await conn.fetchval("SELECT 1")
+        async with asyncio.timeout(5):
+            await conn.close()
+        return "closed"
+
+    assert await reuse_ways.compare(close) == "closed"
+
+
 # --- startup behaviour ----------------------------------------------------------------------
 
 

@@ -151,3 +151,27 @@ async def test_a_config_can_keep_sessions_by_default(
     ):
         await daemon.use("dev")
         assert await (await conn.execute(SELECT_BRANCH)).fetchone() == ("main",)
+
+
+@pytest.mark.parametrize("mode", ["drain", "terminate"])
+async def test_a_listening_session_that_got_a_notify_is_still_idle(
+    daemon: LocalDaemon, mode: str
+) -> None:
+    """A NOTIFY arriving while no query runs must not make the session look busy: it gets its
+    57P01 at once, like any idle session, not a bare close seconds later."""
+    listener = await asyncpg.connect(daemon.url())
+    sender = await asyncpg.connect(daemon.url())
+    got: asyncio.Queue[str] = asyncio.Queue()
+    try:
+        await listener.add_listener("jobs", lambda *args: got.put_nowait(args[3]))
+        await sender.execute("NOTIFY jobs, 'one'")
+        assert await asyncio.wait_for(got.get(), 5) == "one"
+        ended = asyncio.get_running_loop().create_future()
+        listener.add_termination_listener(lambda _conn: ended.set_result(None))
+
+        await daemon.use("dev", sessions=mode)
+
+        await asyncio.wait_for(ended, 1.0)
+    finally:
+        await sender.close()
+        await listener.close()

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from neonlocal.cli.context import EXIT_USAGE, Context, fail, pass_ctx
+from neonlocal.cli.context import EXIT_FAILURE, EXIT_USAGE, Context, fail, pass_ctx
 
 if TYPE_CHECKING:
     from neonlocal.config.values import Settings
+    from neonlocal.moments import Moment
     from neonlocal.neon import Branch, Project
     from neonlocal.resolver import TargetResolver, UseTarget
     from neonlocal.targets import Target
@@ -38,9 +39,14 @@ _PARALLEL_REQUESTS = 8
 
 
 def with_api(
-    obj: Context, settings: Settings, work: Callable[[TargetResolver], Awaitable[_T]]
+    obj: Context,
+    settings: Settings,
+    work: Callable[[TargetResolver], Awaitable[_T]],
+    *,
+    error_code: int = EXIT_FAILURE,
 ) -> _T:
-    """Run ``work`` with a resolver (and its API client); any API failure is one line."""
+    """Run ``work`` with a resolver (and its API client); any API failure is one line
+    and exit status ``error_code``."""
     from neonlocal import logging as nl_logging
     from neonlocal.apikey import ApiKeyError
     from neonlocal.config.errors import UnknownBranch
@@ -64,9 +70,9 @@ def with_api(
         fail(str(exc), EXIT_USAGE)
     except UnknownBranch as exc:
         missing = "" if obj.config_path.exists() else f" ({obj.config_path} does not exist)"
-        fail(f"{exc}{missing}")
+        fail(f"{exc}{missing}", error_code)
     except (NeonApiError, ApiKeyError) as exc:
-        fail(str(exc))
+        fail(str(exc), error_code)
 
 
 def _duration(text: str | None) -> timedelta | None:
@@ -118,12 +124,25 @@ def target_for_use(
             )
         # A connection string in the config: no API client (and no httpx import) needed,
         # which keeps `use` quick.
+        from neonlocal.protect import guarded, protection_of
         from neonlocal.targets import TargetError, build_target
 
         try:
-            return UseResult(build_target(name, table), ())
+            target = build_target(name, table)
+            level = protection_of(name, settings)
+            return UseResult(guarded(target, level, writes_allowed=False), ())
         except TargetError as exc:
             fail(str(exc), EXIT_USAGE)
+    moment = _moment_of(name)
+    if moment is not None:
+        if create:
+            fail(f"--create does not go with a moment ({name})", EXIT_USAGE)
+        # Made by the daemon that serves it, which also deletes it: not by this process,
+        # which could not.
+        of = moment.parent
+        resolved = with_api(obj, settings, lambda resolver: resolver.resolve(of))
+        note = f"{name}: a branch of {of} as it was then, made when the daemon serves it"
+        return UseResult(resolved.target, (note,))
     from neonlocal.resolver import branch_for_use
 
     found = with_api(
@@ -134,6 +153,17 @@ def target_for_use(
         ),
     )
     return UseResult(found.resolution.target, _use_notes(found, parent))
+
+
+def _moment_of(name: str) -> Moment | None:
+    from datetime import UTC
+
+    from neonlocal.moments import InvalidMoment, parse_moment
+
+    try:
+        return parse_moment(name, datetime.now(UTC))
+    except InvalidMoment as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def _use_notes(found: UseTarget, parent: str | None) -> tuple[str, ...]:

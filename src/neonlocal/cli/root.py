@@ -37,6 +37,7 @@ class LazyGroup(click.Group):
         "branches": ("neonlocal.cli.neon", "branches", "List the Neon project's branches."),
         "branch": ("neonlocal.cli.neon", "branch", "Reset or delete a Neon branch."),
         "trust": ("neonlocal.cli.trust", "trust", "Show or install the local CA for verify-full."),
+        "diff": ("neonlocal.cli.diff", "diff", "Show a branch's schema changes."),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -155,6 +156,8 @@ def up(
     help="With --create: Neon deletes it after this long, e.g. 7d or 12h.",
 )
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the daemon.")
+@click.option("--write", is_flag=True, help="On a protected branch: allow writes.")
+@click.option("--yes", "-y", is_flag=True, help="Select a protected branch without asking.")
 @pass_ctx
 def use(
     obj: Context,
@@ -164,13 +167,16 @@ def use(
     parent: str | None,
     expires_in: str | None,
     timeout: float,
+    write: bool,
+    yes: bool,
 ) -> None:
     """Select branch NAME: new connections go there from now on.
 
     NAME is a [branches.NAME] table of the config, or a branch of the Neon project
     ([neon] project_id) found by name through the API. Sessions open on other branches
     end with 57P01 once idle outside a transaction, so pools reconnect to NAME ([switch]
-    sessions = "drain"); --keep leaves them, --terminate ends them now.
+    sessions = "drain"); --keep leaves them, --terminate ends them now. A protected branch
+    asks first (--yes on no terminal), and its sessions are read-only unless --write.
     """
     from neonlocal.config.file import switch_branch
     from neonlocal.control import DaemonNotRunning, request
@@ -192,7 +198,11 @@ def use(
             found.target.describe(),
             found.notes,
             f"localhost:{settings.listen.port}",
+            found.target.protection.value,
         )
+    from neonlocal.cli.protect import confirm_protected, protection_note
+
+    confirm_protected(name, checked.protection, write=write, yes=yes)
     for note in checked.notes:
         click.echo(f"neonlocal: {note}", err=True)
     if os.environ.get("NEONLOCAL_BRANCH"):
@@ -214,7 +224,12 @@ def use(
     try:
         reply = request(
             checked.control,
-            {"op": "reload", "branch": name, "terminate": sessions == "terminate"},
+            {
+                "op": "reload",
+                "branch": name,
+                "terminate": sessions == "terminate",
+                "write": write,
+            },
             timeout=timeout,
         )
     except DaemonNotRunning:
@@ -226,6 +241,7 @@ def use(
         fail(f"the daemon did not switch: {reply.get('error')}")
     listen = reply.get("listen") or [checked.listen]
     line = f"{_local_name(listen[0])} -> {name} ({checked.upstream})"
+    line += protection_note(name, checked.protection, write=write)
     click.echo(line + moved_sessions(reply.get("switch"), sessions))
 
 
@@ -236,6 +252,7 @@ class _Checked(NamedTuple):
     upstream: str
     notes: Sequence[str]
     listen: str
+    protection: str = "none"
 
 
 def _check_with_daemon(obj: Context, name: str, timeout: float) -> _Checked | None:
@@ -264,6 +281,7 @@ def _check_with_daemon(obj: Context, name: str, timeout: float) -> _Checked | No
             str(answer.get("upstream")),
             [str(note) for note in notes] if isinstance(notes, list) else [],
             "localhost",
+            str(answer.get("protection") or "none"),
         )
     error = answer.get("error")
     # A daemon from before `can_use` calls it unknown: it still takes the full check's word.
@@ -341,7 +359,8 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         return
     sessions = reply.get("sessions") or {}
     lines = [
-        f"branch:     {reply.get('branch') or '(none selected)'}",
+        f"branch:     {reply.get('branch') or '(none selected)'}"
+        + (" (read-only: protected)" if reply.get("read_only") else ""),
         f"upstream:   {reply.get('upstream_host') or '-'}",
         f"listening:  {', '.join(reply.get('listen', []))}",
         "sessions:   "
@@ -357,6 +376,9 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
         lines.append(
             f"config:     REJECTED, still serving the last good one: {reply['config_error']}"
         )
+    from neonlocal.cli.ports import port_lines
+
+    lines[4:4] = port_lines(reply)  # after the main port's sessions
     for warning in reply.get("warnings") or []:
         lines.append(f"warning:    {warning}")
     click.echo("\n".join(lines))
@@ -366,25 +388,28 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
 @click.option(
     "--socket", "via_socket", is_flag=True, help="The URL of the daemon's Unix socket instead."
 )
+@click.option("--port", "pinned", type=int, help="A [ports] port: the URL of its branch.")
 @click.option(
     "--serverless",
     is_flag=True,
     help="Print the @neondatabase/serverless (JavaScript) setup for this daemon instead.",
 )
 @pass_ctx
-def url(obj: Context, via_socket: bool, serverless: bool) -> None:
+def url(obj: Context, via_socket: bool, pinned: int | None, serverless: bool) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
     from neonlocal.cli.neon import target_for_use
+    from neonlocal.cli.ports import branch_of_port
 
     settings = obj.settings(missing_ok=True)
     user, database = "neondb_owner", "neondb"
-    if settings.branch:
-        target = target_for_use(obj, settings, settings.branch).target
+    branch = settings.branch if pinned is None else branch_of_port(settings, pinned)
+    if branch:
+        target = target_for_use(obj, settings, branch).target
         user = target.user or user
         database = target.database or database
     from urllib.parse import quote
 
-    port = _port_served(obj, settings)
+    port = _port_served(obj, settings) if pinned is None else pinned
     if serverless:
         from neonlocal.serverless.snippet import driver_setup
 

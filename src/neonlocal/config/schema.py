@@ -49,7 +49,7 @@ from pydantic_settings import (
 )
 from pydantic_settings.exceptions import SettingsError
 
-from neonlocal.config.errors import ConfigError, ConfigProblem, toml_syntax_error
+from neonlocal.config.errors import ConfigError, ConfigProblem, UnknownBranch, toml_syntax_error
 from neonlocal.config.file import key_lines
 from neonlocal.config.values import (
     ENV_PREFIX,
@@ -122,6 +122,12 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_port_key(key: str) -> str:
+    if not key.isdigit() or not 1 <= int(key) <= 65535:
+        raise PydanticCustomError("port", "a [ports] key is a port number from 1 to 65535")
+    return str(int(key))
+
+
 def _check_not_empty(value: str) -> str:
     if not value:
         raise PydanticCustomError("empty", "cannot be empty")
@@ -162,6 +168,7 @@ def _lower(value: Any) -> Any:
 
 
 BranchName = Annotated[str, AfterValidator(_check_name)]
+PortKey = Annotated[str, AfterValidator(_check_port_key)]
 NonEmptyStr = Annotated[str, AfterValidator(_check_not_empty)]
 
 
@@ -330,6 +337,9 @@ class BranchSchema(_Section):
     database: NonEmptyStr | None = None
     # Through the API only: use the endpoint's `-pooler` host (None: as [neon] pooled says).
     pooled: bool | None = None
+    # true: sessions are read-only and `use` asks first; "confirm": `use` asks first;
+    # false: neither. None: as Neon's own `protected` flag says (protect.py).
+    protect: Literal[True, False, "confirm"] | None = None
 
     @model_validator(mode="after")
     def _pooled_needs_the_api(self) -> BranchSchema:
@@ -396,6 +406,8 @@ class SettingsSchema(BaseSettings):
     network: NetworkSchema = NetworkSchema()
     git: GitSchema = GitSchema()
     switch: SwitchSchema = SwitchSchema()
+    # Extra local ports, each serving one fixed branch: "5433" = "main" (pinned.py).
+    ports: dict[PortKey, BranchName] = Field(default_factory=dict)
     branches: dict[BranchName, BranchSchema] = Field(default_factory=dict)
 
     @classmethod
@@ -428,6 +440,31 @@ class SettingsSchema(BaseSettings):
                     "at": ("listen", "host"),
                 },
             )
+        return self
+
+    @model_validator(mode="after")
+    def _pinned_ports_are_not_the_main_one(self) -> SettingsSchema:
+        if str(self.listen.port) in self.ports:
+            raise PydanticCustomError(
+                "port_taken",
+                "{reason}",
+                {
+                    "reason": f"port {self.listen.port} is [listen] port, which follows "
+                    "`neonlocal use`; pin branches to other ports",
+                    "at": ("ports", str(self.listen.port)),
+                },
+            )
+        if self.neon.project_id is None:
+            for port, name in self.ports.items():
+                if name not in self.branches:
+                    raise PydanticCustomError(
+                        "unknown_branch",
+                        "{reason}",
+                        {
+                            "reason": str(UnknownBranch(name, list(self.branches))),
+                            "at": ("ports", port),
+                        },
+                    )
         return self
 
     @model_validator(mode="after")

@@ -233,6 +233,7 @@ class BranchSettings:
     user: str | None = None
     database: str | None = None
     pooled: bool | None = None
+    protect: Literal[True, False, "confirm"] | None = None
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,8 @@ class Settings:
     network: NetworkSettings = NetworkSettings()
     git: GitSettings = GitSettings()
     switch: SwitchSettings = SwitchSettings()
+    # Port number (as text, a TOML key) -> the branch it always serves.
+    ports: dict[str, str] = field(default_factory=dict)
     branches: dict[str, BranchSettings] = field(default_factory=dict)
     # Two Settings with the same values are the same configuration, wherever they came from
     # and whatever comments or layout the file had.

@@ -219,9 +219,13 @@ class NeonApi:
         parent_id: str | None = None,
         expires_at: datetime | None = None,
         annotation: Mapping[str, str] = DEFAULT_ANNOTATION,
+        *,
+        parent_timestamp: datetime | None = None,
+        parent_lsn: str | None = None,
     ) -> CreatedBranch:
         """Create ``name`` with a read-write compute; its host is known at once.
 
+        With ``parent_timestamp`` or ``parent_lsn`` it starts from the parent as it was then.
         Wait for the returned operations before the next mutation of this branch.
         """
         spec: dict[str, Any] = {"name": name}
@@ -229,6 +233,10 @@ class NeonApi:
             spec["parent_id"] = parent_id
         if expires_at is not None:
             spec["expires_at"] = format_timestamp(expires_at)
+        if parent_timestamp is not None:
+            spec["parent_timestamp"] = format_timestamp(parent_timestamp)
+        if parent_lsn is not None:
+            spec["parent_lsn"] = parent_lsn
         body: dict[str, Any] = {
             "branch": spec,
             "endpoints": [{"type": "read_write"}],
@@ -338,6 +346,22 @@ class NeonApi:
         if not isinstance(password, str):
             raise NeonApiError(f"unexpected response from the Neon API for GET {path}")
         return password
+
+    async def compare_schema(
+        self, project_id: str, branch_id: str, base_branch_id: str, database: str
+    ) -> str:
+        """The unified diff from ``base_branch_id``'s schema of ``database`` to ``branch_id``'s;
+        empty when they are the same."""
+        path = _branch_path(project_id, branch_id) + "/compare_schema"
+        params = {"base_branch_id": base_branch_id, "db_name": database}
+        response = await self._send("GET", path, params=params)
+        if response.status_code == 404:
+            await self._raise_missing(project_id, branch_id)
+            await self._raise_missing(project_id, base_branch_id)
+        diff = self._ok_json(response, "GET", path).get("diff", "")
+        if not isinstance(diff, str):
+            raise NeonApiError(f"unexpected response from the Neon API for GET {path}")
+        return diff
 
     # -- operations -------------------------------------------------------------------------
 

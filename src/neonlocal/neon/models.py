@@ -82,6 +82,8 @@ class Project(_Model, frozen=True, kw_only=True):
     region_id: str
     org_id: str | None = None
     store_passwords: bool | None = None
+    # How far back branches can start from (point-in-time); the detail answer carries it.
+    history_retention_seconds: int | None = None
 
 
 class Branch(_Model, frozen=True, kw_only=True):

@@ -40,6 +40,8 @@ class ResolvedBranch:
     role: str
     database: str
     password: str = field(repr=False)
+    # Neon's own `protected` flag on the branch.
+    protected: bool = False
 
 
 def pooler_host(host: str) -> str:
@@ -104,6 +106,7 @@ async def resolve_branch(
         role=chosen_role,
         database=chosen_db.name,
         password=password,
+        protected=branch.protected,
     )
 
 

@@ -25,6 +25,7 @@ from neonlocal.neon.edge import (
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.login import Credentials
 from neonlocal.pgwire.scram import ChannelBindingPolicy
+from neonlocal.protect import read_only_parameters
 from neonlocal.proxy.context import SessionRefused
 from neonlocal.targets import Target
 
@@ -77,9 +78,15 @@ def plan_login(
         if target.pin_database and target.database
         else client_params.get("database") or target.database or user
     )
-    params = {"user": user, "database": database, **_forwarded(target, client_params)}
+    params = {
+        "user": user,
+        "database": database,
+        **_forwarded(target, client_params),
+        **read_only_parameters(target),
+    }
     ignored: tuple[str, ...] = ()
     if is_pooler_host(target.host):
+        _refuse_unguardable(target)
         ignored = tuple(dropped_by_edge(params))
     elif is_neon_host(target.host):
         params = fold_into_options(params)
@@ -104,6 +111,17 @@ def _only_libpq_default(user: str, target: Target, os_user: str | None) -> bool:
         and target.user != user
         and target.password is not None
     )
+
+
+def _refuse_unguardable(target: Target) -> None:
+    """A read-only branch behind PgBouncer would be writable: its pool ignores the setting."""
+    if target.read_only:
+        raise SessionRefused(
+            f'neonlocal: branch "{target.branch}" is protected (read-only), but its -pooler '
+            "host (PgBouncer) ignores default_transaction_read_only: use the unpooled host, "
+            f"or allow writes with `neonlocal use {target.branch} --write`",
+            sqlstate.FEATURE_NOT_SUPPORTED,
+        )
 
 
 def _check_edge_limits(params: Mapping[str, str]) -> None:

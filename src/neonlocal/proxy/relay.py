@@ -25,6 +25,8 @@ _READY_MESSAGES = tuple(
     for status in (codec.IDLE, codec.IN_TRANSACTION, codec.IN_FAILED_TRANSACTION)
 )
 _IDLE_STATUS = codec.IDLE[0]
+# NotificationResponse, NoticeResponse, ParameterStatus: what may come while no query runs.
+_ASYNCHRONOUS = frozenset((b"A", b"N", b"S"))
 _TERMINATE = codec.terminate()
 
 
@@ -83,8 +85,10 @@ class Relay:
         self._to_upstream(data)
 
     def _from_client_reusable(self, data: bytes) -> None:
-        # A client's Terminate would end the server session we want to keep: hold it back.
+        # A client's Terminate would end the server session we want to keep: hold it back,
+        # and close the client's side as the server would (asyncpg's close() waits for that).
         if data == _TERMINATE and self.idle:
+            self.client.close()
             return
         self._from_client(data)
 
@@ -95,7 +99,9 @@ class Relay:
             self._status = data[-1]
             if self._on_boundary is not None:
                 self._on_boundary()
-        else:
+        elif not (self.idle and _only_asynchronous(data)):
+            # A NOTIFY, notice or ParameterStatus arriving while no query runs leaves the
+            # session idle and between messages; anything else is an answer in progress.
             self.at_boundary = self.idle = False
 
     # --- ends ------------------------------------------------------------------------------
@@ -230,3 +236,13 @@ class Relay:
 
 def _discard(data: bytes) -> None:
     pass
+
+
+def _only_asynchronous(data: bytes) -> bool:
+    """Whether ``data`` is whole messages a server sends unasked (protocol 55.2.7)."""
+    pos, end = 0, len(data)
+    while pos < end:
+        if end - pos < 5 or data[pos : pos + 1] not in _ASYNCHRONOUS:
+            return False
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+    return pos == end

@@ -40,6 +40,7 @@ from neonlocal.pgwire.login import (
     upstream_login,
 )
 from neonlocal.pgwire.scram import ScramSecret
+from neonlocal.protect import read_only_status
 from neonlocal.proxy.cancel import CancelKey, CancelRoute
 from neonlocal.proxy.context import (
     CANCEL_WAIT_S,
@@ -331,7 +332,7 @@ class Session:
         return self.cancel_key
 
     def _branch_status(self) -> dict[str, str]:
-        return {BRANCH_PARAMETER: self.branch or ""}
+        return {BRANCH_PARAMETER: self.branch or "", **read_only_status(self.target)}
 
     # --- an upstream session -------------------------------------------------------------------
 
