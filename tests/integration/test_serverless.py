@@ -22,6 +22,7 @@ from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
 
 from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
+from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
@@ -77,14 +78,18 @@ def database_url(daemon: LocalDaemon, password: str = TEST_PASSWORD) -> str:
 
 @contextlib.asynccontextmanager
 async def driver(
-    daemon: LocalDaemon, url: str | None = None, *, secure: bool = False
+    daemon: LocalDaemon, url: str | None = None, *, secure: bool = False, port: int | None = None
 ) -> AsyncIterator[Driver]:
     """The driver in a node process; ``secure``: https and wss, trusting the local CA."""
     assert NODE is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "NODE_"))}
     if secure:
         env["NODE_EXTRA_CA_CERTS"] = str(daemon.config_path.parent / "tls" / "ca.crt")
-    options = {"port": daemon.port, "url": url or database_url(daemon), "secure": secure}
+    options = {
+        "port": port or daemon.port,
+        "url": url or database_url(daemon),
+        "secure": secure,
+    }
     proc = await asyncio.create_subprocess_exec(
         NODE, str(NODE_DIR / "serverless.js"), json.dumps(options),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=NODE_DIR,
@@ -599,3 +604,21 @@ async def test_requests_sent_back_to_back_on_one_connection_are_answered_in_orde
     finally:
         writer.close()
     assert answers == [[{"n": 1}], [{"n": 2}]]
+
+
+async def test_a_pinned_port_serves_the_driver_on_its_own_branch(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """Each [ports] port is a server of its own: HTTP and WebSockets there stay on its branch."""
+    pinned = free_port("127.0.0.1")
+    config = write_config(
+        workdir / "config.toml", branch_urls, branch="main", extra=f'[ports]\n{pinned} = "dev"'
+    )
+    async with (
+        running_daemon(config, daemon_env(workdir)) as daemon,
+        driver(daemon, port=pinned) as node,
+    ):
+        assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "dev"}]
+        await node.result("connect", name="c", kind="client")
+        rows = await node.result("query", name="c", sql=SELECT_BRANCH)
+        assert rows["rows"] == [{"name": "dev"}]
