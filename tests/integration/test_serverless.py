@@ -622,3 +622,29 @@ async def test_a_pinned_port_serves_the_driver_on_its_own_branch(
         await node.result("connect", name="c", kind="client")
         rows = await node.result("query", name="c", sql=SELECT_BRANCH)
         assert rows["rows"] == [{"name": "dev"}]
+
+
+async def test_require_tls_and_tls_auth_hold_for_https_and_wss(
+    workdir: Path, branch_urls: dict[str, str]
+) -> None:
+    """[local] require_tls refuses plain http and ws; over https and wss, tls_auth = "password"
+    asks for the branch role's own password, as it does of TCP clients over TLS."""
+    config = write_config(
+        workdir / "config.toml",
+        branch_urls,
+        branch="main",
+        extra='[local]\nrequire_tls = true\ntls_auth = "password"',
+    )
+    async with running_daemon(config, daemon_env(workdir)) as daemon:
+        async with driver(daemon) as node:
+            refused = await node.error("sql", sql=SELECT_BRANCH)
+            assert refused["code"] == "28000"
+            assert "requires TLS" in refused["message"]
+        async with driver(daemon, secure=True) as node:
+            assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
+            await node.result("connect", name="c", kind="client")
+            rows = await node.result("query", name="c", sql=SELECT_BRANCH)
+            assert rows["rows"] == [{"name": "main"}]
+        async with driver(daemon, database_url(daemon, "wrong"), secure=True) as node:
+            refused = await node.error("sql", sql=SELECT_BRANCH)
+            assert refused["code"] == "28P01"

@@ -17,7 +17,7 @@ from neonlocal.serverless.link import Link, LinkClosed
 from neonlocal.serverless.pgclient import Reply, extended_query, simple_query
 from neonlocal.serverless.pool import LinkPool
 from neonlocal.serverless.request import HttpProblem, SqlRequest, parse_sql_request
-from neonlocal.serverless.session import CarriedSession
+from neonlocal.serverless.session import CARRIED_TLS, CarriedSession
 
 if TYPE_CHECKING:
     from neonlocal.proxy.server import Server
@@ -50,18 +50,28 @@ class Gateway:
     def close(self) -> None:
         self.pool.clear()
 
-    async def sql(self, headers: Mapping[str, str], body: bytes, peer: Any) -> Answer:
+    async def sql(
+        self, headers: Mapping[str, str], body: bytes, carrier: Mapping[str, Any]
+    ) -> Answer:
+        """Answer one request; ``carrier`` is what the HTTP connection tells its sessions."""
         try:
             request = parse_sql_request(headers, body)
         except HttpProblem as problem:
             return problem_answer(problem)
         info = request.connection
-        key: Hashable = (info.user, info.dbname, info.password, info.options, info.application_name)
+        key: Hashable = (
+            info.user,
+            info.dbname,
+            info.password,
+            info.options,
+            info.application_name,
+            bool(carrier.get(CARRIED_TLS)),
+        )
         selection = self._server.selected
         link = self.pool.take(key, selection)
         try:
             if link is None:
-                link = await self._open(request, peer)
+                link = await self._open(request, carrier)
             result = await self._run(link, request)
         except HttpProblem as problem:
             result = problem_answer(problem)
@@ -76,14 +86,14 @@ class Gateway:
             self.pool.give(key, selection, link)
         return result
 
-    async def _open(self, request: SqlRequest, peer: Any) -> Link:
+    async def _open(self, request: SqlRequest, carrier: Mapping[str, Any]) -> Link:
         info = request.connection
         params = {"user": info.user or "", "database": info.dbname or info.user or ""}
         if info.application_name:
             params["application_name"] = info.application_name
         if info.options:
             params["options"] = info.options
-        link = Link(self.start_session, {"peername": peer})
+        link = Link(self.start_session, dict(carrier))
         hello = codec.startup_message(params) + codec.password_message(info.password or "")
         reply = await link.exchange(hello, Reply())
         if reply.error is not None:

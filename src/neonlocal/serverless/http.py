@@ -19,6 +19,7 @@ from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.serverless import answer
 from neonlocal.serverless.gateway import MAX_REQUEST_BYTES, Answer, problem_answer
 from neonlocal.serverless.request import HttpProblem
+from neonlocal.serverless.session import CARRIED_TLS
 from neonlocal.serverless.transport import CarriedTransport
 from neonlocal.serverless.websocket import WebSocketCarrier
 
@@ -198,8 +199,7 @@ class HttpConnection(asyncio.Protocol):
             return HTTP_NO_CONTENT, b""
         if path == b"/sql" and request.method == b"POST":
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
-            peer = self._transport.get_extra_info("peername") if self._transport else None
-            return await self._gateway.sql(headers, body, peer)
+            return await self._gateway.sql(headers, body, self._carried_extra())
         return problem_answer(
             HttpProblem(
                 "neonlocal serves POST /sql and WebSocket sessions (/v2) here",
@@ -240,13 +240,7 @@ class HttpConnection(asyncio.Protocol):
         early, _closed = self._h11.trailing_data
         carrier = WebSocketCarrier(self._transport)
         self._ws = carrier
-        transport = CarriedTransport(
-            carrier,
-            {
-                "peername": self._transport.get_extra_info("peername"),
-                "sockname": self._transport.get_extra_info("sockname"),
-            },
-        )
+        transport = CarriedTransport(carrier, self._carried_extra())
         carrier.session = transport
         if not carrier.accept(request.headers, request.target.decode("latin-1")):
             self._close()
@@ -256,6 +250,15 @@ class HttpConnection(asyncio.Protocol):
         transport.attach(endpoint)
         if early:
             carrier.receive(early)
+
+    def _carried_extra(self) -> dict[str, object]:
+        """What a session carried by this connection knows of it (its transport's extra)."""
+        assert self._transport is not None
+        return {
+            "peername": self._transport.get_extra_info("peername"),
+            "sockname": self._transport.get_extra_info("sockname"),
+            CARRIED_TLS: self._transport.get_extra_info("ssl_object") is not None,
+        }
 
 
 def _is_upgrade(request: h11.Request) -> bool:
