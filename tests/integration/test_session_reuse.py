@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -62,6 +63,19 @@ async def test_the_next_client_gets_the_same_server_session_reset(
         assert conn.info.parameter_status("neonlocal.branch") == "main"
         cur = await conn.execute("SELECT name FROM branch_info")
         assert await cur.fetchone() == ("main",)
+
+
+async def test_asyncpg_close_returns_at_once_and_its_session_is_kept(
+    reusing_daemon: LocalDaemon,
+) -> None:
+    """asyncpg waits for the server to close after its Terminate, as PostgreSQL does; the
+    daemon keeps the server session but closes the client."""
+    conn = await asyncpg.connect(reusing_daemon.url(sslmode="disable"))
+    assert await conn.fetchval("SELECT name FROM branch_info") == "main"
+
+    await asyncio.wait_for(conn.close(), 2)
+
+    await parked(reusing_daemon, 1)
 
 
 async def test_a_session_left_inside_a_transaction_is_not_reused(

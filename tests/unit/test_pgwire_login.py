@@ -672,6 +672,20 @@ def test_relay_hands_on_a_pipelined_password_and_keeps_the_query_behind_it() -> 
     assert codec.parse_backend_key_data(tail[2].payload) == OUR_KEY
 
 
+def test_a_relayed_login_says_once_the_client_has_read_an_authentication_request() -> None:
+    """From then on a new login in its place would ask the client a second time."""
+    login = _relay()
+    assert not login.client_saw_auth
+    login.receive_upstream(codec.auth_sasl(PLUS_AND_PLAIN))
+    assert login.client_saw_auth
+
+
+def test_our_own_login_never_shows_the_client_an_authentication_request() -> None:
+    login = _login()
+    login.receive_upstream(codec.auth_sasl([codec.SCRAM_SHA_256]))
+    assert not login.client_saw_auth
+
+
 def test_relay_refuses_non_password_client_messages() -> None:
     """During relayed auth the client may only send 'p' messages."""
     login = _relay()

@@ -94,6 +94,10 @@ class _Login:
     # edge may be silently waking the compute (``[upstream] wake_timeout`` bounds the wait).
     awaiting_compute = False
     relaying_auth = False
+    # Whether the client has read an authentication request of this login: then a new login
+    # in its place would ask it a second time, which a client takes for a protocol violation
+    # (libpq: "duplicate SASL authentication request").
+    client_saw_auth = False
     channel_bound = False
     pipelined = False
     # The SASL mechanisms this server offered, to pipeline the next login to it.
@@ -410,7 +414,7 @@ class RelayedLogin(_Login):
                 )
             self.auth_method = "relayed " + offered[0]
             out.to_client += codec.auth_sasl(offered)
-            self.awaiting_client = True
+            self.awaiting_client = self.client_saw_auth = True
             out.to_upstream += self._client_answer()
         elif request.code in (
             codec.AUTH_SASL_CONTINUE,
@@ -423,6 +427,7 @@ class RelayedLogin(_Login):
                     request.code, "relayed password"
                 )
             out.to_client += codec.message(b"R", payload)
+            self.client_saw_auth = True
             # SASLFinal is followed by AuthenticationOk without an answer from the client.
             self.awaiting_client = request.code != codec.AUTH_SASL_FINAL
             self._final_answer_due = request.code != codec.AUTH_SASL_FINAL

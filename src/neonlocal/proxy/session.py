@@ -384,7 +384,8 @@ class Session:
         """A new connection at most once for a pipelined login the server did not expect,
         once with fresh credentials for a refused password, and, within the connect
         budget, again for what Neon's edge says is passing (a rate limit, a compute it
-        could not reach, a password it has not yet learnt was changed)."""
+        could not reach, a password it has not yet learnt was changed) unless a relayed
+        client has already been asked to authenticate."""
         may_pipeline = may_refresh = True
         retry_until = time.monotonic() + self._context.settings.upstream.connect_timeout
         retries = 0
@@ -407,7 +408,7 @@ class Session:
                     may_refresh = False
                     plan = plan_login(await self._fresh_target(exc), params, os_user=self._os_user)
                     continue
-                pause = _retry_pause(retries, exc, refreshed=not may_refresh)
+                pause = _retry_pause(retries, login, exc, refreshed=not may_refresh)
                 if pause is None or time.monotonic() + pause > retry_until:
                     raise
                 retries += 1
@@ -791,11 +792,13 @@ def _edge_meaning(rejected: UpstreamRejected) -> EdgeMeaning | None:
     return meaning_of(rejected.error.sqlstate, rejected.error.message)
 
 
-def _retry_pause(retries: int, rejected: UpstreamRejected, *, refreshed: bool) -> float | None:
+def _retry_pause(
+    retries: int, login: UpstreamLogin, rejected: UpstreamRejected, *, refreshed: bool
+) -> float | None:
     """How long to wait before logging in again, or None when trying again cannot help."""
     meaning = _edge_meaning(rejected)
-    if meaning is None:
-        return None
+    if meaning is None or login.client_saw_auth:
+        return None  # a relayed client's proof is spent: a new login would ask it again
     if meaning.retry is Retry.TRANSIENT or (meaning.retry is Retry.AFTER_REFRESH and refreshed):
         ceiling = min(RETRY_MAX_PAUSE_S, RETRY_FIRST_PAUSE_S * 2**retries)
         return random.uniform(RETRY_FIRST_PAUSE_S / 2, ceiling)  # noqa: S311 - jitter
