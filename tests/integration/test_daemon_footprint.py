@@ -46,6 +46,10 @@ NOT_FOR_STATIC_URLS = (
     "pydantic_core",
     "pydantic_settings",
     "prometheus_client",
+    # The serverless driver's side: loaded by the first HTTP request only.
+    "h11",
+    "wsproto",
+    "neonlocal.serverless",
 )
 
 # `python -m neonlocal ...`, which writes sys.modules to $CENSUS_PATH when it exits.

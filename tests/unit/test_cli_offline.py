@@ -313,3 +313,17 @@ def test_up_without_a_config_file_says_where_it_looked(
     line = assert_one_line_error(run_up(missing, base_env))
     assert str(missing) in line
     assert "no such file" in line
+
+
+def test_url_serverless_prints_the_driver_setup_for_this_port(
+    base_env: dict[str, str], config: Path
+) -> None:
+    config.write_text(config_text(branch="dev", port=6543))
+    result = invoke("--config", str(config), "url", "--serverless")
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert "neonConfig.fetchEndpoint = 'http://localhost:6543/sql';" in lines
+    assert "neonConfig.wsProxy = () => 'localhost:6543/v2';" in lines
+    assert "neonConfig.useSecureWebSocket = false;" in lines
+    assert any("DATABASE_URL=postgresql://alice:x@localhost:6543/appdb" in line for line in lines)
+    assert SECRET not in result.output

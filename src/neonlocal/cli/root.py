@@ -389,8 +389,13 @@ def _show_status(reply: dict[str, Any], as_json: bool) -> None:
     "--socket", "via_socket", is_flag=True, help="The URL of the daemon's Unix socket instead."
 )
 @click.option("--port", "pinned", type=int, help="A [ports] port: the URL of its branch.")
+@click.option(
+    "--serverless",
+    is_flag=True,
+    help="Print the @neondatabase/serverless (JavaScript) setup for this daemon instead.",
+)
 @pass_ctx
-def url(obj: Context, via_socket: bool, pinned: int | None) -> None:
+def url(obj: Context, via_socket: bool, pinned: int | None, serverless: bool) -> None:
     """Print the local DATABASE_URL to paste into .env (no password in it)."""
     from neonlocal.cli.neon import target_for_use
     from neonlocal.cli.ports import branch_of_port
@@ -405,6 +410,12 @@ def url(obj: Context, via_socket: bool, pinned: int | None) -> None:
     from urllib.parse import quote
 
     port = _port_served(obj, settings) if pinned is None else pinned
+    if serverless:
+        from neonlocal.serverless.snippet import driver_setup
+
+        local_password = settings.local.password is not None
+        click.echo(driver_setup(port, user, database, local_password=local_password))
+        return
     if via_socket:
         click.echo(_socket_url(obj, settings, quote(user, safe=""), quote(database, safe="")))
         return

@@ -11,6 +11,10 @@ bytes already read. So these listeners accept connections themselves, peek (``MS
 while no transport exists yet, and only then hand each socket to the event loop with
 ``connect_accepted_socket``, with TLS for a ClientHello and without it for everything else.
 This works alike on the standard loop and on uvloop.
+
+The same first byte tells HTTP (the serverless driver) from PostgreSQL: a request opens with
+its method in ASCII capitals. Over TLS, a client that did not agree on ALPN "postgresql" is
+told apart by its first plaintext byte the same way (``AfterTls``).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
+from typing import cast
 
 from neonlocal.metrics import ErrorKind
 
 # The first byte of a TLS record carrying a handshake message (RFC 8446, 5.1).
 TLS_HANDSHAKE_RECORD = 0x16
+# The first byte of an HTTP request: its method is ASCII capitals. A PostgreSQL startup packet
+# starting so would claim over 1 GiB (its length's top byte), which no client sends.
+HTTP_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 LISTEN_BACKLOG = 100
 # What asyncio's own accept loop waits after running out of file descriptors.
 ACCEPT_RETRY_DELAY_S = 1.0
@@ -75,8 +83,11 @@ class TcpListener:
         tls_context: Callable[[], ssl.SSLContext | None],
         on_refused: Callable[[str, ErrorKind], None],
         first_byte_timeout: float,
+        http_factory: ProtocolFactory | None = None,
     ) -> None:
         self.socket = sock
+        # Serves connections that open with an HTTP request (the serverless driver).
+        self._http_factory = http_factory
         self._factory = protocol_factory
         self._tls_context = tls_context
         self._on_refused = on_refused
@@ -165,9 +176,14 @@ class TcpListener:
             if not first:
                 return  # connected and closed without a word (a port probe)
             context = self._tls_context() if first[0] == TLS_HANDSHAKE_RECORD else None
+            factory = self._factory
+            if self._http_factory is not None and first[0] in HTTP_METHOD_START:
+                factory = self._http_factory
+            elif self._http_factory is not None and context is not None:
+                factory = self._after_tls
             try:
                 await loop.connect_accepted_socket(
-                    self._factory,
+                    factory,
                     conn,
                     ssl=context,
                     ssl_handshake_timeout=self._first_byte_timeout if context else None,
@@ -182,6 +198,49 @@ class TcpListener:
                 # On failure the loop may already have closed or detached it: harmless.
                 with contextlib.suppress(OSError):
                     conn.close()
+
+    def _after_tls(self) -> asyncio.Protocol:
+        assert self._http_factory is not None
+        return AfterTls(self._factory, self._http_factory, self._first_byte_timeout)
+
+
+class AfterTls(asyncio.Protocol):
+    """Chooses, once TLS is up, between PostgreSQL and HTTP (``https``, ``wss``).
+
+    A client that agreed on ALPN "postgresql" is a PostgreSQL client at once. Any other
+    (browsers and Node.js offer "http/1.1", or nothing) is told by its first plaintext byte,
+    as a plaintext connection is; one that sends nothing is dropped after ``timeout``.
+    """
+
+    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, timeout: float) -> None:
+        self._postgres, self._http, self._timeout = postgres, http, timeout
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() is not None:
+            self._hand_to(self._postgres())
+            return
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._timeout, self._transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        chosen = self._http() if data[:1] and data[0] in HTTP_METHOD_START else self._postgres()
+        self._hand_to(chosen)
+        chosen.data_received(data)
+
+    def _hand_to(self, protocol: asyncio.Protocol) -> None:
+        assert self._transport is not None
+        self._transport.set_protocol(protocol)
+        protocol.connection_made(self._transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def _peek_first_byte(conn: socket.socket) -> bytes:

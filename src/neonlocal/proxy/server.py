@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -47,6 +48,9 @@ from neonlocal.proxy.unix import listen_unix
 from neonlocal.proxy.upstream import UpstreamError, send_cancel
 from neonlocal.targets import Target
 from neonlocal.tls.local import LocalTls
+
+if TYPE_CHECKING:
+    from neonlocal.serverless.gateway import Gateway
 
 log = structlog.get_logger("neonlocal.server")
 
@@ -95,6 +99,8 @@ class Server:
         self.addresses = AddressBook()
         self.metrics = Metrics(self._live_state)
         self._set_local_password()
+        # The serverless driver's side, made when the first HTTP request arrives.
+        self._serverless: Gateway | None = None
 
     # --- configuration ---------------------------------------------------------------------------
 
@@ -228,6 +234,7 @@ class Server:
             tls_context=self._direct_tls_context,
             on_refused=self._connection_refused,
             first_byte_timeout=STARTUP_TIMEOUT_S,
+            http_factory=self._http_protocol,
         )
         listener.start()
         self._tcp.append(listener)
@@ -255,8 +262,21 @@ class Server:
         endpoint.on_connect = self._accept
         return endpoint
 
+    def _http_protocol(self) -> asyncio.Protocol:
+        if self._serverless is None:
+            # Imported here: a daemon no HTTP client talks to does not carry it (README).
+            from neonlocal.serverless.gateway import Gateway
+
+            self._serverless = Gateway(self)
+        from neonlocal.serverless.http import HttpConnection
+
+        return HttpConnection(self._serverless)
+
     def _accept(self, endpoint: Endpoint) -> None:
-        session = Session(self, endpoint)
+        self.start_session(Session(self, endpoint))
+
+    def start_session(self, session: Session) -> None:
+        """Run ``session`` as one of ours (tracked, drained on shutdown)."""
         task = asyncio.get_running_loop().create_task(session.run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -434,6 +454,8 @@ class Server:
 
     async def close(self, deadline: float = 0.0) -> None:
         await self.close_listeners()
+        if self._serverless is not None:
+            self._serverless.close()
         if self.pool is not None:
             await self.pool.close()
         await self.drain(deadline, "neonlocal is shutting down")
