@@ -8,9 +8,10 @@ left inside a transaction, or one whose session ended, is never reused.
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from neonlocal.pgwire import codec
+from neonlocal.proxy.context import SessionContext
 from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.serverless import answer
 from neonlocal.serverless.link import Link, LinkClosed
@@ -20,7 +21,19 @@ from neonlocal.serverless.request import HttpProblem, SqlRequest, parse_sql_requ
 from neonlocal.serverless.session import CARRIED_TLS, CarriedSession
 
 if TYPE_CHECKING:
-    from neonlocal.proxy.server import Server
+    from neonlocal.proxy.session import Session
+    from neonlocal.targets import Target
+
+
+class GatewayHost(SessionContext, Protocol):
+    """What the serverless side needs of the server that owns it (proxy/server.py): the
+    session context its WebSocket sessions run in, the selection, and a place to run them."""
+
+    @property
+    def selected(self) -> tuple[str, Target] | None: ...
+
+    def start_session(self, session: Session) -> None: ...
+
 
 # The edge's limits on a request body and on the rows of an answer.
 MAX_REQUEST_BYTES = 10 * 1024 * 1024
@@ -40,7 +53,7 @@ def problem_answer(problem: HttpProblem) -> Answer:
 class Gateway:
     """The daemon's serverless side: what HTTP connections on the listener are served by."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: GatewayHost) -> None:
         self._server = server
         self.pool = LinkPool()
 
