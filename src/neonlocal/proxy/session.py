@@ -10,18 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import NoReturn
 
-from neonlocal.config.file import key_lines
-from neonlocal.config.values import Settings
 from neonlocal.errors import Refusal
 from neonlocal.metrics import ErrorKind
-from neonlocal.neon.edge import EdgeMeaning, Retry, meaning_of
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import (
     CancelRequest,
@@ -55,6 +51,14 @@ from neonlocal.proxy.endpoint import Endpoint, PeerClosed
 from neonlocal.proxy.peer import peer_user_name
 from neonlocal.proxy.plan import Plan, plan_login
 from neonlocal.proxy.pool import Parked, PoolKey
+from neonlocal.proxy.refused import (
+    Refused,
+    edge_meaning,
+    is_stale_password,
+    login_hint,
+    password_hint,
+    retry_pause,
+)
 from neonlocal.proxy.relay import Relay
 from neonlocal.proxy.upstream import Upstream, UpstreamError, open_upstream
 from neonlocal.targets import Target
@@ -63,14 +67,6 @@ from neonlocal.workflows.protect import read_only_status
 
 # The parameter that tells a client which branch it is on.
 BRANCH_PARAMETER = "neonlocal.branch"
-
-# What the server answers our own login with when the password we hold is stale.
-_STALE_PASSWORD_STATES = (sqlstate.INVALID_PASSWORD, sqlstate.INVALID_AUTHORIZATION)
-
-# Retrying a login the edge refused for a passing reason (neon/edge.py): the first pause,
-# doubled each time up to the cap, with full jitter so a pool's connects spread out.
-RETRY_FIRST_PAUSE_S = 0.1
-RETRY_MAX_PAUSE_S = 2.0
 
 # A failure that took this long (a timeout, not a refusal) is remembered for a moment.
 SLOW_FAILURE_S = SLOW_CONNECT_S
@@ -402,13 +398,13 @@ class Session:
             except UpstreamRejected as exc:
                 upstream.endpoint.close()
                 self.upstream = None
-                if may_refresh and _is_stale_password(login, exc):
+                if may_refresh and is_stale_password(login, exc):
                     # A reset branch or a changed password: fetch the credentials again,
                     # once, before the client sees an error.
                     may_refresh = False
                     plan = plan_login(await self._fresh_target(exc), params, os_user=self._os_user)
                     continue
-                pause = _retry_pause(retries, login, exc, refreshed=not may_refresh)
+                pause = retry_pause(retries, login, exc, refreshed=not may_refresh)
                 if pause is None or time.monotonic() + pause > retry_until:
                     raise
                 retries += 1
@@ -545,7 +541,7 @@ class Session:
                 f": {stale.error.message}",
                 sqlstate.INVALID_PASSWORD,
                 ErrorKind.AUTH,
-                hint=self._password_advice(),
+                hint=password_hint(self.branch, self._context.settings),
             )
         self.target = fresh
         self._report.bind(upstream=fresh.describe())
@@ -574,41 +570,8 @@ class Session:
         )
         self._status_messages = login.status_messages
 
-    def _role_hint(self, code: str) -> str | None:
-        """A client refused under a role of its own, where the branch URL names another whose
-        password we hold: most often libpq's default role (the OS user) over TCP."""
-        target = self.target
-        if self._holds_password or not code.startswith("28") or target is None:
-            return None
-        if target.user is None or target.user == self.user or target.password is None:
-            return None
-        return (
-            f'neonlocal logs in for you as "{target.user}", the role in the branch URL: '
-            f"connect with user={target.user} (psql -U {target.user})"
-        )
-
-    def _advice(self, code: str, meaning: EdgeMeaning | None) -> str | None:
-        """What the user can do about a refused login, said in the client's HINT."""
-        if code == sqlstate.INVALID_PASSWORD and self._holds_password:
-            return self._password_advice()
-        if meaning is not None and meaning.advice is not None:
-            return meaning.advice
-        return self._role_hint(code)
-
-    def _password_advice(self) -> str:
-        """Our own password was refused: say where it came from, so it can be put right."""
-        settings = self._context.settings
-        table = settings.branches.get(self.branch or "")
-        if table is not None and table.url is not None:
-            return (
-                f'the password in branch "{self.branch}"\'s URL{_where_in(settings, self.branch)}'
-                " was refused: paste the branch's current connection string there"
-            )
-        return (
-            f"neonlocal logs in with the password the Neon API gave for this branch: if the "
-            f"branch was reset or its password changed, `neonlocal use {self.branch}` fetches "
-            "it again"
-        )
+    def _refused(self) -> Refused:
+        return Refused(self.branch, self.target, self.user, ours=self._holds_password)
 
     def _upstream_message(self, problem: str, *, unreached: bool = False) -> str:
         """Every failure upstream names the branch and its host, then what went wrong."""
@@ -722,13 +685,13 @@ class Session:
         fields = dict(error.fields)
         fields["S"] = fields["V"] = "FATAL"
         fields["M"] = message
-        meaning = _edge_meaning(rejected)
+        meaning = edge_meaning(rejected)
         if meaning is not None:
             # Neon's edge sends every login error as XX000; a driver decides by the code
             # PostgreSQL itself would have sent.
             fields["C"] = meaning.sqlstate
         code = fields.get("C", error.sqlstate)
-        hint = self._advice(code, meaning)
+        hint = login_hint(self._refused(), code, meaning, self._context.settings)
         if hint is not None:
             fields["H"] = hint
         self.close_reason = f"upstream refused: {code}"
@@ -775,36 +738,6 @@ class Session:
         )
 
 
-def _where_in(settings: Settings, branch: str | None) -> str:
-    """`` in /path/config.toml:12`` for a branch's url line, read when it is needed."""
-    path = settings.config_path
-    if path is None or branch is None:
-        return ""
-    try:
-        lines = key_lines(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError):
-        return f" in {path}"
-    line = lines.get(("branches", branch, "url"))
-    return f" in {path}:{line}" if line is not None else f" in {path}"
-
-
-def _edge_meaning(rejected: UpstreamRejected) -> EdgeMeaning | None:
-    return meaning_of(rejected.error.sqlstate, rejected.error.message)
-
-
-def _retry_pause(
-    retries: int, login: UpstreamLogin, rejected: UpstreamRejected, *, refreshed: bool
-) -> float | None:
-    """How long to wait before logging in again, or None when trying again cannot help."""
-    meaning = _edge_meaning(rejected)
-    if meaning is None or login.client_saw_auth:
-        return None  # a relayed client's proof is spent: a new login would ask it again
-    if meaning.retry is Retry.TRANSIENT or (meaning.retry is Retry.AFTER_REFRESH and refreshed):
-        ceiling = min(RETRY_MAX_PAUSE_S, RETRY_FIRST_PAUSE_S * 2**retries)
-        return random.uniform(RETRY_FIRST_PAUSE_S / 2, ceiling)  # noqa: S311 - jitter
-    return None
-
-
 def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
     """What a finished or cancelled ``recv`` got: its bytes, and whether the peer closed."""
     if not read.done() or read.cancelled():
@@ -816,10 +749,3 @@ def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
 
 def _offer_key(plan: Plan) -> tuple[str, int, str, str]:
     return (plan.target.host, plan.target.port, plan.user, plan.database)
-
-
-def _is_stale_password(login: UpstreamLogin, rejected: UpstreamRejected) -> bool:
-    """Our own password refused during our own login: worth one refresh and retry."""
-    meaning = _edge_meaning(rejected)
-    code = meaning.sqlstate if meaning is not None else rejected.error.sqlstate
-    return rejected.during_auth and not login.relaying_auth and code in _STALE_PASSWORD_STATES
