@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from neonlocal.errors import StartupError, UserError
+from neonlocal.paths import socket_answers
 
 if TYPE_CHECKING:
     import asyncio
@@ -39,7 +40,7 @@ class ControlServer:
 
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self.path.exists() or self.path.is_symlink():
-            if unix_socket_answers(self.path):
+            if socket_answers(self.path):
                 raise StartupError(
                     f"neonlocal: another daemon already runs with this config (control socket "
                     f"{self.path})"
@@ -81,17 +82,6 @@ class ControlServer:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def unix_socket_answers(path: Path, timeout: float = 1.0) -> bool:
-    """Whether something accepts connections on the Unix socket at ``path`` (not stale)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 def request(path: Path, payload: dict[str, Any], *, timeout: float = 10.0) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import socket
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ __all__ = [
     "ensure_private_dir",
     "expand_user",
     "home_dir",
+    "socket_answers",
     "state_dir",
 ]
 
@@ -105,3 +107,15 @@ def _xdg_dir(env: Mapping[str, str], name: str, fallback: str) -> Path:
     if value and Path(value).is_absolute():
         return Path(value)
     return home_dir(env) / fallback
+
+
+def socket_answers(path: Path, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections on the Unix socket at ``path``: a socket file
+    that does not answer was left behind by a process that died, and may be replaced."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+        return True

@@ -22,6 +22,15 @@ class Machine(Protocol[Output]):
     def done(self) -> bool: ...
 
 
+class LocalAuth(Machine[bytes], Protocol):
+    """A local authentication: ``start()`` asks the client, ``receive`` answers it until
+    ``done``, ``take_rest()`` is what the client sent after (pgwire/frontend.py)."""
+
+    def start(self) -> bytes: ...
+
+    def take_rest(self) -> bytes: ...
+
+
 async def drive(
     machine: Machine[Step],
     read: Callable[[], Awaitable[bytes]],

@@ -46,7 +46,7 @@ from neonlocal.proxy.context import (
     SessionContext,
     SessionRefused,
 )
-from neonlocal.proxy.drive import drive
+from neonlocal.proxy.drive import LocalAuth, drive
 from neonlocal.proxy.endpoint import Endpoint, PeerClosed
 from neonlocal.proxy.peer import peer_user_name
 from neonlocal.proxy.plan import Plan, plan_login
@@ -298,15 +298,21 @@ class Session:
             return self._context.scram_secret_for(plan.credentials.password)
         return None
 
-    async def _authenticate_locally(self, plan: Plan) -> None:
+    def _local_auth(self, plan: Plan) -> LocalAuth | None:
+        """How the client proves itself to us, if it must: SCRAM against ``_local_secret``."""
         secret = self._local_secret(plan)
         if secret is None:
-            return
+            return None
         local_tls = self._context.local_tls
-        auth = LocalPasswordAuth(
+        return LocalPasswordAuth(
             secret,
             certificate_der=local_tls.certificate_der if self.client_tls and local_tls else None,
         )
+
+    async def _authenticate_locally(self, plan: Plan) -> None:
+        auth = self._local_auth(plan)
+        if auth is None:
+            return
         self.client.write(auth.start())
         try:
             await drive(auth, self.client.recv, self.client.write)

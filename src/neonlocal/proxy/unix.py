@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 import structlog
+
+from neonlocal.paths import socket_answers
 
 log = structlog.get_logger("neonlocal.server")
 
@@ -55,17 +56,6 @@ def socket_hint(path: Path) -> str | None:
         f"libpq looks in {default}, which this user cannot write to; connect with "
         f"host={directory} (psql -h {directory}) or export PGHOST={directory}"
     )
-
-
-def socket_answers(path: Path, timeout: float) -> bool:
-    """Whether something accepts connections on the Unix socket at ``path`` (not stale)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(str(path))
-        except OSError:
-            return False
-        return True
 
 
 async def listen_unix(

@@ -8,11 +8,8 @@ serverless driver (serverless/cleartext.py).
 
 from __future__ import annotations
 
-from neonlocal.metrics import ErrorKind
-from neonlocal.pgwire import sqlstate
-from neonlocal.pgwire.errors import ProtocolError
-from neonlocal.proxy.context import SessionContext, SessionRefused
-from neonlocal.proxy.drive import drive
+from neonlocal.proxy.context import SessionContext
+from neonlocal.proxy.drive import LocalAuth
 from neonlocal.proxy.endpoint import Endpoint
 from neonlocal.proxy.plan import Plan
 from neonlocal.proxy.session import Session
@@ -39,21 +36,8 @@ class CarriedSession(Session):
             return plan.credentials.password
         return None
 
-    async def _authenticate_locally(self, plan: Plan) -> None:
+    def _local_auth(self, plan: Plan) -> LocalAuth | None:
         if plan.credentials is None:
             # The client's own login is relayed to the server, which asks for itself.
-            await super()._authenticate_locally(plan)
-            return
-        auth = CleartextPasswordAuth(self._expected_password(plan))
-        self.client.write(auth.start())
-        try:
-            await drive(auth, self.client.recv, self.client.write)
-        except ProtocolError as exc:
-            if exc.sqlstate == sqlstate.INVALID_PASSWORD:
-                raise SessionRefused(
-                    f'password authentication failed for user "{self.user}"',
-                    sqlstate.INVALID_PASSWORD,
-                    ErrorKind.AUTH,
-                ) from None
-            raise
-        self.client.unread(auth.take_rest())
+            return super()._local_auth(plan)
+        return CleartextPasswordAuth(self._expected_password(plan))
