@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -99,6 +100,20 @@ def up(cli: Cli) -> Iterator[DaemonProcess]:
     finally:
         proc.stop()
         print(proc.log())  # shown by pytest when the test fails
+
+
+@contextlib.contextmanager
+def serving_text(workdir: Path, text: str) -> Iterator[tuple[Cli, DaemonProcess, Path]]:
+    """`neonlocal up` on a config file holding ``text``, ready; stopped afterwards."""
+    config = workdir / "config.toml"
+    config.write_text(text)
+    cli = Cli(config, daemon_env(workdir))
+    proc = start_daemon_process(config, cli.env)
+    try:
+        proc.wait_ready()
+        yield cli, proc, config
+    finally:
+        proc.stop()
 
 
 def port_of(proc: DaemonProcess) -> int:
@@ -258,13 +273,7 @@ def test_url_prints_a_working_local_url_without_the_password(
     workdir: Path, branch_urls: dict[str, str]
 ) -> None:
     port = free_port()
-    config = workdir / "config.toml"
-    config.write_text(config_text(branch_urls, port=port))
-    cli = Cli(config, daemon_env(workdir))
-    proc = start_daemon_process(config, cli.env)
-    try:
-        proc.wait_ready()
-
+    with serving_text(workdir, config_text(branch_urls, port=port)) as (cli, _proc, _config):
         done = cli.run("url")
 
         assert done.returncode == 0, done.stderr
@@ -273,8 +282,6 @@ def test_url_prints_a_working_local_url_without_the_password(
         assert TEST_PASSWORD not in done.stdout + done.stderr
         with psycopg.connect(url) as conn:
             assert branch_of(conn) == "main"
-    finally:
-        proc.stop()
 
 
 def test_url_with_a_port_picked_at_start_asks_the_daemon_which_it_got(
@@ -377,20 +384,13 @@ def test_a_listen_change_waits_for_a_restart_and_says_so(
 ) -> None:
     """status warns "restart needed", and url prints the port actually served."""
     port, other = free_port(), free_port()
-    config = workdir / "config.toml"
-    config.write_text(config_text(branch_urls, port=port))
-    cli = Cli(config, daemon_env(workdir))
-    proc = start_daemon_process(config, cli.env)
-    try:
-        proc.wait_ready()
+    with serving_text(workdir, config_text(branch_urls, port=port)) as (cli, _proc, config):
         config.write_text(config_text(branch_urls, port=other))
         assert cli.run("use", "main").returncode == 0  # confirms the daemon reloaded
 
         status = cli.status()
         human = cli.run("status").stdout
         url = cli.run("url").stdout.strip()
-    finally:
-        proc.stop()
     warning = f"restart needed: [listen] port {port} -> {other}"
     assert warning in status["warnings"]  # type: ignore[operator]
     assert f"warning:    {warning}" in human
@@ -401,12 +401,8 @@ def test_url_with_password_checked_over_tls_prints_a_url_that_needs_none(
     workdir: Path, branch_urls: dict[str, str]
 ) -> None:
     """With [local] tls_auth = "password", libpq's default (TLS) would ask for a password."""
-    config = workdir / "config.toml"
-    config.write_text(config_text(branch_urls) + '\n[local]\ntls_auth = "password"\n')
-    cli = Cli(config, daemon_env(workdir))
-    proc = start_daemon_process(config, cli.env)
-    try:
-        proc.wait_ready()
+    text = config_text(branch_urls) + '\n[local]\ntls_auth = "password"\n'
+    with serving_text(workdir, text) as (cli, _proc, _config):
         done = cli.run("url")
         assert done.returncode == 0, done.stderr
         url = done.stdout.strip()
@@ -414,8 +410,6 @@ def test_url_with_password_checked_over_tls_prints_a_url_that_needs_none(
         assert "tls_auth" in done.stderr
         with psycopg.connect(url) as conn:
             assert branch_of(conn) == "main"
-    finally:
-        proc.stop()
 
 
 def test_the_last_error_has_a_time_and_clears_once_its_branch_serves_again(
@@ -423,16 +417,11 @@ def test_the_last_error_has_a_time_and_clears_once_its_branch_serves_again(
 ) -> None:
     """An old failure must not look current: it goes once that branch works again."""
     flaky = make_compute("flaky")
-    config = workdir / "config.toml"
-    url = flaky.url(ca_file=ca_file)
-    config.write_text(
+    text = (
         f'branch = "flaky"\n[listen]\nhost = ["127.0.0.1"]\nport = 0\n'
-        f"[branches.flaky]\nurl = {json.dumps(url)}\n"
+        f"[branches.flaky]\nurl = {json.dumps(flaky.url(ca_file=ca_file))}\n"
     )
-    cli = Cli(config, daemon_env(workdir))
-    proc = start_daemon_process(config, cli.env)
-    try:
-        proc.wait_ready()
+    with serving_text(workdir, text) as (cli, proc, _config):
         flaky.stop()
         with pytest.raises(psycopg.OperationalError):
             psycopg.connect(local_url(port_of(proc)), connect_timeout=10)
@@ -442,8 +431,6 @@ def test_the_last_error_has_a_time_and_clears_once_its_branch_serves_again(
         with psycopg.connect(local_url(port_of(proc))) as conn:
             assert branch_of(conn) == "flaky"
         cleared = cli.status()
-    finally:
-        proc.stop()
     assert '"flaky"' in str(failed["last_error"])
     stamp = str(failed["last_error_at"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", stamp)
