@@ -15,8 +15,11 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import shutil
+import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,8 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
+from psycopg import pq
+from psycopg.pq.abc import PGconn
 
 from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, private_dir, running_daemon, write_config
@@ -594,6 +599,147 @@ async def test_cancel_during_binary_copy(ways: Ways) -> None:
             return state, row[0] if row else 0
 
     assert await ways.compare(cancel_copy) == ("57014", 7)
+
+
+def _pipeline_two_syncs_then_cancel(conninfo: str) -> list[str]:
+    """libpq pipeline mode: a query, Sync, a long query, Sync; cancel once the first is in."""
+    seen: list[str] = []
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        pg = conn.pgconn
+        pg.enter_pipeline_mode()
+        for sql in (b"SELECT 'first'", b"SELECT pg_sleep(10)"):
+            pg.send_query_params(sql, None)
+            pg.pipeline_sync()
+        _flush(pg)
+
+        def on_sync() -> None:
+            if seen.count("sync") == 1:
+                time.sleep(0.5)
+                conn.cancel_safe(timeout=rawpg.READ_TIMEOUT_S)
+
+        _read_pipeline(pg, 2, seen, on_sync)
+        pg.exit_pipeline_mode()
+        seen.append(f"after {conn.execute('SELECT 8').fetchone()}")
+    return seen
+
+
+def _flush(pg: PGconn) -> None:
+    while pg.flush():
+        select.select([], [pg.socket], [], rawpg.READ_TIMEOUT_S)
+
+
+def _read_pipeline(pg: PGconn, syncs: int, seen: list[str], on_sync: Callable[[], None]) -> None:
+    deadline = time.monotonic() + 3 * rawpg.READ_TIMEOUT_S
+    while syncs and time.monotonic() < deadline:
+        if pg.is_busy():
+            select.select([pg.socket], [], [], rawpg.READ_TIMEOUT_S)
+            pg.consume_input()
+            continue
+        result = pg.get_result()
+        if result is None:
+            continue
+        status = pq.ExecStatus(result.status)
+        if status == pq.ExecStatus.PIPELINE_SYNC:
+            seen.append("sync")
+            syncs -= 1
+            on_sync()
+        elif status == pq.ExecStatus.TUPLES_OK:
+            value = result.get_value(0, 0)
+            seen.append(f"row {value.decode() if value is not None else None}")
+        else:
+            code = result.error_field(pq.DiagnosticField.SQLSTATE)
+            seen.append(f"{status.name} {code.decode() if code else ''}")
+
+
+async def test_cancel_the_second_of_two_synced_requests_of_a_pipeline(ways: Ways) -> None:
+    """The first request's ReadyForQuery arrives while the second runs: it is still busy."""
+
+    async def two_syncs(way: Way) -> list[str]:
+        return await asyncio.to_thread(_pipeline_two_syncs_then_cancel, way.conninfo())
+
+    assert await ways.compare(two_syncs) == [
+        "row first",
+        "sync",
+        "FATAL_ERROR 57014",
+        "sync",
+        "after (8,)",
+    ]
+
+
+async def test_cancel_the_second_of_two_queries_sent_in_one_write(
+    ways: Ways, compute_main: LocalCompute
+) -> None:
+    """Two Query messages in one write; the cancel comes after the first one's answer.
+
+    Straight to a server that trusts the client (its Unix socket), and through the daemon that
+    logs in with the URL's credentials.
+    """
+    socket_path = str(compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}")
+    creds = ways.daemons["credentials"]
+
+    async def direct() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_unix_connection(socket_path)
+
+    async def through() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", creds.port)
+
+    async def two_queries(
+        connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]],
+    ) -> list[str]:
+        client = rawpg.RawClient(*await connect())
+        try:
+            await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+            key = next(m for m in await client.read_until(b"Z") if m.kind == b"K").payload
+            await client.send(rawpg.query("SELECT 'first'") + rawpg.query("SELECT pg_sleep(10)"))
+            first = await client.read_until(b"Z")
+            await asyncio.sleep(0.5)
+            canceller = rawpg.RawClient(*await connect())
+            await canceller.send(rawpg.packet(struct.pack("!i", rawpg.CANCEL_REQUEST_CODE) + key))
+            await canceller.close()
+            second = await client.read_until(b"Z")
+        finally:
+            await client.close()
+        return [_describe(m) for m in first] + [
+            f"E:{rawpg.parse_error(m.payload).sqlstate}" if m.kind == b"E" else _describe(m)
+            for m in second
+        ]
+
+    expected = await two_queries(direct)
+    assert expected == ["T", "D:first", "C", "Z", "T", "E:57014", "Z"]
+    assert await two_queries(through) == expected
+
+
+# Rows whose last six bytes are a ReadyForQuery's, each ending exactly where PostgreSQL
+# flushes its 8192-byte send buffer (the first row makes up for ParseComplete, BindComplete
+# and the RowDescription of one column named "b"), so the daemon reads chunks that end in them.
+_ROWS_THAT_END_LIKE_READY_FOR_QUERY = """
+    SELECT decode(repeat('00', n - 6), 'hex') || '\\x5a0000000549'::bytea AS b
+    FROM (
+        SELECT CASE WHEN g = 1 THEN 8192 - 37 - 11 ELSE 8192 - 11 END AS n, pg_sleep(0.02)
+        FROM generate_series(1, 300) g
+    ) rows
+"""
+
+
+async def test_cancel_while_row_data_ends_in_the_bytes_of_a_ready_for_query(ways: Ways) -> None:
+    async def cancel_rows(way: Way) -> tuple[str | None, bytes]:
+        async with await psycopg.AsyncConnection.connect(way.conninfo(), autocommit=True) as conn:
+            state: str | None = None
+            tail = b""
+            got = 0
+            try:
+                async for (value,) in conn.cursor(binary=True).stream(
+                    _ROWS_THAT_END_LIKE_READY_FOR_QUERY
+                ):
+                    tail = bytes(value[-6:])
+                    got += 1
+                    if got == 5:
+                        await conn.cancel_safe()
+            except psycopg.Error as exc:
+                state = exc.sqlstate
+            return state, tail
+
+    assert await ways.compare(cancel_rows) == ("57014", b"Z\x00\x00\x00\x05I")
 
 
 # --- other drivers --------------------------------------------------------------------------

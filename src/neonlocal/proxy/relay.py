@@ -1,9 +1,9 @@
 """Bytes both ways between a client and its upstream, after the first ReadyForQuery.
 
-No message is parsed here: each chunk is written to the peer as it arrives. Only the last six
-bytes of each server chunk are looked at, to know whether the server just said
-ReadyForQuery, i.e. the stream sits on a message boundary and the session is idle. That is
-what lets a cancel be dropped for an idle session and an ErrorResponse be injected cleanly.
+Each chunk is written to the peer as it arrives, unchanged. Both streams are also shown to
+an InFlight (pgwire/inflight.py), which reads their message headers to know whether any
+request still awaits its answer: that is what lets a cancel be dropped for an idle session
+and our own ErrorResponse go in between two of the server's messages, never inside one.
 """
 
 from __future__ import annotations
@@ -12,21 +12,14 @@ import asyncio
 from collections.abc import Callable
 
 from neonlocal.pgwire import codec
+from neonlocal.pgwire.inflight import InFlight
 from neonlocal.proxy.endpoint import Endpoint
 
 # After the query in flight of a session being ended has its answer, how long we wait for
 # the client's next request to answer it with the error, before sending it unasked.
 END_WHEN_IDLE_S = 1.0
 
-# ReadyForQuery with each transaction status, as whole messages: a chunk ending in one of
-# them ends on a message boundary.
-_READY_MESSAGES = tuple(
-    codec.ready_for_query(status)
-    for status in (codec.IDLE, codec.IN_TRANSACTION, codec.IN_FAILED_TRANSACTION)
-)
 _IDLE_STATUS = codec.IDLE[0]
-# NotificationResponse, NoticeResponse, ParameterStatus: what may come while no query runs.
-_ASYNCHRONOUS = frozenset((b"A", b"N", b"S"))
 _TERMINATE = codec.terminate()
 
 
@@ -34,22 +27,19 @@ class Relay:
     def __init__(self, client: Endpoint, upstream: Endpoint) -> None:
         self.client = client
         self.upstream = upstream
-        # The server's output ended with ReadyForQuery: we are between its messages.
-        self.at_boundary = True
-        # ...and the client has sent nothing since: no query is running.
-        self.idle = True
+        self._flight = InFlight()
         self.close_reason = "client closed"
         # We are ending the session ourselves; keep the reason we gave.
         self._ending = False
         self._finished = False
         self._client_eof = False
         self._pending_error: bytes | None = None
-        self._on_boundary: Callable[[], None] | None = None
+        # What to do once every request has its answer.
+        self._on_idle: Callable[[], None] | None = None
         # Session reuse: called instead of closing the upstream when the client leaves an
         # idle session outside a transaction; the upstream then belongs to the caller.
         self.release: Callable[[], None] | None = None
         self.released = False
-        self._status = _IDLE_STATUS
         self._client_tls = False
         self._to_upstream: Callable[[bytes], None] = _discard
         self._to_client: Callable[[bytes], None] = _discard
@@ -78,31 +68,29 @@ class Relay:
         if client.lost or upstream.lost:
             self._lost()
 
+    @property
+    def idle(self) -> bool:
+        """No request is running or awaits its answer."""
+        return self._flight.idle
+
     # --- hot path --------------------------------------------------------------------------
 
     def _from_client(self, data: bytes) -> None:
-        self.idle = False
         self._to_upstream(data)
+        self._flight.client_sent(data)
 
     def _from_client_reusable(self, data: bytes) -> None:
         # A client's Terminate would end the server session we want to keep: hold it back,
         # and close the client's side as the server would (asyncpg's close() waits for that).
-        if data == _TERMINATE and self.idle:
+        if data == _TERMINATE and self._flight.idle:
             self.client.close()
             return
         self._from_client(data)
 
     def _from_upstream(self, data: bytes) -> None:
         self._to_client(data)
-        if data.endswith(_READY_MESSAGES):
-            self.at_boundary = self.idle = True
-            self._status = data[-1]
-            if self._on_boundary is not None:
-                self._on_boundary()
-        elif not (self.idle and _only_asynchronous(data)):
-            # A NOTIFY, notice or ParameterStatus arriving while no query runs leaves the
-            # session idle and between messages; anything else is an answer in progress.
-            self.at_boundary = self.idle = False
+        if self._flight.server_sent(data) and self._on_idle is not None:
+            self._on_idle()
 
     # --- ends ------------------------------------------------------------------------------
 
@@ -112,10 +100,10 @@ class Relay:
         self._client_eof = True
         if self._reusable():
             return False  # the client is gone; _lost hands the idle upstream back
-        if self.at_boundary:
+        if self._flight.idle:
             self._close_upstream()
         else:
-            self._on_boundary = self._close_upstream
+            self._on_idle = self._close_upstream
         # Keeping our sending half open only works on plain TCP; a TLS client closes whole.
         return not self._client_tls
 
@@ -126,15 +114,15 @@ class Relay:
         return False
 
     def _close_upstream(self) -> None:
-        self._on_boundary = None
+        self._on_idle = None
         self.upstream.write(codec.terminate())
         self.upstream.close()
 
     def _reusable(self) -> bool:
         return (
             self.release is not None
-            and self.idle
-            and self._status == _IDLE_STATUS
+            and self._flight.idle
+            and self._flight.status == _IDLE_STATUS
             and not self._ending
             and not self.upstream.eof
         )
@@ -174,10 +162,10 @@ class Relay:
         """
         self.close_reason = reason
         self._ending = True
-        if self.idle:
+        if self._flight.idle:
             self._finish(error)
         else:
-            self._on_boundary = lambda: self._end_at_next_request(error)
+            self._on_idle = lambda: self._end_at_next_request(error)
 
     def end_when_idle(self, error: bytes, reason: str) -> None:
         """Send ``error`` once the session is idle outside a transaction, then end both sides.
@@ -188,20 +176,20 @@ class Relay:
         """
         self.close_reason = reason
         self._ending = True
-        if self.idle and self._status == _IDLE_STATUS:
+        if self._flight.idle and self._flight.status == _IDLE_STATUS:
             self._finish(error)
         else:
-            self._on_boundary = lambda: self._end_outside_transaction(error)
+            self._on_idle = lambda: self._end_outside_transaction(error)
 
     def _end_outside_transaction(self, error: bytes) -> None:
-        if self._status == _IDLE_STATUS:
+        if self._flight.status == _IDLE_STATUS:
             self._end_at_next_request(error)
 
     def _end_at_next_request(self, error: bytes) -> None:
         # The query in flight has its answer. Answer the client's next request with the
         # error rather than racing it onto the wire right behind that answer, where a
         # client would read it as "server closed the connection unexpectedly".
-        self._on_boundary = None
+        self._on_idle = None
         self.client.on_data = lambda _data: self._finish(error)
         asyncio.get_running_loop().call_later(END_WHEN_IDLE_S, self._finish, error)
 
@@ -209,7 +197,7 @@ class Relay:
         """End now if the server stream sits between messages, else drop both sockets."""
         if self.done.done():
             return
-        if self.at_boundary:
+        if self._flight.server_at_boundary:
             self._finish(error)
         else:
             self.abort(self.close_reason)
@@ -218,12 +206,12 @@ class Relay:
         if self._finished:
             return
         self._finished = True
-        self._on_boundary = None
+        self._on_idle = None
         self.upstream.on_data = _discard
         self.client.write(error)
         self.client.close()
-        if self.idle:
-            # Both streams sit between messages: say goodbye properly.
+        if self._flight.client_at_boundary:
+            # Our Terminate cannot land inside a message of the client's: say goodbye properly.
             self.upstream.write(codec.terminate())
         self.upstream.close()
 
@@ -236,13 +224,3 @@ class Relay:
 
 def _discard(data: bytes) -> None:
     pass
-
-
-def _only_asynchronous(data: bytes) -> bool:
-    """Whether ``data`` is whole messages a server sends unasked (protocol 55.2.7)."""
-    pos, end = 0, len(data)
-    while pos < end:
-        if end - pos < 5 or data[pos : pos + 1] not in _ASYNCHRONOUS:
-            return False
-        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-    return pos == end
