@@ -378,6 +378,88 @@ async def test_a_relayed_login_that_never_finishes_ends_when_the_server_ends_it(
         assert await abandoned_login(relayed) == expected
 
 
+# --- encryption requests: each is special once ------------------------------------------------
+
+
+async def _negotiation(client: rawpg.RawClient, requests: list[bytes]) -> list[str]:
+    """Send each request in turn and note its answer ('S' starts TLS); an ErrorResponse ends
+    it, noted with what followed before the close."""
+    seen: list[str] = []
+    for request in requests:
+        await client.send(request)
+        answer = await client.read_byte()
+        if answer == b"E":
+            error, *after = rawpg.split_messages(b"E" + await client.read_to_end())
+            parsed = rawpg.parse_error(error.payload)
+            seen.append(f"{parsed.severity} {parsed.sqlstate} {parsed.message}")
+            seen += [m.kind.decode() for m in after]
+            break
+        seen.append(answer.decode())
+        if answer == b"S":
+            await client.start_tls()
+    return seen
+
+
+UNSUPPORTED_SSL = "FATAL 0A000 unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0"
+UNSUPPORTED_GSS = "FATAL 0A000 unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0"
+
+
+@pytest.mark.parametrize(
+    ("second", "refused"),
+    [(rawpg.ssl_request(), UNSUPPORTED_SSL), (rawpg.gssenc_request(), UNSUPPORTED_GSS)],
+    ids=["SSLRequest", "GSSENCRequest"],
+)
+async def test_a_request_inside_tls_fails_as_an_unsupported_protocol(
+    ways: Ways, second: bytes, refused: str
+) -> None:
+    """Once TLS is up PostgreSQL takes neither request again: its code is read as protocol
+    version 1234.5679 (or .5680) and refused with 0A000."""
+
+    async def again_inside_tls(way: Way) -> list[str]:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            return await _negotiation(client, [rawpg.ssl_request(), second])
+
+    assert await ways.compare(again_inside_tls) == ["S", refused]
+
+
+@pytest.mark.parametrize(
+    ("requests", "refused"),
+    [
+        ([rawpg.ssl_request()] * 2, ["N", UNSUPPORTED_SSL]),
+        ([rawpg.gssenc_request()] * 2, ["N", UNSUPPORTED_GSS]),
+        (
+            [rawpg.gssenc_request(), rawpg.ssl_request(), rawpg.gssenc_request()],
+            ["N", "N", UNSUPPORTED_GSS],
+        ),
+        (
+            [rawpg.ssl_request(), rawpg.gssenc_request(), rawpg.ssl_request()],
+            ["N", "N", UNSUPPORTED_SSL],
+        ),
+    ],
+    ids=["SSL twice", "GSSENC twice", "GSSENC SSL GSSENC", "SSL GSSENC SSL"],
+)
+async def test_a_declined_request_repeated_fails_as_an_unsupported_protocol(
+    compute_main: LocalCompute, ca_file: Path, requests: list[bytes], refused: list[str]
+) -> None:
+    """A request declined with 'N' is not taken again, nor made special again by declining
+    the other. Straight to the server's Unix socket (where it declines both) and through a
+    daemon without local TLS."""
+
+    async def repeated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            return await _negotiation(client, requests)
+        finally:
+            await client.close()
+
+    socket_path = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
+    direct = await repeated(*await asyncio.open_unix_connection(str(socket_path)))
+    assert direct == refused
+    branches = {"main": compute_main.url(ca_file=ca_file)}
+    async with _daemon(branches, "[local]\ntls = false") as plaintext:
+        assert await repeated(*await asyncio.open_connection("127.0.0.1", plaintext.port)) == direct
+
+
 def _describe(message: rawpg.Message) -> str:
     if message.kind == b"R":
         return "R:ok" if message.payload == b"\0\0\0\0" else "R:other"

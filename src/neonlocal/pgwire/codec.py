@@ -123,11 +123,18 @@ def parse_request(payload: bytes) -> Request:
         return CancelRequest(pid, bytes(secret))
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
-        raise ProtocolError(
-            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
-            sqlstate.FEATURE_NOT_SUPPORTED,
-        )
+        raise unsupported_protocol(code)
     return StartupMessage(major, minor, _parse_parameters(payload[4:]))
+
+
+def unsupported_protocol(code: int) -> ProtocolError:
+    """PostgreSQL's answer to a protocol version other than 3.x: any code that is no special
+    request it takes now, an SSLRequest's 1234.5679 included."""
+    major, minor = code >> 16, code & 0xFFFF
+    return ProtocolError(
+        f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+        sqlstate.FEATURE_NOT_SUPPORTED,
+    )
 
 
 # PostgreSQL's one complaint about a broken parameter list (ProcessStartupPacket).

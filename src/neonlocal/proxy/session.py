@@ -182,21 +182,22 @@ class Session:
     async def _answer_encryption_request(
         self, request: Request | None, phase: StartupPhase
     ) -> None:
-        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive."""
+        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive.
+
+        Over direct TLS an SSLRequest is declined, as PostgreSQL 17 declines it."""
         if not isinstance(request, SSLRequest | GSSENCRequest):
             return
-        if isinstance(request, SSLRequest) and self.client_tls:
-            raise ProtocolError("unexpected SSLRequest over an encrypted connection")
         if phase.buffered:
             # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
             what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
             raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
-        if isinstance(request, GSSENCRequest) or local_tls is None:
+        if isinstance(request, GSSENCRequest) or local_tls is None or self.client_tls:
             self.client.write(codec.ENCRYPTION_REFUSED)
         else:
             self.client.write(codec.ENCRYPTION_ACCEPTED)
             await self._start_client_tls(local_tls.context)
+            phase.encryption_began()
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
         # A client may send its first messages right behind the StartupMessage (a password
