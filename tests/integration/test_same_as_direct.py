@@ -460,6 +460,67 @@ async def test_a_declined_request_repeated_fails_as_an_unsupported_protocol(
         assert await repeated(*await asyncio.open_connection("127.0.0.1", plaintext.port)) == direct
 
 
+async def _nothing(client: rawpg.RawClient) -> None:
+    pass
+
+
+async def _half_a_startup_packet(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"})[:10])
+
+
+async def _tls_then_nothing(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.ssl_request())
+    assert await client.read_byte() == b"S"
+    await client.start_tls()
+
+
+async def _no_handshake_after_s(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.ssl_request())
+    assert await client.read_byte() == b"S"
+
+
+SLOW_STARTS = {
+    "nothing": _nothing,
+    "half a startup packet": _half_a_startup_packet,
+    "TLS, then nothing": _tls_then_nothing,
+    "'S', then no TLS handshake": _no_handshake_after_s,
+}
+# The test server's authentication_timeout and the daemon's STARTUP_TIMEOUT_S in this test.
+SHORT_STARTUP_TIMEOUT_S = 1.0
+
+
+async def test_a_client_slow_to_start_up_is_dropped_without_a_word(
+    make_compute: MakeCompute, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL gives a client authentication_timeout from accept to send its startup
+    packet, TLS handshake included, then exits without a reply: through neonlocal too."""
+    compute = make_compute("slowstart")
+    compute.psql(
+        f"ALTER SYSTEM SET authentication_timeout = '{SHORT_STARTUP_TIMEOUT_S:g}s'",
+        dbname="postgres",
+    )
+    compute.psql("SELECT pg_reload_conf()", dbname="postgres")
+    monkeypatch.setattr("neonlocal.proxy.server.STARTUP_TIMEOUT_S", SHORT_STARTUP_TIMEOUT_S)
+
+    async def stall(way: Way, start: Callable[[rawpg.RawClient], Awaitable[None]]) -> str:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with rawpg.raw_client(way.host, way.port) as client:
+            await start(client)
+            reply = await client.read_to_end()
+        waited = loop.time() - began
+        bound = SHORT_STARTUP_TIMEOUT_S / 2 < waited < SHORT_STARTUP_TIMEOUT_S * 3
+        return f"{reply!r} after {'about' if bound else 'not'} the bound"
+
+    async def slow_starts(way: Way) -> dict[str, str]:
+        outcomes = await asyncio.gather(*(stall(way, start) for start in SLOW_STARTS.values()))
+        return dict(zip(SLOW_STARTS, outcomes, strict=True))
+
+    async with _ways(compute, ca_file) as made:
+        outcomes = await made.compare(slow_starts)
+    assert set(outcomes.values()) == {"b'' after about the bound"}
+
+
 def _describe(message: rawpg.Message) -> str:
     if message.kind == b"R":
         return "R:ok" if message.payload == b"\0\0\0\0" else "R:other"

@@ -211,3 +211,48 @@ async def test_an_ssl_request_without_local_tls_is_answered_no() -> None:
     _session, sent = await run_session(context, codec.ssl_request(), STARTUP)
     assert sent[:1] == codec.ENCRYPTION_REFUSED
     assert error_of(sent[1:]).sqlstate == sqlstate.UNABLE_TO_CONNECT
+
+
+async def test_a_startup_packet_unfinished_at_the_deadline_is_closed_without_a_reply() -> None:
+    """As PostgreSQL's authentication_timeout: the connection is dropped, nothing is sent."""
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    client.data_received(STARTUP[:9])
+    deadline = asyncio.get_running_loop().time() + 0.1
+    session = Session(context, client, startup_deadline=deadline)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == b""
+    assert transport.is_closing()
+    assert session.close_reason == "timeout while waiting for the startup packet"
+    assert errors_counted(context.metrics, ErrorKind.STARTUP_TIMEOUT)
+
+
+async def test_the_startup_deadline_is_the_listeners_not_restarted_by_a_request() -> None:
+    """An answered SSLRequest does not buy the client more time: the bound runs from accept."""
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    loop = asyncio.get_running_loop()
+    client.data_received(codec.ssl_request())
+    loop.call_later(0.05, client.data_received, STARTUP[:9])
+    began = loop.time()
+    session = Session(context, client, startup_deadline=began + 0.1)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == codec.ENCRYPTION_REFUSED
+    assert loop.time() - began < 1.0
+
+
+async def test_a_repeated_ssl_request_is_refused_as_an_unsupported_protocol() -> None:
+    context = FakeContext()
+    _session, sent = await run_session(context, codec.ssl_request(), codec.ssl_request())
+    assert sent[:1] == codec.ENCRYPTION_REFUSED
+    error = error_of(sent[1:])
+    assert (error.sqlstate, error.message) == (
+        sqlstate.FEATURE_NOT_SUPPORTED,
+        "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0",
+    )

@@ -9,11 +9,12 @@ closes: switching the selection never moves an open session. It sees the server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.errors import Refusal
@@ -85,7 +86,9 @@ class _EndWithoutReply(Exception):
 
 
 class Session:
-    def __init__(self, context: SessionContext, client: Endpoint) -> None:
+    def __init__(
+        self, context: SessionContext, client: Endpoint, *, startup_deadline: float | None = None
+    ) -> None:
         self.id = next(_ids)
         self._context = context
         self._report = context.report(self.id)
@@ -107,6 +110,11 @@ class Session:
         self._os_user: str | None = None
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
+        # When (loop time) the client must have sent its startup packet: STARTUP_TIMEOUT_S
+        # counted from accept, as PostgreSQL counts it; the listener knows when that was.
+        if startup_deadline is None:
+            startup_deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        self._startup_deadline = startup_deadline
 
     @property
     def busy(self) -> bool:
@@ -129,14 +137,12 @@ class Session:
             self._pass_on_rejection(exc)
         except PeerClosed as exc:
             self.close_reason = str(exc) or "client closed during startup"
-        except TimeoutError:
-            timed_out = ProtocolError("timeout while waiting for the startup packet")
-            self._refuse(timed_out, "startup timed out", ErrorKind.STARTUP_TIMEOUT)
         finally:
             self._cleanup()
 
     async def _run(self) -> None:
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        waited = "timeout while waiting for the startup packet"
+        async with _client_bound(self._startup_deadline, waited):
             startup = await self._negotiate()
         if startup is None:
             return  # a CancelRequest, now forwarded
@@ -144,7 +150,8 @@ class Session:
         self._admitted = True
         params = self._accept_startup(startup)
         plan = self._plan(params)
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        async with _client_bound(deadline, "the client did not finish its local login in time"):
             await self._authenticate_locally(plan)
         parked = self._take_parked(plan)
         if parked is not None:
@@ -743,6 +750,18 @@ class Session:
             reason=self.close_reason,
             **traffic,
         )
+
+
+@contextlib.asynccontextmanager
+async def _client_bound(deadline: float, reason: str) -> AsyncIterator[None]:
+    """PostgreSQL's authentication_timeout on what the client must send: past ``deadline`` it
+    is dropped without a word, as PostgreSQL drops it (StartupPacketTimeoutHandler exits; a
+    timed-out authentication goes to the server's log only)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        raise _EndWithoutReply(reason, ErrorKind.STARTUP_TIMEOUT) from None
 
 
 def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
