@@ -54,11 +54,6 @@ BAD_STARTUPS = {
     "protocol 2.0": (rawpg.startup(LOGIN, major=2), "0A000", "unsupported frontend protocol 2.0"),
     "protocol 4.0": (rawpg.startup(LOGIN, major=4), "0A000", "unsupported frontend protocol"),
     "no user": (rawpg.startup({"database": "neondb"}), "28000", "no PostgreSQL user name"),
-    "SSLRequest with pipelined plaintext": (
-        rawpg.ssl_request() + rawpg.startup(LOGIN),
-        "08P01",
-        "unencrypted data after SSL request",
-    ),
     "SSLRequest with a body": (
         rawpg.packet(_I32.pack(rawpg.SSL_REQUEST_CODE) + b"xxxx"),
         "08P01",
@@ -129,6 +124,38 @@ async def test_a_second_ssl_request_after_n_is_an_unsupported_protocol(
         error = await client.read_error()
         assert await client.read_to_end() == b""
     assert (error.sqlstate, error.message) == ("0A000", UNSUPPORTED_SSL_REQUEST)
+    await still_serves(plaintext_daemon)
+
+
+async def test_plaintext_pipelined_behind_an_ssl_request_is_refused_over_tls(
+    daemon: LocalDaemon,
+) -> None:
+    """CVE-2021-23214: what came with the SSLRequest unencrypted is never read as if it came
+    over TLS; as PostgreSQL, the refusal follows the handshake."""
+    async with rawpg.raw_client(HOST, daemon.port) as client:
+        await client.send(rawpg.ssl_request() + rawpg.startup(LOGIN))
+        assert await client.read_byte() == b"S"
+        await client.start_tls()
+        error = await client.read_error()
+        assert await client.read_to_end() == b""
+    assert (error.sqlstate, error.message) == (
+        "08P01",
+        "received unencrypted data after SSL request",
+    )
+    await still_serves(daemon)
+
+
+async def test_plaintext_pipelined_behind_a_declined_ssl_request_is_refused(
+    plaintext_daemon: LocalDaemon,
+) -> None:
+    error, after = await rawpg.refusal(
+        HOST, plaintext_daemon.port, rawpg.ssl_request() + rawpg.startup(LOGIN)
+    )
+    assert (error.sqlstate, error.message) == (
+        "08P01",
+        "received unencrypted data after SSL request",
+    )
+    assert after == b""
     await still_serves(plaintext_daemon)
 
 

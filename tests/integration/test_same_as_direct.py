@@ -382,8 +382,8 @@ async def test_a_relayed_login_that_never_finishes_ends_when_the_server_ends_it(
 
 
 async def _negotiation(client: rawpg.RawClient, requests: list[bytes]) -> list[str]:
-    """Send each request in turn and note its answer ('S' starts TLS); an ErrorResponse ends
-    it, noted with what followed before the close."""
+    """Send each request in turn (b"": send nothing) and note its answer ('S' starts TLS); an
+    ErrorResponse ends it, noted with what followed before the close."""
     seen: list[str] = []
     for request in requests:
         await client.send(request)
@@ -444,20 +444,57 @@ async def test_a_declined_request_repeated_fails_as_an_unsupported_protocol(
     """A request declined with 'N' is not taken again, nor made special again by declining
     the other. Straight to the server's Unix socket (where it declines both) and through a
     daemon without local TLS."""
+    await _compare_declined(compute_main, ca_file, requests, refused)
 
-    async def repeated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
+
+async def _compare_declined(
+    compute: LocalCompute, ca_file: Path, requests: list[bytes], expected: list[str]
+) -> None:
+    """Negotiate straight to the server's Unix socket, where it declines both requests, and
+    through a daemon without local TLS: both must end as ``expected``."""
+
+    async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
         client = rawpg.RawClient(reader, writer)
         try:
             return await _negotiation(client, requests)
         finally:
             await client.close()
 
-    socket_path = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
-    direct = await repeated(*await asyncio.open_unix_connection(str(socket_path)))
-    assert direct == refused
-    branches = {"main": compute_main.url(ca_file=ca_file)}
+    socket_path = compute.socket_dir / f".s.PGSQL.{compute.spec.port}"
+    direct = await negotiate(*await asyncio.open_unix_connection(str(socket_path)))
+    assert direct == expected
+    branches = {"main": compute.url(ca_file=ca_file)}
     async with _daemon(branches, "[local]\ntls = false") as plaintext:
-        assert await repeated(*await asyncio.open_connection("127.0.0.1", plaintext.port)) == direct
+        assert (
+            await negotiate(*await asyncio.open_connection("127.0.0.1", plaintext.port)) == direct
+        )
+
+
+STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+INJECTED_AFTER_SSL = "FATAL 08P01 received unencrypted data after SSL request"
+INJECTED_AFTER_GSS = "FATAL 08P01 received unencrypted data after GSSAPI encryption request"
+
+
+@pytest.mark.parametrize(
+    ("request_", "refused"),
+    [(rawpg.ssl_request(), INJECTED_AFTER_SSL), (rawpg.gssenc_request(), INJECTED_AFTER_GSS)],
+    ids=["SSLRequest", "GSSENCRequest"],
+)
+async def test_plaintext_behind_a_declined_request_is_refused_after_the_answer(
+    compute_main: LocalCompute, ca_file: Path, request_: bytes, refused: str
+) -> None:
+    """CVE-2021-23214: PostgreSQL answers 'N', then refuses what came with the request."""
+    await _compare_declined(compute_main, ca_file, [request_ + STARTUP, b""], ["N", refused])
+
+
+async def test_plaintext_behind_an_accepted_ssl_request_is_refused_over_tls(ways: Ways) -> None:
+    """PostgreSQL answers 'S', completes the handshake, then refuses the plaintext over TLS."""
+
+    async def injected(way: Way) -> list[str]:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            return await _negotiation(client, [rawpg.ssl_request() + STARTUP, b""])
+
+    assert await ways.compare(injected) == ["S", INJECTED_AFTER_SSL]
 
 
 async def _nothing(client: rawpg.RawClient) -> None:

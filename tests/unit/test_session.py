@@ -256,3 +256,16 @@ async def test_a_repeated_ssl_request_is_refused_as_an_unsupported_protocol() ->
         sqlstate.FEATURE_NOT_SUPPORTED,
         "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0",
     )
+
+
+async def test_plaintext_behind_an_ssl_request_is_refused_after_the_answer() -> None:
+    """CVE-2021-23214, in PostgreSQL's order: 'N' first, then the refusal; never read."""
+    context = FakeContext()
+    _session, sent = await run_session(context, codec.ssl_request() + STARTUP)
+    assert sent[:1] == codec.ENCRYPTION_REFUSED
+    error = error_of(sent[1:])
+    assert (error.sqlstate, error.message) == (
+        sqlstate.PROTOCOL_VIOLATION,
+        "received unencrypted data after SSL request",
+    )
+    assert errors_counted(context.metrics, ErrorKind.PROTOCOL)

@@ -73,8 +73,9 @@ class StartupPhase:
 
     @property
     def buffered(self) -> int:
-        """Bytes waiting after the last event. Must be 0 before a TLS handshake starts:
-        plaintext sent ahead of it could otherwise be taken as if it came over TLS."""
+        """Bytes waiting after the last event. After an SSLRequest or GSSENCRequest they are
+        plaintext sent ahead of the encryption asked for: never to be read, since they would
+        be taken as if they came over TLS."""
         return self._framer.buffered
 
     def next_event(self) -> Request | None:

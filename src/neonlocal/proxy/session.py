@@ -194,10 +194,6 @@ class Session:
         Over direct TLS an SSLRequest is declined, as PostgreSQL 17 declines it."""
         if not isinstance(request, SSLRequest | GSSENCRequest):
             return
-        if phase.buffered:
-            # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
-            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
-            raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
         if isinstance(request, GSSENCRequest) or local_tls is None or self.client_tls:
             self.client.write(codec.ENCRYPTION_REFUSED)
@@ -205,6 +201,11 @@ class Session:
             self.client.write(codec.ENCRYPTION_ACCEPTED)
             await self._start_client_tls(local_tls.context)
             phase.encryption_began()
+        if phase.buffered:
+            # CVE-2021-23214: what followed the request unencrypted may be a MITM's injection,
+            # so it is never read. PostgreSQL says so after its answer (and the handshake).
+            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
+            raise ProtocolError(f"received unencrypted data after {what}")
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
         # A client may send its first messages right behind the StartupMessage (a password
