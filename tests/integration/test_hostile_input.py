@@ -54,11 +54,6 @@ BAD_STARTUPS = {
     "protocol 2.0": (rawpg.startup(LOGIN, major=2), "0A000", "unsupported frontend protocol 2.0"),
     "protocol 4.0": (rawpg.startup(LOGIN, major=4), "0A000", "unsupported frontend protocol"),
     "no user": (rawpg.startup({"database": "neondb"}), "28000", "no PostgreSQL user name"),
-    "SSLRequest with a body": (
-        rawpg.packet(_I32.pack(rawpg.SSL_REQUEST_CODE) + b"xxxx"),
-        "08P01",
-        "SSLRequest",
-    ),
 }
 
 

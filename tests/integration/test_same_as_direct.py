@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -471,6 +472,22 @@ async def _compare_declined(
 
 
 STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+
+
+async def test_a_request_with_a_body_is_taken_for_the_request(
+    compute_main: LocalCompute, ca_file: Path
+) -> None:
+    """PostgreSQL reads only the code of an SSLRequest or GSSENCRequest: a longer packet is
+    declined like the plain request, and the login goes on ('R')."""
+    requests = [
+        rawpg.packet(struct.pack("!i", rawpg.SSL_REQUEST_CODE) + b"xxxx"),
+        rawpg.packet(struct.pack("!i", rawpg.GSSENC_REQUEST_CODE) + b"\0" * 12),
+        STARTUP,
+    ]
+    await _compare_declined(compute_main, ca_file, requests, ["N", "N", "R"])
+
+
 INJECTED_AFTER_SSL = "FATAL 08P01 received unencrypted data after SSL request"
 INJECTED_AFTER_GSS = "FATAL 08P01 received unencrypted data after GSSAPI encryption request"
 

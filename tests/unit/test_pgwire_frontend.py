@@ -247,3 +247,13 @@ def test_receive_is_one_step_and_result_is_what_ended_the_phase() -> None:
     assert phase.done
     assert phase.result == startup
     assert phase.receive(b"") is None
+
+
+def test_a_request_with_a_body_is_the_request() -> None:
+    """PostgreSQL reads only the code of an SSLRequest or GSSENCRequest; the rest is ignored."""
+    phase = StartupPhase()
+    phase.receive_data(struct.pack("!ii", 12, codec.SSL_REQUEST_CODE) + b"xxxx")
+    assert _events(phase) == [SSLRequest()]
+    phase.receive_data(struct.pack("!ii", 9, codec.GSSENC_REQUEST_CODE) + b"\0")
+    assert _events(phase) == [GSSENCRequest()]
+    assert phase.buffered == 0

@@ -106,13 +106,10 @@ def parse_request(payload: bytes) -> Request:
     if len(payload) < 4:
         raise ProtocolError("invalid startup packet layout: too short")
     (code,) = _I32.unpack_from(payload)
+    # PostgreSQL looks only at the code of these two: whatever follows it is ignored.
     if code == SSL_REQUEST_CODE:
-        if len(payload) != 4:
-            raise ProtocolError("invalid length of SSLRequest")
         return SSLRequest()
     if code == GSSENC_REQUEST_CODE:
-        if len(payload) != 4:
-            raise ProtocolError("invalid length of GSSENCRequest")
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE:
         secret = payload[8:]
