@@ -445,14 +445,15 @@ async def test_a_declined_request_repeated_fails_as_an_unsupported_protocol(
     """A request declined with 'N' is not taken again, nor made special again by declining
     the other. Straight to the server's Unix socket (where it declines both) and through a
     daemon without local TLS."""
-    await _compare_declined(compute_main, ca_file, requests, refused)
+    await _compare_in_plaintext(compute_main, ca_file, requests, refused)
 
 
-async def _compare_declined(
+async def _compare_in_plaintext(
     compute: LocalCompute, ca_file: Path, requests: list[bytes], expected: list[str]
 ) -> None:
-    """Negotiate straight to the server's Unix socket, where it declines both requests, and
-    through a daemon without local TLS: both must end as ``expected``."""
+    """Send ``requests`` straight to the server's Unix socket, where it declines both
+    encryption requests, and through a daemon without local TLS: both must end as
+    ``expected``."""
 
     async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
         client = rawpg.RawClient(reader, writer)
@@ -472,7 +473,40 @@ async def _compare_declined(
 
 
 STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
-STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+
+
+MALFORMED_STARTUPS = {
+    "unterminated parameters": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0) + b"user\0bob\0"),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "a parameter without a value": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0) + b"user\0bob\0database\0\0"),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "no parameters at all": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0)),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "no user": (
+        rawpg.startup({"database": "neondb"}),
+        "FATAL 28000 no PostgreSQL user name specified in startup packet",
+    ),
+    "protocol 4.0": (
+        rawpg.startup({"user": "neondb_owner"}, major=4),
+        "FATAL 0A000 unsupported frontend protocol 4.0: server supports 3.0 to 3.0",
+    ),
+    # PostgreSQL never looks at the terminator's value, only at where it is.
+    "a terminator that is not NUL": (STARTUP[:-1] + b"\x01", "R"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_STARTUPS))
+async def test_a_malformed_startup_packet_gets_postgresqls_answer(
+    compute_main: LocalCompute, ca_file: Path, case: str
+) -> None:
+    packet, answer = MALFORMED_STARTUPS[case]
+    await _compare_in_plaintext(compute_main, ca_file, [packet], [answer])
 
 
 async def test_a_request_with_a_body_is_taken_for_the_request(
@@ -485,7 +519,7 @@ async def test_a_request_with_a_body_is_taken_for_the_request(
         rawpg.packet(struct.pack("!i", rawpg.GSSENC_REQUEST_CODE) + b"\0" * 12),
         STARTUP,
     ]
-    await _compare_declined(compute_main, ca_file, requests, ["N", "N", "R"])
+    await _compare_in_plaintext(compute_main, ca_file, requests, ["N", "N", "R"])
 
 
 INJECTED_AFTER_SSL = "FATAL 08P01 received unencrypted data after SSL request"
@@ -501,7 +535,7 @@ async def test_plaintext_behind_a_declined_request_is_refused_after_the_answer(
     compute_main: LocalCompute, ca_file: Path, request_: bytes, refused: str
 ) -> None:
     """CVE-2021-23214: PostgreSQL answers 'N', then refuses what came with the request."""
-    await _compare_declined(compute_main, ca_file, [request_ + STARTUP, b""], ["N", refused])
+    await _compare_in_plaintext(compute_main, ca_file, [request_ + STARTUP, b""], ["N", refused])
 
 
 async def test_plaintext_behind_an_accepted_ssl_request_is_refused_over_tls(ways: Ways) -> None:

@@ -429,3 +429,16 @@ def test_message_framer_take_rest_hands_over_trailing_bytes() -> None:
     assert framer.buffered == len(tail)
     assert framer.take_rest() == tail
     assert framer.buffered == 0
+
+
+def test_any_last_byte_terminates_the_parameters() -> None:
+    """PostgreSQL checks where the terminator is, never its value."""
+    body = struct.pack("!i", codec.PROTOCOL_3_0) + b"user\0bob\0\x01"
+    assert codec.parse_request(body) == StartupMessage(3, 0, {"user": "bob"})
+
+
+@pytest.mark.parametrize("params", [b"", b"user\0bob\0", b"user\0bob\0xy"])
+def test_parameters_that_end_elsewhere_are_a_bad_layout(params: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.parse_request(struct.pack("!i", codec.PROTOCOL_3_0) + params)
+    assert info.value.message == "invalid startup packet layout: expected terminator as last byte"

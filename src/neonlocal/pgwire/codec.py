@@ -139,7 +139,9 @@ _BAD_LAYOUT = "invalid startup packet layout: expected terminator as last byte"
 
 
 def _parse_parameters(body: bytes) -> dict[str, str]:
-    if not body.endswith(b"\0"):
+    # PostgreSQL checks that the parameters end one byte before the packet does, never what
+    # that last byte is: any byte terminates the list.
+    if not body:
         raise ProtocolError(_BAD_LAYOUT)
     content = body[:-1]
     if not content:
