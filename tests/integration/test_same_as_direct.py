@@ -393,6 +393,8 @@ async def _negotiation(client: rawpg.RawClient, requests: list[bytes]) -> list[s
             error, *after = rawpg.split_messages(b"E" + await client.read_to_end())
             parsed = rawpg.parse_error(error.payload)
             seen.append(f"{parsed.severity} {parsed.sqlstate} {parsed.message}")
+            if "D" in parsed.fields:
+                seen.append(f"DETAIL: {parsed.fields['D']}")
             seen += [m.kind.decode() for m in after]
             break
         seen.append(answer.decode())
@@ -524,6 +526,10 @@ async def test_a_request_with_a_body_is_taken_for_the_request(
 
 INJECTED_AFTER_SSL = "FATAL 08P01 received unencrypted data after SSL request"
 INJECTED_AFTER_GSS = "FATAL 08P01 received unencrypted data after GSSAPI encryption request"
+INJECTION_DETAIL = (
+    "DETAIL: This could be either a client-software bug or evidence of an attempted "
+    "man-in-the-middle attack."
+)
 
 
 @pytest.mark.parametrize(
@@ -535,7 +541,8 @@ async def test_plaintext_behind_a_declined_request_is_refused_after_the_answer(
     compute_main: LocalCompute, ca_file: Path, request_: bytes, refused: str
 ) -> None:
     """CVE-2021-23214: PostgreSQL answers 'N', then refuses what came with the request."""
-    await _compare_in_plaintext(compute_main, ca_file, [request_ + STARTUP, b""], ["N", refused])
+    expected = ["N", refused, INJECTION_DETAIL]
+    await _compare_in_plaintext(compute_main, ca_file, [request_ + STARTUP, b""], expected)
 
 
 async def test_plaintext_behind_an_accepted_ssl_request_is_refused_over_tls(ways: Ways) -> None:
@@ -545,7 +552,7 @@ async def test_plaintext_behind_an_accepted_ssl_request_is_refused_over_tls(ways
         async with rawpg.raw_client(way.host, way.port) as client:
             return await _negotiation(client, [rawpg.ssl_request() + STARTUP, b""])
 
-    assert await ways.compare(injected) == ["S", INJECTED_AFTER_SSL]
+    assert await ways.compare(injected) == ["S", INJECTED_AFTER_SSL, INJECTION_DETAIL]
 
 
 async def _nothing(client: rawpg.RawClient) -> None:

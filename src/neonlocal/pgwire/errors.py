@@ -17,8 +17,10 @@ from neonlocal.pgwire import sqlstate
 class ProtocolError(Refusal):
     """The peer sent something we cannot accept; answer with ``sqlstate`` and close."""
 
-    def __init__(self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION) -> None:
-        super().__init__(message, code)
+    def __init__(
+        self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION, *, detail: str | None = None
+    ) -> None:
+        super().__init__(message, code, detail=detail)
 
 
 class UnansweredProtocolError(ProtocolError):

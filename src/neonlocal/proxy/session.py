@@ -74,6 +74,12 @@ SLOW_FAILURE_S = SLOW_CONNECT_S
 
 _ids = itertools.count(1)
 
+# PostgreSQL's DETAIL for plaintext sent ahead of the encryption it asked for.
+_INJECTION = (
+    "This could be either a client-software bug or evidence of an attempted "
+    "man-in-the-middle attack."
+)
+
 
 class _EndWithoutReply(Exception):
     """End the session with a bare close, as PostgreSQL does where the client cannot be
@@ -205,7 +211,7 @@ class Session:
             # CVE-2021-23214: what followed the request unencrypted may be a MITM's injection,
             # so it is never read. PostgreSQL says so after its answer (and the handshake).
             what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
-            raise ProtocolError(f"received unencrypted data after {what}")
+            raise ProtocolError(f"received unencrypted data after {what}", detail=_INJECTION)
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
         # A client may send its first messages right behind the StartupMessage (a password
@@ -691,7 +697,11 @@ class Session:
     def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
         self.close_reason = reason
         self._report.error(kind)
-        self._end_with(codec.error_response(refusal.message, refusal.sqlstate, hint=refusal.hint))
+        self._end_with(
+            codec.error_response(
+                refusal.message, refusal.sqlstate, detail=refusal.detail, hint=refusal.hint
+            )
+        )
 
     def _pass_on_rejection(self, rejected: UpstreamRejected) -> None:
         """The server's own ErrorResponse, all its fields kept, with our message in front."""
