@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from fixtures import rawpg
 from fixtures.daemon import (
     LocalDaemon,
     daemon_env,
@@ -260,3 +261,20 @@ async def test_a_role_of_the_clients_own_over_tcp_is_told_which_role_works(
     assert 'password authentication failed for user "alice"' in said
     assert 'HINT:  neonlocal logs in for you as "neondb_owner"' in said
     assert "psql -U neondb_owner" in said
+
+
+async def test_a_client_slow_to_start_up_on_the_socket_is_dropped_without_a_word(
+    daemon: LocalDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's authentication_timeout holds on its Unix socket too (test_same_as_direct.py
+    compares the TCP case with the server); the daemon's bound is read at accept."""
+    monkeypatch.setattr("neonlocal.proxy.server.STARTUP_TIMEOUT_S", 0.5)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    client = rawpg.RawClient(*await asyncio.open_unix_connection(str(socket_path(daemon))))
+    try:
+        await client.send(rawpg.startup({"user": "neondb_owner"})[:10])
+        assert await client.read_to_end() == b""
+    finally:
+        await client.close()
+    assert loop.time() - began < 5
