@@ -51,7 +51,6 @@ BAD_STARTUPS = {
         "08P01",
         "startup packet",
     ),
-    "protocol 2.0": (rawpg.startup(LOGIN, major=2), "0A000", "unsupported frontend protocol 2.0"),
     "protocol 4.0": (rawpg.startup(LOGIN, major=4), "0A000", "unsupported frontend protocol"),
     "no user": (rawpg.startup({"database": "neondb"}), "28000", "no PostgreSQL user name"),
 }
@@ -282,6 +281,8 @@ def _check_reply(reply: bytes) -> None:
     if reply.startswith(b"HTTP/1.1 "):
         assert reply[9:12].isdigit(), reply[:40]
         return
+    if rawpg.old_style_error(reply) is not None:
+        return  # a startup below protocol 3.0, refused in its own format
     messages = rawpg.plaintext_messages(reply)
     for error in rawpg.iter_errors(messages):
         assert len(error.sqlstate) == 5, error

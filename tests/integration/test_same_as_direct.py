@@ -511,6 +511,29 @@ async def test_a_malformed_startup_packet_gets_postgresqls_answer(
     await _compare_in_plaintext(compute_main, ca_file, [packet], [answer])
 
 
+@pytest.mark.parametrize("major", [1, 2])
+async def test_an_old_protocol_is_refused_in_its_own_format(
+    compute_main: LocalCompute, ca_file: Path, major: int
+) -> None:
+    """PostgreSQL answers a protocol 1.x or 2.x startup in that protocol's error format."""
+    old = rawpg.startup({"user": "neondb_owner", "database": "neondb"}, major=major)
+
+    async def refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            await client.send(old)
+            return await client.read_to_end()
+        finally:
+            await client.close()
+
+    socket_path = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
+    direct = await refused(*await asyncio.open_unix_connection(str(socket_path)))
+    text = f"unsupported frontend protocol {major}.0: server supports 3.0 to 3.0"
+    assert rawpg.old_style_error(direct) == f"FATAL:  {text}\n"
+    async with _daemon({"main": compute_main.url(ca_file=ca_file)}) as daemon:
+        assert await refused(*await asyncio.open_connection("127.0.0.1", daemon.port)) == direct
+
+
 async def test_a_request_with_a_body_is_taken_for_the_request(
     compute_main: LocalCompute, ca_file: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Any
 
 from neonlocal.config.values import ListenSettings, Settings
@@ -269,3 +270,10 @@ async def test_plaintext_behind_an_ssl_request_is_refused_after_the_answer() -> 
         "received unencrypted data after SSL request",
     )
     assert errors_counted(context.metrics, ErrorKind.PROTOCOL)
+
+
+async def test_a_protocol_2_client_is_refused_in_the_protocol_2_format() -> None:
+    """As PostgreSQL: no v3 ErrorResponse for a client that cannot read one."""
+    body = struct.pack("!i", 2 << 16) + b"user\0u\0\0"
+    _session, sent = await run_session(FakeContext(), struct.pack("!i", len(body) + 4) + body)
+    assert sent == b"EFATAL:  unsupported frontend protocol 2.0: server supports 3.0 to 3.0\n\0"

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from neonlocal.pgwire import sqlstate
-from neonlocal.pgwire.errors import ProtocolError, ServerError, UnansweredProtocolError
+from neonlocal.pgwire.errors import (
+    OldProtocolError,
+    ProtocolError,
+    ServerError,
+    UnansweredProtocolError,
+)
 
 # Special request codes sent in place of a protocol version (PostgreSQL pqcomm.h).
 SSL_REQUEST_CODE: Final = 80877103
@@ -128,7 +133,8 @@ def unsupported_protocol(code: int) -> ProtocolError:
     """PostgreSQL's answer to a protocol version other than 3.x: any code that is no special
     request it takes now, an SSLRequest's 1234.5679 included."""
     major, minor = code >> 16, code & 0xFFFF
-    return ProtocolError(
+    refusal = OldProtocolError if major < 3 else ProtocolError
+    return refusal(
         f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
         sqlstate.FEATURE_NOT_SUPPORTED,
     )
@@ -193,6 +199,11 @@ def error_response(
     if hint:
         fields.append(("H", hint))
     return error_from_fields(dict(fields))
+
+
+def old_style_error(message_text: str, severity: str = "FATAL") -> bytes:
+    """An error in the format of protocol 2.0 and before: 'E', the text, NUL; no length."""
+    return b"E" + _cstring(f"{severity}:  {message_text}\n")
 
 
 def error_from_fields(fields: Mapping[str, str], kind: bytes = b"E") -> bytes:

@@ -23,6 +23,11 @@ class ProtocolError(Refusal):
         super().__init__(message, code, detail=detail)
 
 
+class OldProtocolError(ProtocolError):
+    """A client that asked for protocol 1.x or 2.x is refused in that protocol's format, as
+    PostgreSQL refuses it (send_message_to_frontend's old style): the one format it reads."""
+
+
 class UnansweredProtocolError(ProtocolError):
     """A broken startup packet PostgreSQL closes on without a reply: it only logs it (a
     COMMERROR in ProcessStartupPacket), since the peer may not speak the protocol at all."""

@@ -27,7 +27,7 @@ from neonlocal.pgwire.codec import (
     SSLRequest,
     StartupMessage,
 )
-from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
+from neonlocal.pgwire.errors import OldProtocolError, ProtocolError, UnansweredProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
     Output,
@@ -135,6 +135,10 @@ class Session:
             self._end_without_reply(f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except _EndWithoutReply as exc:
             self._end_without_reply(exc.reason, exc.kind)
+        except OldProtocolError as exc:
+            self.close_reason = f"protocol error: {exc.message}"
+            self._report.error(ErrorKind.PROTOCOL)
+            self._end_with(codec.old_style_error(exc.message))
         except ProtocolError as exc:
             self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
