@@ -8,7 +8,7 @@ import pytest
 
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import OldProtocolError, ProtocolError
 from neonlocal.pgwire.framing import (
     MAX_HANDSHAKE_MESSAGE,
     MAX_STARTUP_PACKET,
@@ -442,3 +442,15 @@ def test_parameters_that_end_elsewhere_are_a_bad_layout(params: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         codec.parse_request(struct.pack("!i", codec.PROTOCOL_3_0) + params)
     assert info.value.message == "invalid startup packet layout: expected terminator as last byte"
+
+
+@pytest.mark.parametrize(("major", "old"), [(0, True), (1, True), (2, True), (4, False)])
+def test_only_a_version_below_3_is_refused_in_the_old_format(major: int, old: bool) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.parse_request(struct.pack("!i", major << 16) + b"user\0u\0\0")
+    assert isinstance(info.value, OldProtocolError) is old
+    assert info.value.sqlstate == sqlstate.FEATURE_NOT_SUPPORTED
+
+
+def test_an_old_style_error_is_the_text_and_a_nul() -> None:
+    assert codec.old_style_error("no") == b"EFATAL:  no\n\0"
