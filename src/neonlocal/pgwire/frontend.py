@@ -2,9 +2,9 @@
 
 ``StartupPhase`` reads what a client sends first: at most one SSLRequest and one
 GSSENCRequest (one only, once encryption began), then a StartupMessage, or a CancelRequest
-instead. ``LocalPasswordAuth`` checks
-the optional local password with SCRAM. Both are pure state machines of the package's one
-shape: ``receive(data)`` returns what to act on, until ``done``.
+instead. ``LocalPasswordAuth`` checks the optional local password with SCRAM. Both are pure
+state machines of the package's one shape: ``receive(data)`` returns what to act on, until
+``done``.
 """
 
 from __future__ import annotations

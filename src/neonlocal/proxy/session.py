@@ -201,11 +201,13 @@ class Session:
     ) -> None:
         """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive.
 
-        Over direct TLS an SSLRequest is declined, as PostgreSQL 17 declines it."""
+        PostgreSQL declines an SSLRequest on its Unix socket, and PostgreSQL 17 one over direct
+        TLS (the connection is encrypted already); so do we."""
         if not isinstance(request, SSLRequest | GSSENCRequest):
             return
         local_tls = self._context.local_tls
-        if isinstance(request, GSSENCRequest) or local_tls is None or self.client_tls:
+        declined = isinstance(request, GSSENCRequest) or self.client_tls or self._on_unix_socket()
+        if declined or local_tls is None:
             self.client.write(codec.ENCRYPTION_REFUSED)
         else:
             self.client.write(codec.ENCRYPTION_ACCEPTED)
