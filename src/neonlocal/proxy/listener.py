@@ -197,9 +197,7 @@ class TcpListener:
         if self._http_factory is not None and first in HTTP_METHOD_START:
             factory = self._http_factory
         elif self._http_factory is not None and context is not None:
-            factory = functools.partial(
-                AfterTls, factory, self._http_factory, self._startup_timeout
-            )
+            factory = functools.partial(AfterTls, factory, self._http_factory, deadline)
         loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(
@@ -222,11 +220,12 @@ class AfterTls(asyncio.Protocol):
 
     A client that agreed on ALPN "postgresql" is a PostgreSQL client at once. Any other
     (browsers and Node.js offer "http/1.1", or nothing) is told by its first plaintext byte,
-    as a plaintext connection is; one that sends nothing is dropped after ``timeout``.
+    as a plaintext connection is; one that sends nothing is dropped at ``deadline`` (loop
+    time), the startup deadline set at accept.
     """
 
-    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, timeout: float) -> None:
-        self._postgres, self._http, self._timeout = postgres, http, timeout
+    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, deadline: float) -> None:
+        self._postgres, self._http, self._deadline = postgres, http, deadline
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -237,7 +236,7 @@ class AfterTls(asyncio.Protocol):
             self._hand_to(self._postgres())
             return
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._timeout, self._transport.abort)
+        self._timer = loop.call_at(self._deadline, self._transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:
