@@ -61,12 +61,19 @@ class StartupError(UserError):
 
 
 class Refusal(NeonlocalError):
-    """A client is told no with an ErrorResponse carrying ``sqlstate``, ``message``, ``hint``."""
+    """A client is told no with an ErrorResponse carrying ``sqlstate``, ``message``, ``hint``
+    and, where PostgreSQL gives one, ``detail``."""
 
     def __init__(
-        self, message: str, sqlstate: str = _INTERNAL_ERROR, *, hint: str | None = None
+        self,
+        message: str,
+        sqlstate: str = _INTERNAL_ERROR,
+        *,
+        hint: str | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.sqlstate = sqlstate
         self.hint = hint
+        self.detail = detail

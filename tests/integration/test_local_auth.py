@@ -97,6 +97,20 @@ async def test_password_is_asked_before_anything_reaches_the_branch(guarded: Loc
     assert challenge.payload == b"\0\0\0\x0aSCRAM-SHA-256\0\0"
 
 
+async def test_a_client_that_never_answers_the_password_request_is_dropped_without_a_word(
+    guarded: LocalDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As PostgreSQL after authentication_timeout ("canceling authentication due to timeout"
+    goes to its log only; test_same_as_direct.py shows the server doing so): a bare close."""
+    monkeypatch.setattr("neonlocal.proxy.session.STARTUP_TIMEOUT_S", 0.5)
+    async with rawpg.raw_client("127.0.0.1", guarded.port) as client:
+        await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+        challenge = await client.read_message()
+        assert challenge is not None
+        assert challenge.kind == b"R"
+        assert await client.read_to_end() == b""
+
+
 async def test_without_a_local_password_loopback_is_trusted(daemon: LocalDaemon) -> None:
     code, out, err = await psql(daemon.url(), None)
     assert (code, out) == (0, "main"), err

@@ -450,6 +450,30 @@ async def test_direct_tls_without_alpn_postgresql_is_refused_like_postgresql(
     await still_serves(daemon)
 
 
+async def test_an_ssl_request_over_direct_tls_is_declined_once_like_postgresql_17(
+    daemon: LocalDaemon,
+) -> None:
+    """PostgreSQL 17 answers 'N' to an SSLRequest over direct TLS (it is encrypted already);
+    asked again, it refuses the code as protocol version 1234.5679."""
+    client = rawpg.RawClient(
+        *await asyncio.open_connection(
+            "127.0.0.1", daemon.port, ssl=raw_tls_context(["postgresql"])
+        )
+    )
+    try:
+        await client.send(rawpg.ssl_request())
+        assert await client.read_byte() == b"N"
+        await client.send(rawpg.ssl_request())
+        error = await client.read_error()
+    finally:
+        await client.close()
+    assert (error.sqlstate, error.message) == (
+        "0A000",
+        "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0",
+    )
+    await still_serves(daemon)
+
+
 async def test_direct_tls_handshake_garbage_is_logged_and_the_daemon_serves_on(
     daemon: LocalDaemon, capsys: pytest.CaptureFixture[str]
 ) -> None:

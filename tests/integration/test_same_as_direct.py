@@ -383,6 +383,266 @@ async def test_a_relayed_login_that_never_finishes_ends_when_the_server_ends_it(
         assert await abandoned_login(relayed) == expected
 
 
+# --- encryption requests: each is special once ------------------------------------------------
+
+
+async def _negotiation(client: rawpg.RawClient, requests: list[bytes]) -> list[str]:
+    """Send each request in turn (b"": send nothing) and note its answer ('S' starts TLS); an
+    ErrorResponse ends it, noted with what followed before the close."""
+    seen: list[str] = []
+    for request in requests:
+        await client.send(request)
+        answer = await client.read_byte()
+        if answer == b"E":
+            error, *after = rawpg.split_messages(b"E" + await client.read_to_end())
+            parsed = rawpg.parse_error(error.payload)
+            seen.append(f"{parsed.severity} {parsed.sqlstate} {parsed.message}")
+            if "D" in parsed.fields:
+                seen.append(f"DETAIL: {parsed.fields['D']}")
+            seen += [m.kind.decode() for m in after]
+            break
+        seen.append(answer.decode())
+        if answer == b"S":
+            await client.start_tls()
+    return seen
+
+
+UNSUPPORTED_SSL = "FATAL 0A000 unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0"
+UNSUPPORTED_GSS = "FATAL 0A000 unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0"
+
+
+@pytest.mark.parametrize(
+    ("second", "refused"),
+    [(rawpg.ssl_request(), UNSUPPORTED_SSL), (rawpg.gssenc_request(), UNSUPPORTED_GSS)],
+    ids=["SSLRequest", "GSSENCRequest"],
+)
+async def test_a_request_inside_tls_fails_as_an_unsupported_protocol(
+    ways: Ways, second: bytes, refused: str
+) -> None:
+    """Once TLS is up PostgreSQL takes neither request again: its code is read as protocol
+    version 1234.5679 (or .5680) and refused with 0A000."""
+
+    async def again_inside_tls(way: Way) -> list[str]:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            return await _negotiation(client, [rawpg.ssl_request(), second])
+
+    assert await ways.compare(again_inside_tls) == ["S", refused]
+
+
+@pytest.mark.parametrize(
+    ("requests", "refused"),
+    [
+        ([rawpg.ssl_request()] * 2, ["N", UNSUPPORTED_SSL]),
+        ([rawpg.gssenc_request()] * 2, ["N", UNSUPPORTED_GSS]),
+        (
+            [rawpg.gssenc_request(), rawpg.ssl_request(), rawpg.gssenc_request()],
+            ["N", "N", UNSUPPORTED_GSS],
+        ),
+        (
+            [rawpg.ssl_request(), rawpg.gssenc_request(), rawpg.ssl_request()],
+            ["N", "N", UNSUPPORTED_SSL],
+        ),
+    ],
+    ids=["SSL twice", "GSSENC twice", "GSSENC SSL GSSENC", "SSL GSSENC SSL"],
+)
+async def test_a_declined_request_repeated_fails_as_an_unsupported_protocol(
+    compute_main: LocalCompute, ca_file: Path, requests: list[bytes], refused: list[str]
+) -> None:
+    """A request declined with 'N' is not taken again, nor made special again by declining
+    the other. Straight to the server's Unix socket (where it declines both) and through a
+    daemon without local TLS."""
+    await _compare_in_plaintext(compute_main, ca_file, requests, refused)
+
+
+async def _compare_in_plaintext(
+    compute: LocalCompute, ca_file: Path, requests: list[bytes], expected: list[str]
+) -> None:
+    """Send ``requests`` straight to the server's Unix socket, where it declines both
+    encryption requests, and through a daemon without local TLS: both must end as
+    ``expected``."""
+
+    async def negotiate(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[str]:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            return await _negotiation(client, requests)
+        finally:
+            await client.close()
+
+    socket_path = compute.socket_dir / f".s.PGSQL.{compute.spec.port}"
+    direct = await negotiate(*await asyncio.open_unix_connection(str(socket_path)))
+    assert direct == expected
+    branches = {"main": compute.url(ca_file=ca_file)}
+    async with _daemon(branches, "[local]\ntls = false") as plaintext:
+        assert (
+            await negotiate(*await asyncio.open_connection("127.0.0.1", plaintext.port)) == direct
+        )
+
+
+STARTUP = rawpg.startup({"user": "neondb_owner", "database": "neondb"})
+
+
+MALFORMED_STARTUPS = {
+    "unterminated parameters": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0) + b"user\0bob\0"),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "a parameter without a value": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0) + b"user\0bob\0database\0\0"),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "no parameters at all": (
+        rawpg.packet(struct.pack("!i", rawpg.PROTOCOL_3_0)),
+        "FATAL 08P01 invalid startup packet layout: expected terminator as last byte",
+    ),
+    "no user": (
+        rawpg.startup({"database": "neondb"}),
+        "FATAL 28000 no PostgreSQL user name specified in startup packet",
+    ),
+    "protocol 4.0": (
+        rawpg.startup({"user": "neondb_owner"}, major=4),
+        "FATAL 0A000 unsupported frontend protocol 4.0: server supports 3.0 to 3.0",
+    ),
+    # PostgreSQL never looks at the terminator's value, only at where it is.
+    "a terminator that is not NUL": (STARTUP[:-1] + b"\x01", "R"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_STARTUPS))
+async def test_a_malformed_startup_packet_gets_postgresqls_answer(
+    compute_main: LocalCompute, ca_file: Path, case: str
+) -> None:
+    packet, answer = MALFORMED_STARTUPS[case]
+    await _compare_in_plaintext(compute_main, ca_file, [packet], [answer])
+
+
+@pytest.mark.parametrize("major", [1, 2])
+async def test_an_old_protocol_is_refused_in_its_own_format(
+    compute_main: LocalCompute, ca_file: Path, major: int
+) -> None:
+    """PostgreSQL answers a protocol 1.x or 2.x startup in that protocol's error format."""
+    old = rawpg.startup({"user": "neondb_owner", "database": "neondb"}, major=major)
+
+    async def refused(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            await client.send(old)
+            return await client.read_to_end()
+        finally:
+            await client.close()
+
+    socket_path = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
+    direct = await refused(*await asyncio.open_unix_connection(str(socket_path)))
+    text = f"unsupported frontend protocol {major}.0: server supports 3.0 to 3.0"
+    assert rawpg.old_style_error(direct) == f"FATAL:  {text}\n"
+    async with _daemon({"main": compute_main.url(ca_file=ca_file)}) as daemon:
+        assert await refused(*await asyncio.open_connection("127.0.0.1", daemon.port)) == direct
+
+
+async def test_a_request_with_a_body_is_taken_for_the_request(
+    compute_main: LocalCompute, ca_file: Path
+) -> None:
+    """PostgreSQL reads only the code of an SSLRequest or GSSENCRequest: a longer packet is
+    declined like the plain request, and the login goes on ('R')."""
+    requests = [
+        rawpg.packet(struct.pack("!i", rawpg.SSL_REQUEST_CODE) + b"xxxx"),
+        rawpg.packet(struct.pack("!i", rawpg.GSSENC_REQUEST_CODE) + b"\0" * 12),
+        STARTUP,
+    ]
+    await _compare_in_plaintext(compute_main, ca_file, requests, ["N", "N", "R"])
+
+
+INJECTED_AFTER_SSL = "FATAL 08P01 received unencrypted data after SSL request"
+INJECTED_AFTER_GSS = "FATAL 08P01 received unencrypted data after GSSAPI encryption request"
+INJECTION_DETAIL = (
+    "DETAIL: This could be either a client-software bug or evidence of an attempted "
+    "man-in-the-middle attack."
+)
+
+
+@pytest.mark.parametrize(
+    ("request_", "refused"),
+    [(rawpg.ssl_request(), INJECTED_AFTER_SSL), (rawpg.gssenc_request(), INJECTED_AFTER_GSS)],
+    ids=["SSLRequest", "GSSENCRequest"],
+)
+async def test_plaintext_behind_a_declined_request_is_refused_after_the_answer(
+    compute_main: LocalCompute, ca_file: Path, request_: bytes, refused: str
+) -> None:
+    """CVE-2021-23214: PostgreSQL answers 'N', then refuses what came with the request."""
+    expected = ["N", refused, INJECTION_DETAIL]
+    await _compare_in_plaintext(compute_main, ca_file, [request_ + STARTUP, b""], expected)
+
+
+async def test_plaintext_behind_an_accepted_ssl_request_is_refused_over_tls(ways: Ways) -> None:
+    """PostgreSQL answers 'S', completes the handshake, then refuses the plaintext over TLS."""
+
+    async def injected(way: Way) -> list[str]:
+        async with rawpg.raw_client(way.host, way.port) as client:
+            return await _negotiation(client, [rawpg.ssl_request() + STARTUP, b""])
+
+    assert await ways.compare(injected) == ["S", INJECTED_AFTER_SSL, INJECTION_DETAIL]
+
+
+async def _nothing(client: rawpg.RawClient) -> None:
+    pass
+
+
+async def _half_a_startup_packet(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"})[:10])
+
+
+async def _tls_then_nothing(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.ssl_request())
+    assert await client.read_byte() == b"S"
+    await client.start_tls()
+
+
+async def _no_handshake_after_s(client: rawpg.RawClient) -> None:
+    await client.send(rawpg.ssl_request())
+    assert await client.read_byte() == b"S"
+
+
+SLOW_STARTS = {
+    "nothing": _nothing,
+    "half a startup packet": _half_a_startup_packet,
+    "TLS, then nothing": _tls_then_nothing,
+    "'S', then no TLS handshake": _no_handshake_after_s,
+}
+# The test server's authentication_timeout and the daemon's STARTUP_TIMEOUT_S in this test.
+SHORT_STARTUP_TIMEOUT_S = 1.0
+
+
+async def test_a_client_slow_to_start_up_is_dropped_without_a_word(
+    make_compute: MakeCompute, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL gives a client authentication_timeout from accept to send its startup
+    packet, TLS handshake included, then exits without a reply: through neonlocal too."""
+    compute = make_compute("slowstart")
+    compute.psql(
+        f"ALTER SYSTEM SET authentication_timeout = '{SHORT_STARTUP_TIMEOUT_S:g}s'",
+        dbname="postgres",
+    )
+    compute.psql("SELECT pg_reload_conf()", dbname="postgres")
+    monkeypatch.setattr("neonlocal.proxy.server.STARTUP_TIMEOUT_S", SHORT_STARTUP_TIMEOUT_S)
+
+    async def stall(way: Way, start: Callable[[rawpg.RawClient], Awaitable[None]]) -> str:
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with rawpg.raw_client(way.host, way.port) as client:
+            await start(client)
+            reply = await client.read_to_end()
+        waited = loop.time() - began
+        bound = SHORT_STARTUP_TIMEOUT_S / 2 < waited < SHORT_STARTUP_TIMEOUT_S * 3
+        return f"{reply!r} after {'about' if bound else 'not'} the bound"
+
+    async def slow_starts(way: Way) -> dict[str, str]:
+        outcomes = await asyncio.gather(*(stall(way, start) for start in SLOW_STARTS.values()))
+        return dict(zip(SLOW_STARTS, outcomes, strict=True))
+
+    async with _ways(compute, ca_file) as made:
+        outcomes = await made.compare(slow_starts)
+    assert set(outcomes.values()) == {"b'' after about the bound"}
+
+
 def _describe(message: rawpg.Message) -> str:
     if message.kind == b"R":
         return "R:ok" if message.payload == b"\0\0\0\0" else "R:other"

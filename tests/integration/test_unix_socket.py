@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from fixtures import rawpg
 from fixtures.daemon import (
     LocalDaemon,
     daemon_env,
@@ -24,6 +25,7 @@ from fixtures.daemon import (
     write_config,
 )
 from fixtures.net import free_port
+from neonlocal.localpg import LocalCompute
 
 pytestmark = pytest.mark.pg
 
@@ -260,3 +262,42 @@ async def test_a_role_of_the_clients_own_over_tcp_is_told_which_role_works(
     assert 'password authentication failed for user "alice"' in said
     assert 'HINT:  neonlocal logs in for you as "neondb_owner"' in said
     assert "psql -U neondb_owner" in said
+
+
+async def test_a_client_slow_to_start_up_on_the_socket_is_dropped_without_a_word(
+    daemon: LocalDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's authentication_timeout holds on its Unix socket too (test_same_as_direct.py
+    compares the TCP case with the server); the daemon's bound is read at accept."""
+    monkeypatch.setattr("neonlocal.proxy.server.STARTUP_TIMEOUT_S", 0.5)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    client = rawpg.RawClient(*await asyncio.open_unix_connection(str(socket_path(daemon))))
+    try:
+        await client.send(rawpg.startup({"user": "neondb_owner"})[:10])
+        assert await client.read_to_end() == b""
+    finally:
+        await client.close()
+    assert loop.time() - began < 5
+
+
+async def test_an_ssl_request_on_the_socket_is_declined_as_postgresql_declines_it(
+    daemon: LocalDaemon, compute_main: LocalCompute
+) -> None:
+    """PostgreSQL offers no TLS on its Unix socket: 'N', whatever its ssl setting; so does
+    the daemon, whose local TLS is on here. The login then goes on in plaintext."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+        client = rawpg.RawClient(reader, writer)
+        try:
+            await client.send(rawpg.ssl_request())
+            declined = await client.read_byte()
+            await client.send(rawpg.startup({"user": "neondb_owner", "database": "neondb"}))
+            return declined + await client.read_byte()
+        finally:
+            await client.close()
+
+    server_socket = compute_main.socket_dir / f".s.PGSQL.{compute_main.spec.port}"
+    direct = await answer(*await asyncio.open_unix_connection(str(server_socket)))
+    assert direct == b"NR"
+    assert await answer(*await asyncio.open_unix_connection(str(socket_path(daemon)))) == direct

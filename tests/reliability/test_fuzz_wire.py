@@ -100,6 +100,8 @@ def check_reply(reply: bytes) -> None:
     if reply.startswith(b"HTTP/1.1 "):
         assert reply[9:12].isdigit(), reply[:40]
         return
+    if rawpg.old_style_error(reply) is not None:
+        return  # a startup below protocol 3.0, refused in its own format
     # After an 'S' the daemon speaks TLS: plaintext_messages returns nothing to check then.
     for error in rawpg.iter_errors(rawpg.plaintext_messages(reply)):
         assert len(error.sqlstate) == 5, error

@@ -8,7 +8,7 @@ import pytest
 
 from neonlocal.pgwire import codec, sqlstate
 from neonlocal.pgwire.codec import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage
-from neonlocal.pgwire.errors import ProtocolError
+from neonlocal.pgwire.errors import OldProtocolError, ProtocolError
 from neonlocal.pgwire.framing import (
     MAX_HANDSHAKE_MESSAGE,
     MAX_STARTUP_PACKET,
@@ -47,12 +47,15 @@ def test_gssenc_request_is_recognised() -> None:
     assert codec.parse_request(packet) == GSSENCRequest()
 
 
-@pytest.mark.parametrize("code", [codec.SSL_REQUEST_CODE, codec.GSSENC_REQUEST_CODE])
-def test_encryption_request_with_trailing_bytes_is_refused(code: int) -> None:
-    """An SSLRequest/GSSENCRequest longer than 8 bytes is a protocol violation."""
-    with pytest.raises(ProtocolError) as info:
-        codec.parse_request(struct.pack("!i", code) + b"\0")
-    assert info.value.sqlstate == sqlstate.PROTOCOL_VIOLATION
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(codec.SSL_REQUEST_CODE, SSLRequest()), (codec.GSSENC_REQUEST_CODE, GSSENCRequest())],
+)
+def test_encryption_request_with_trailing_bytes_is_the_request(
+    code: int, expected: codec.Request
+) -> None:
+    """An SSLRequest/GSSENCRequest longer than 8 bytes: PostgreSQL reads only its code."""
+    assert codec.parse_request(struct.pack("!i", code) + b"\0") == expected
 
 
 @pytest.mark.parametrize("secret_len", [4, 32, 256])
@@ -426,3 +429,28 @@ def test_message_framer_take_rest_hands_over_trailing_bytes() -> None:
     assert framer.buffered == len(tail)
     assert framer.take_rest() == tail
     assert framer.buffered == 0
+
+
+def test_any_last_byte_terminates_the_parameters() -> None:
+    """PostgreSQL checks where the terminator is, never its value."""
+    body = struct.pack("!i", codec.PROTOCOL_3_0) + b"user\0bob\0\x01"
+    assert codec.parse_request(body) == StartupMessage(3, 0, {"user": "bob"})
+
+
+@pytest.mark.parametrize("params", [b"", b"user\0bob\0", b"user\0bob\0xy"])
+def test_parameters_that_end_elsewhere_are_a_bad_layout(params: bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.parse_request(struct.pack("!i", codec.PROTOCOL_3_0) + params)
+    assert info.value.message == "invalid startup packet layout: expected terminator as last byte"
+
+
+@pytest.mark.parametrize(("major", "old"), [(0, True), (1, True), (2, True), (4, False)])
+def test_only_a_version_below_3_is_refused_in_the_old_format(major: int, old: bool) -> None:
+    with pytest.raises(ProtocolError) as info:
+        codec.parse_request(struct.pack("!i", major << 16) + b"user\0u\0\0")
+    assert isinstance(info.value, OldProtocolError) is old
+    assert info.value.sqlstate == sqlstate.FEATURE_NOT_SUPPORTED
+
+
+def test_an_old_style_error_is_the_text_and_a_nul() -> None:
+    assert codec.old_style_error("no") == b"EFATAL:  no\n\0"

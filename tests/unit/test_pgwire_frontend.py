@@ -63,24 +63,58 @@ def test_gssenc_then_ssl_then_startup_as_libpq_gssencmode_prefer() -> None:
     assert phase.phase is Phase.DONE
 
 
-def test_second_ssl_request_is_refused() -> None:
-    """A client repeating SSLRequest is a protocol violation."""
+# What PostgreSQL 15 answers a request it no longer takes: its code read as a version.
+UNSUPPORTED_SSL = "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0"
+UNSUPPORTED_GSS = "unsupported frontend protocol 1234.5680: server supports 3.0 to 3.0"
+
+
+def _refusal(phase: StartupPhase, data: bytes) -> ProtocolError:
+    phase.receive_data(data)
+    with pytest.raises(ProtocolError) as info:
+        phase.next_event()
+    return info.value
+
+
+def test_second_ssl_request_fails_as_an_unsupported_protocol_version() -> None:
+    """A repeated SSLRequest is no special request: PostgreSQL refuses 1234.5679 with 0A000."""
     phase = StartupPhase()
     phase.receive_data(codec.ssl_request())
     assert _events(phase) == [SSLRequest()]
-    phase.receive_data(codec.ssl_request())
-    with pytest.raises(ProtocolError) as info:
-        phase.next_event()
-    assert info.value.sqlstate == sqlstate.PROTOCOL_VIOLATION
+    error = _refusal(phase, codec.ssl_request())
+    assert (error.sqlstate, error.message) == (sqlstate.FEATURE_NOT_SUPPORTED, UNSUPPORTED_SSL)
 
 
-def test_second_gssenc_request_is_refused() -> None:
-    """A client repeating GSSENCRequest is a protocol violation."""
+def test_second_gssenc_request_fails_as_an_unsupported_protocol_version() -> None:
     phase = StartupPhase()
     phase.receive_data(GSSENC_REQUEST + GSSENC_REQUEST)
     assert phase.next_event() == GSSENCRequest()
-    with pytest.raises(ProtocolError):
-        phase.next_event()
+    error = _refusal(phase, b"")
+    assert (error.sqlstate, error.message) == (sqlstate.FEATURE_NOT_SUPPORTED, UNSUPPORTED_GSS)
+
+
+def test_no_request_is_taken_once_encryption_began() -> None:
+    """After SSLRequest 'S' and the handshake, a GSSENCRequest is refused like a repeat."""
+    phase = StartupPhase()
+    phase.receive_data(codec.ssl_request())
+    assert _events(phase) == [SSLRequest()]
+    phase.encryption_began()
+    error = _refusal(phase, GSSENC_REQUEST)
+    assert (error.sqlstate, error.message) == (sqlstate.FEATURE_NOT_SUPPORTED, UNSUPPORTED_GSS)
+
+
+def test_declined_requests_do_not_reopen_each_other() -> None:
+    """GSSENC 'N', SSL 'N', then either again is refused: declining one request does not make
+    the other special again (PostgreSQL since CVE-2026-6479's fix)."""
+    for again, message in (
+        (codec.ssl_request(), UNSUPPORTED_SSL),
+        (GSSENC_REQUEST, UNSUPPORTED_GSS),
+    ):
+        phase = StartupPhase()
+        phase.receive_data(GSSENC_REQUEST)
+        assert _events(phase) == [GSSENCRequest()]
+        phase.receive_data(codec.ssl_request())
+        assert _events(phase) == [SSLRequest()]
+        assert _refusal(phase, again).message == message
 
 
 @pytest.mark.parametrize("params", [{"database": "app"}, {"user": ""}, {}])
@@ -213,3 +247,13 @@ def test_receive_is_one_step_and_result_is_what_ended_the_phase() -> None:
     assert phase.done
     assert phase.result == startup
     assert phase.receive(b"") is None
+
+
+def test_a_request_with_a_body_is_the_request() -> None:
+    """PostgreSQL reads only the code of an SSLRequest or GSSENCRequest; the rest is ignored."""
+    phase = StartupPhase()
+    phase.receive_data(struct.pack("!ii", 12, codec.SSL_REQUEST_CODE) + b"xxxx")
+    assert _events(phase) == [SSLRequest()]
+    phase.receive_data(struct.pack("!ii", 9, codec.GSSENC_REQUEST_CODE) + b"\0")
+    assert _events(phase) == [GSSENCRequest()]
+    assert phase.buffered == 0

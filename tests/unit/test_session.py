@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 from typing import Any
 
 from neonlocal.config.values import ListenSettings, Settings
@@ -211,3 +212,68 @@ async def test_an_ssl_request_without_local_tls_is_answered_no() -> None:
     _session, sent = await run_session(context, codec.ssl_request(), STARTUP)
     assert sent[:1] == codec.ENCRYPTION_REFUSED
     assert error_of(sent[1:]).sqlstate == sqlstate.UNABLE_TO_CONNECT
+
+
+async def test_a_startup_packet_unfinished_at_the_deadline_is_closed_without_a_reply() -> None:
+    """As PostgreSQL's authentication_timeout: the connection is dropped, nothing is sent."""
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    client.data_received(STARTUP[:9])
+    deadline = asyncio.get_running_loop().time() + 0.1
+    session = Session(context, client, startup_deadline=deadline)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == b""
+    assert transport.is_closing()
+    assert session.close_reason == "timeout while waiting for the startup packet"
+    assert errors_counted(context.metrics, ErrorKind.STARTUP_TIMEOUT)
+
+
+async def test_the_startup_deadline_is_the_listeners_not_restarted_by_a_request() -> None:
+    """An answered SSLRequest does not buy the client more time: the bound runs from accept."""
+    context = FakeContext()
+    client = Endpoint()
+    transport = MemoryTransport(client)
+    client.connection_made(transport)
+    loop = asyncio.get_running_loop()
+    client.data_received(codec.ssl_request())
+    loop.call_later(0.05, client.data_received, STARTUP[:9])
+    began = loop.time()
+    session = Session(context, client, startup_deadline=began + 0.1)
+    async with asyncio.timeout(5):
+        await session.run()
+    assert bytes(transport.sent) == codec.ENCRYPTION_REFUSED
+    assert loop.time() - began < 1.0
+
+
+async def test_a_repeated_ssl_request_is_refused_as_an_unsupported_protocol() -> None:
+    context = FakeContext()
+    _session, sent = await run_session(context, codec.ssl_request(), codec.ssl_request())
+    assert sent[:1] == codec.ENCRYPTION_REFUSED
+    error = error_of(sent[1:])
+    assert (error.sqlstate, error.message) == (
+        sqlstate.FEATURE_NOT_SUPPORTED,
+        "unsupported frontend protocol 1234.5679: server supports 3.0 to 3.0",
+    )
+
+
+async def test_plaintext_behind_an_ssl_request_is_refused_after_the_answer() -> None:
+    """CVE-2021-23214, in PostgreSQL's order: 'N' first, then the refusal; never read."""
+    context = FakeContext()
+    _session, sent = await run_session(context, codec.ssl_request() + STARTUP)
+    assert sent[:1] == codec.ENCRYPTION_REFUSED
+    error = error_of(sent[1:])
+    assert (error.sqlstate, error.message) == (
+        sqlstate.PROTOCOL_VIOLATION,
+        "received unencrypted data after SSL request",
+    )
+    assert errors_counted(context.metrics, ErrorKind.PROTOCOL)
+
+
+async def test_a_protocol_2_client_is_refused_in_the_protocol_2_format() -> None:
+    """As PostgreSQL: no v3 ErrorResponse for a client that cannot read one."""
+    body = struct.pack("!i", 2 << 16) + b"user\0u\0\0"
+    _session, sent = await run_session(FakeContext(), struct.pack("!i", len(body) + 4) + body)
+    assert sent == b"EFATAL:  unsupported frontend protocol 2.0: server supports 3.0 to 3.0\n\0"

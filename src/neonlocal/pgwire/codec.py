@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from neonlocal.pgwire import sqlstate
-from neonlocal.pgwire.errors import ProtocolError, ServerError, UnansweredProtocolError
+from neonlocal.pgwire.errors import (
+    OldProtocolError,
+    ProtocolError,
+    ServerError,
+    UnansweredProtocolError,
+)
 
 # Special request codes sent in place of a protocol version (PostgreSQL pqcomm.h).
 SSL_REQUEST_CODE: Final = 80877103
@@ -106,13 +111,10 @@ def parse_request(payload: bytes) -> Request:
     if len(payload) < 4:
         raise ProtocolError("invalid startup packet layout: too short")
     (code,) = _I32.unpack_from(payload)
+    # PostgreSQL looks only at the code of these two: whatever follows it is ignored.
     if code == SSL_REQUEST_CODE:
-        if len(payload) != 4:
-            raise ProtocolError("invalid length of SSLRequest")
         return SSLRequest()
     if code == GSSENC_REQUEST_CODE:
-        if len(payload) != 4:
-            raise ProtocolError("invalid length of GSSENCRequest")
         return GSSENCRequest()
     if code == CANCEL_REQUEST_CODE:
         secret = payload[8:]
@@ -123,11 +125,19 @@ def parse_request(payload: bytes) -> Request:
         return CancelRequest(pid, bytes(secret))
     major, minor = code >> 16, code & 0xFFFF
     if major != 3:
-        raise ProtocolError(
-            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
-            sqlstate.FEATURE_NOT_SUPPORTED,
-        )
+        raise unsupported_protocol(code)
     return StartupMessage(major, minor, _parse_parameters(payload[4:]))
+
+
+def unsupported_protocol(code: int) -> ProtocolError:
+    """PostgreSQL's answer to a protocol version other than 3.x: any code that is no special
+    request it takes now, an SSLRequest's 1234.5679 included."""
+    major, minor = code >> 16, code & 0xFFFF
+    refusal = OldProtocolError if major < 3 else ProtocolError
+    return refusal(
+        f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0",
+        sqlstate.FEATURE_NOT_SUPPORTED,
+    )
 
 
 # PostgreSQL's one complaint about a broken parameter list (ProcessStartupPacket).
@@ -135,7 +145,9 @@ _BAD_LAYOUT = "invalid startup packet layout: expected terminator as last byte"
 
 
 def _parse_parameters(body: bytes) -> dict[str, str]:
-    if not body.endswith(b"\0"):
+    # PostgreSQL checks that the parameters end one byte before the packet does, never what
+    # that last byte is: any byte terminates the list.
+    if not body:
         raise ProtocolError(_BAD_LAYOUT)
     content = body[:-1]
     if not content:
@@ -187,6 +199,11 @@ def error_response(
     if hint:
         fields.append(("H", hint))
     return error_from_fields(dict(fields))
+
+
+def old_style_error(message_text: str, severity: str = "FATAL") -> bytes:
+    """An error in the format of protocol 2.0 and before: 'E', the text, NUL; no length."""
+    return b"E" + _cstring(f"{severity}:  {message_text}\n")
 
 
 def error_from_fields(fields: Mapping[str, str], kind: bytes = b"E") -> bytes:

@@ -17,8 +17,15 @@ from neonlocal.pgwire import sqlstate
 class ProtocolError(Refusal):
     """The peer sent something we cannot accept; answer with ``sqlstate`` and close."""
 
-    def __init__(self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION) -> None:
-        super().__init__(message, code)
+    def __init__(
+        self, message: str, code: str = sqlstate.PROTOCOL_VIOLATION, *, detail: str | None = None
+    ) -> None:
+        super().__init__(message, code, detail=detail)
+
+
+class OldProtocolError(ProtocolError):
+    """A client that asked for protocol 1.x or 2.x is refused in that protocol's format, as
+    PostgreSQL refuses it (send_message_to_frontend's old style): the one format it reads."""
 
 
 class UnansweredProtocolError(ProtocolError):

@@ -1,9 +1,10 @@
 """The client-facing side of a session, up to the point where the proxy connects upstream.
 
 ``StartupPhase`` reads what a client sends first: at most one SSLRequest and one
-GSSENCRequest, then a StartupMessage, or a CancelRequest instead. ``LocalPasswordAuth`` checks
-the optional local password with SCRAM. Both are pure state machines of the package's one
-shape: ``receive(data)`` returns what to act on, until ``done``.
+GSSENCRequest (one only, once encryption began), then a StartupMessage, or a CancelRequest
+instead. ``LocalPasswordAuth`` checks the optional local password with SCRAM. Both are pure
+state machines of the package's one shape: ``receive(data)`` returns what to act on, until
+``done``.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ class StartupPhase:
 
     def __init__(self) -> None:
         self._framer = StartupFramer()
-        self._seen_ssl = False
-        self._seen_gss = False
+        # PostgreSQL's ssl_done and gss_done (ProcessStartupPacket): a request already
+        # answered, or made moot by encryption, is special no more.
+        self._ssl_done = False
+        self._gss_done = False
         self.phase = Phase.NEGOTIATING
         # What ended the phase: the StartupMessage, or a CancelRequest instead.
         self.result: StartupMessage | CancelRequest | None = None
@@ -70,8 +73,9 @@ class StartupPhase:
 
     @property
     def buffered(self) -> int:
-        """Bytes waiting after the last event. Must be 0 before a TLS handshake starts:
-        plaintext sent ahead of it could otherwise be taken as if it came over TLS."""
+        """Bytes waiting after the last event. After an SSLRequest or GSSENCRequest they are
+        plaintext sent ahead of the encryption asked for: never to be read, since they would
+        be taken as if they came over TLS."""
         return self._framer.buffered
 
     def next_event(self) -> Request | None:
@@ -81,22 +85,32 @@ class StartupPhase:
         if body is None:
             return None
         request = codec.parse_request(body)
-        if isinstance(request, SSLRequest):
-            # libpq with gssencmode=prefer sends GSSENCRequest first and, when refused,
-            # SSLRequest next; only a repeated SSLRequest is a violation.
-            if self._seen_ssl:
-                raise ProtocolError("unexpected SSLRequest after encryption negotiation")
-            self._seen_ssl = True
-        elif isinstance(request, GSSENCRequest):
-            if self._seen_gss:
-                raise ProtocolError("unexpected GSSENCRequest after encryption negotiation")
-            self._seen_gss = True
+        if isinstance(request, SSLRequest | GSSENCRequest):
+            self._take_encryption_request(request)
         elif isinstance(request, CancelRequest | StartupMessage):
             self.phase = Phase.DONE
             if isinstance(request, StartupMessage):
                 _check_startup(request)
             self.result = request
         return request
+
+    def encryption_began(self) -> None:
+        """The client's request was accepted and its handshake is done: as in PostgreSQL,
+        neither request is taken after that."""
+        self._ssl_done = self._gss_done = True
+
+    def _take_encryption_request(self, request: SSLRequest | GSSENCRequest) -> None:
+        """Each request is special once: libpq with gssencmode=prefer sends GSSENCRequest
+        and, when refused, SSLRequest. A repeated one is read, as PostgreSQL reads it, as a
+        protocol version (1234.5679 or 1234.5680) and refused as such, with 0A000."""
+        if isinstance(request, SSLRequest):
+            if self._ssl_done:
+                raise codec.unsupported_protocol(codec.SSL_REQUEST_CODE)
+            self._ssl_done = True
+        else:
+            if self._gss_done:
+                raise codec.unsupported_protocol(codec.GSSENC_REQUEST_CODE)
+            self._gss_done = True
 
     def take_rest(self) -> bytes:
         return self._framer.take_rest()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import ssl
 from collections.abc import Callable
@@ -37,9 +38,14 @@ HTTP_METHOD_START = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 LISTEN_BACKLOG = 100
 # What asyncio's own accept loop waits after running out of file descriptors.
 ACCEPT_RETRY_DELAY_S = 1.0
+# asyncio takes only a positive handshake timeout, even with no time left.
+_LEAST_HANDSHAKE_TIMEOUT_S = 0.001
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
+# Makes a PostgreSQL connection's protocol, told by when (loop time) the client must have sent
+# its startup packet: PostgreSQL counts authentication_timeout from accept, TLS included.
+PostgresFactory = Callable[[float], asyncio.Protocol]
 
 
 def bind_tcp(host: str, port: int) -> list[socket.socket]:
@@ -72,17 +78,18 @@ class TcpListener:
     ``tls_context`` is asked per connection (None: direct TLS is not offered, and such a
     connection is handed over as it is, to be refused as a malformed startup packet).
     ``on_refused`` hears why a connection ended before it reached a protocol: one line, and
-    the kind of error to count.
+    the kind of error to count. ``startup_timeout`` bounds, from accept, the first byte, a
+    direct TLS handshake and (in the session) the startup packet.
     """
 
     def __init__(
         self,
         sock: socket.socket,
-        protocol_factory: ProtocolFactory,
+        protocol_factory: PostgresFactory,
         *,
         tls_context: Callable[[], ssl.SSLContext | None],
         on_refused: Callable[[str, ErrorKind], None],
-        first_byte_timeout: float,
+        startup_timeout: float,
         http_factory: ProtocolFactory | None = None,
     ) -> None:
         self.socket = sock
@@ -91,7 +98,7 @@ class TcpListener:
         self._factory = protocol_factory
         self._tls_context = tls_context
         self._on_refused = on_refused
-        self._first_byte_timeout = first_byte_timeout
+        self._startup_timeout = startup_timeout
         self._accepting: asyncio.Task[None] | None = None
         self._reading = False
         # Connections accepted but not yet handed to the event loop.
@@ -160,11 +167,12 @@ class TcpListener:
 
     async def _hand_over(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._startup_timeout
         handed = False
         try:
             conn.setblocking(False)
             try:
-                async with asyncio.timeout(self._first_byte_timeout):
+                async with asyncio.timeout_at(deadline):
                     first = await _peek_first_byte(conn)
             except TimeoutError:
                 self._on_refused(
@@ -175,33 +183,36 @@ class TcpListener:
                 return  # reset before it said anything
             if not first:
                 return  # connected and closed without a word (a port probe)
-            context = self._tls_context() if first[0] == TLS_HANDSHAKE_RECORD else None
-            factory = self._factory
-            if self._http_factory is not None and first[0] in HTTP_METHOD_START:
-                factory = self._http_factory
-            elif self._http_factory is not None and context is not None:
-                factory = self._after_tls
-            try:
-                await loop.connect_accepted_socket(
-                    factory,
-                    conn,
-                    ssl=context,
-                    ssl_handshake_timeout=self._first_byte_timeout if context else None,
-                )
-            except (ssl.SSLError, OSError, TimeoutError) as exc:
-                reason = getattr(exc, "reason", None) or str(exc) or _describe(exc)
-                self._on_refused(f"direct TLS handshake failed: {reason}", ErrorKind.PROTOCOL)
-                return
-            handed = True
+            handed = await self._connect(conn, first[0], deadline)
         finally:
             if not handed:
                 # On failure the loop may already have closed or detached it: harmless.
                 with contextlib.suppress(OSError):
                     conn.close()
 
-    def _after_tls(self) -> asyncio.Protocol:
-        assert self._http_factory is not None
-        return AfterTls(self._factory, self._http_factory, self._first_byte_timeout)
+    async def _connect(self, conn: socket.socket, first: int, deadline: float) -> bool:
+        """Hand ``conn`` to the event loop, with TLS when it opened with a ClientHello."""
+        context = self._tls_context() if first == TLS_HANDSHAKE_RECORD else None
+        factory: ProtocolFactory = functools.partial(self._factory, deadline)
+        if self._http_factory is not None and first in HTTP_METHOD_START:
+            factory = self._http_factory
+        elif self._http_factory is not None and context is not None:
+            factory = functools.partial(AfterTls, factory, self._http_factory, deadline)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                factory,
+                conn,
+                ssl=context,
+                ssl_handshake_timeout=(
+                    max(deadline - loop.time(), _LEAST_HANDSHAKE_TIMEOUT_S) if context else None
+                ),
+            )
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or str(exc) or _describe(exc)
+            self._on_refused(f"direct TLS handshake failed: {reason}", ErrorKind.PROTOCOL)
+            return False
+        return True
 
 
 class AfterTls(asyncio.Protocol):
@@ -209,11 +220,12 @@ class AfterTls(asyncio.Protocol):
 
     A client that agreed on ALPN "postgresql" is a PostgreSQL client at once. Any other
     (browsers and Node.js offer "http/1.1", or nothing) is told by its first plaintext byte,
-    as a plaintext connection is; one that sends nothing is dropped after ``timeout``.
+    as a plaintext connection is; one that sends nothing is dropped at ``deadline`` (loop
+    time), the startup deadline set at accept.
     """
 
-    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, timeout: float) -> None:
-        self._postgres, self._http, self._timeout = postgres, http, timeout
+    def __init__(self, postgres: ProtocolFactory, http: ProtocolFactory, deadline: float) -> None:
+        self._postgres, self._http, self._deadline = postgres, http, deadline
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -224,7 +236,7 @@ class AfterTls(asyncio.Protocol):
             self._hand_to(self._postgres())
             return
         loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self._timeout, self._transport.abort)
+        self._timer = loop.call_at(self._deadline, self._transport.abort)
 
     def data_received(self, data: bytes) -> None:
         if self._timer is not None:

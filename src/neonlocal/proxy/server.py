@@ -233,7 +233,7 @@ class Server:
             self._protocol,
             tls_context=self._direct_tls_context,
             on_refused=self._connection_refused,
-            first_byte_timeout=STARTUP_TIMEOUT_S,
+            startup_timeout=STARTUP_TIMEOUT_S,
             http_factory=self._http_protocol,
         )
         listener.start()
@@ -257,9 +257,13 @@ class Server:
     def unix_socket(self) -> Path | None:
         return self._unix_path
 
-    def _protocol(self) -> Endpoint:
+    def _protocol(self, startup_deadline: float | None = None) -> Endpoint:
+        """A client connection's protocol; the TCP listener says by when (loop time) the
+        client must have sent its startup packet, the Unix socket's server makes it at accept."""
+        if startup_deadline is None:
+            startup_deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
         endpoint = Endpoint()
-        endpoint.on_connect = self._accept
+        endpoint.on_connect = lambda made: self._accept(made, startup_deadline)
         return endpoint
 
     def _http_protocol(self) -> asyncio.Protocol:
@@ -272,8 +276,8 @@ class Server:
 
         return HttpConnection(self._serverless)
 
-    def _accept(self, endpoint: Endpoint) -> None:
-        self.start_session(Session(self, endpoint))
+    def _accept(self, endpoint: Endpoint, startup_deadline: float) -> None:
+        self.start_session(Session(self, endpoint, startup_deadline=startup_deadline))
 
     def start_session(self, session: Session) -> None:
         """Run ``session`` as one of ours (tracked, drained on shutdown)."""

@@ -9,11 +9,12 @@ closes: switching the selection never moves an open session. It sees the server 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import NoReturn
 
 from neonlocal.errors import Refusal
@@ -26,7 +27,7 @@ from neonlocal.pgwire.codec import (
     SSLRequest,
     StartupMessage,
 )
-from neonlocal.pgwire.errors import ProtocolError, UnansweredProtocolError
+from neonlocal.pgwire.errors import OldProtocolError, ProtocolError, UnansweredProtocolError
 from neonlocal.pgwire.frontend import LocalPasswordAuth, StartupPhase, negotiate
 from neonlocal.pgwire.login import (
     Output,
@@ -73,6 +74,12 @@ SLOW_FAILURE_S = SLOW_CONNECT_S
 
 _ids = itertools.count(1)
 
+# PostgreSQL's DETAIL for plaintext sent ahead of the encryption it asked for.
+_INJECTION = (
+    "This could be either a client-software bug or evidence of an attempted "
+    "man-in-the-middle attack."
+)
+
 
 class _EndWithoutReply(Exception):
     """End the session with a bare close, as PostgreSQL does where the client cannot be
@@ -85,7 +92,9 @@ class _EndWithoutReply(Exception):
 
 
 class Session:
-    def __init__(self, context: SessionContext, client: Endpoint) -> None:
+    def __init__(
+        self, context: SessionContext, client: Endpoint, *, startup_deadline: float | None = None
+    ) -> None:
         self.id = next(_ids)
         self._context = context
         self._report = context.report(self.id)
@@ -107,6 +116,11 @@ class Session:
         self._os_user: str | None = None
         self._pool_key: PoolKey | None = None
         self._status_messages = b""
+        # When (loop time) the client must have sent its startup packet: STARTUP_TIMEOUT_S
+        # counted from accept, as PostgreSQL counts it; the listener knows when that was.
+        if startup_deadline is None:
+            startup_deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        self._startup_deadline = startup_deadline
 
     @property
     def busy(self) -> bool:
@@ -121,6 +135,10 @@ class Session:
             self._end_without_reply(f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except _EndWithoutReply as exc:
             self._end_without_reply(exc.reason, exc.kind)
+        except OldProtocolError as exc:
+            self.close_reason = f"protocol error: {exc.message}"
+            self._report.error(ErrorKind.PROTOCOL)
+            self._end_with(codec.old_style_error(exc.message))
         except ProtocolError as exc:
             self._refuse(exc, f"protocol error: {exc.message}", ErrorKind.PROTOCOL)
         except SessionRefused as exc:
@@ -129,14 +147,12 @@ class Session:
             self._pass_on_rejection(exc)
         except PeerClosed as exc:
             self.close_reason = str(exc) or "client closed during startup"
-        except TimeoutError:
-            timed_out = ProtocolError("timeout while waiting for the startup packet")
-            self._refuse(timed_out, "startup timed out", ErrorKind.STARTUP_TIMEOUT)
         finally:
             self._cleanup()
 
     async def _run(self) -> None:
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        waited = "timeout while waiting for the startup packet"
+        async with _client_bound(self._startup_deadline, waited):
             startup = await self._negotiate()
         if startup is None:
             return  # a CancelRequest, now forwarded
@@ -144,7 +160,8 @@ class Session:
         self._admitted = True
         params = self._accept_startup(startup)
         plan = self._plan(params)
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):
+        deadline = asyncio.get_running_loop().time() + STARTUP_TIMEOUT_S
+        async with _client_bound(deadline, "the client did not finish its local login in time"):
             await self._authenticate_locally(plan)
         parked = self._take_parked(plan)
         if parked is not None:
@@ -182,21 +199,25 @@ class Session:
     async def _answer_encryption_request(
         self, request: Request | None, phase: StartupPhase
     ) -> None:
-        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive."""
+        """Answer an SSLRequest or GSSENCRequest; the phase's last request ends the drive.
+
+        PostgreSQL declines an SSLRequest on its Unix socket, and PostgreSQL 17 one over direct
+        TLS (the connection is encrypted already); so do we."""
         if not isinstance(request, SSLRequest | GSSENCRequest):
             return
-        if isinstance(request, SSLRequest) and self.client_tls:
-            raise ProtocolError("unexpected SSLRequest over an encrypted connection")
-        if phase.buffered:
-            # CVE-2021-23214: what follows the request unencrypted may be a MITM's injection.
-            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
-            raise ProtocolError(f"received unencrypted data after {what}")
         local_tls = self._context.local_tls
-        if isinstance(request, GSSENCRequest) or local_tls is None:
+        declined = isinstance(request, GSSENCRequest) or self.client_tls or self._on_unix_socket()
+        if declined or local_tls is None:
             self.client.write(codec.ENCRYPTION_REFUSED)
         else:
             self.client.write(codec.ENCRYPTION_ACCEPTED)
             await self._start_client_tls(local_tls.context)
+            phase.encryption_began()
+        if phase.buffered:
+            # CVE-2021-23214: what followed the request unencrypted may be a MITM's injection,
+            # so it is never read. PostgreSQL says so after its answer (and the handshake).
+            what = "SSL request" if isinstance(request, SSLRequest) else "GSSAPI encryption request"
+            raise ProtocolError(f"received unencrypted data after {what}", detail=_INJECTION)
 
     def _checked_startup(self, startup: StartupMessage, phase: StartupPhase) -> StartupMessage:
         # A client may send its first messages right behind the StartupMessage (a password
@@ -682,7 +703,11 @@ class Session:
     def _refuse(self, refusal: Refusal, reason: str, kind: ErrorKind) -> None:
         self.close_reason = reason
         self._report.error(kind)
-        self._end_with(codec.error_response(refusal.message, refusal.sqlstate, hint=refusal.hint))
+        self._end_with(
+            codec.error_response(
+                refusal.message, refusal.sqlstate, detail=refusal.detail, hint=refusal.hint
+            )
+        )
 
     def _pass_on_rejection(self, rejected: UpstreamRejected) -> None:
         """The server's own ErrorResponse, all its fields kept, with our message in front."""
@@ -742,6 +767,18 @@ class Session:
             reason=self.close_reason,
             **traffic,
         )
+
+
+@contextlib.asynccontextmanager
+async def _client_bound(deadline: float, reason: str) -> AsyncIterator[None]:
+    """PostgreSQL's authentication_timeout on what the client must send: past ``deadline`` it
+    is dropped without a word, as PostgreSQL drops it (StartupPacketTimeoutHandler exits; a
+    timed-out authentication goes to the server's log only)."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            yield
+    except TimeoutError:
+        raise _EndWithoutReply(reason, ErrorKind.STARTUP_TIMEOUT) from None
 
 
 def _outcome(read: asyncio.Future[bytes]) -> tuple[bytes, bool]:
