@@ -4,9 +4,9 @@ PostgreSQL protocol, each through a minimal asyncio client in this process.
 The rule: the three ways ask the same query with the same parameter, and each client does
 no more work than its protocol needs, so the client's own cost is small and alike for all.
 
-- ``POST /sql``: the request @neondatabase/serverless 1.2 sends for ``sql.query(text,
-  [value])`` (its headers, its JSON body, the connection string with the driver's
-  application_name), on one kept-alive connection per client, as fetch keeps one;
+- ``POST /sql``: the request @neondatabase/serverless 1.2 on Node.js's fetch sends for
+  ``sql.query(text, [value])``, byte for byte (recorded from the driver in tests/node), on
+  one kept-alive connection per client, as fetch keeps one;
 - new connection per query: startup, the query, Terminate on a new connection each time
   (what a one-shot is over the PostgreSQL protocol);
 - kept connection: the same query on one open session.
@@ -52,21 +52,25 @@ class Daemon:
 
 
 def sql_request(daemon: Daemon, aid: int) -> bytes:
-    """The driver's request for ``sql.query(QUERY, [aid])``, byte for byte in what matters."""
+    """The driver's request for ``sql.query(QUERY, [aid])`` as Node.js's fetch sends it."""
     query = urllib.parse.urlencode({"application_name": DRIVER_APPLICATION_NAME})
     url = f"postgresql://{daemon.user}:local@localhost:{daemon.port}/{daemon.database}?{query}"
-    # The driver sends every parameter as text (its prepareValue), in a JSON string.
-    body = json.dumps({"query": QUERY, "params": [str(aid)]}).encode()
+    # The driver sends every parameter as text (its prepareValue), in compact JSON.
+    body = json.dumps({"query": QUERY, "params": [str(aid)]}, separators=(",", ":")).encode()
     head = (
         "POST /sql HTTP/1.1\r\n"
-        f"Host: localhost:{daemon.port}\r\n"
-        "Connection: keep-alive\r\n"
+        f"host: localhost:{daemon.port}\r\n"
+        "connection: keep-alive\r\n"
         f"Neon-Connection-String: {url}\r\n"
         "Neon-Raw-Text-Output: true\r\n"
         "Neon-Array-Mode: true\r\n"
-        "Content-Type: text/plain;charset=UTF-8\r\n"
-        "Accept: */*\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        "content-type: text/plain;charset=UTF-8\r\n"
+        "accept: */*\r\n"
+        "accept-language: *\r\n"
+        "sec-fetch-mode: cors\r\n"
+        "user-agent: node\r\n"
+        "accept-encoding: gzip, deflate\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
