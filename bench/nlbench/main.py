@@ -274,19 +274,19 @@ class Bench:
         """One-shot queries: POST /sql beside the same query over the PostgreSQL port."""
         if self.fresh is None:
             return
-        ways = serverless.Daemon(
+        target = serverless.Target(
             self.fresh.port, ROLE, DATABASE, self.plan.scale * PGBENCH_ACCOUNTS_PER_SCALE
         )
-        self.oneshot_rss(ways)
+        self.oneshot_rss(target)
         for rep in range(self.plan.repetitions):
             for way in serverless.Way:
-                samples = sorted(serverless.latencies(way, ways, self.plan.oneshots))
+                samples = sorted(serverless.latencies(way, target, self.plan.oneshots))
                 p50, p99 = workloads.percentile(samples, 50), workloads.percentile(samples, 99)
                 self.results.add("oneshot_p50", way, p50)
                 self.results.add("oneshot_p99", way, p99)
                 before = cpu_seconds(self.fresh.pid)
                 count, elapsed = serverless.throughput(
-                    way, ways, ONESHOT_CLIENTS, self.plan.seconds
+                    way, target, ONESHOT_CLIENTS, self.plan.seconds
                 )
                 cpu_us = 1e6 * (cpu_seconds(self.fresh.pid) - before) / count
                 self.results.add("oneshot_qps", way, count / elapsed)
@@ -294,7 +294,7 @@ class Bench:
                 say(f"one-shot #{rep + 1} {way}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
                     f"{count / elapsed:.0f} queries/s, {cpu_us:.0f} µs daemon CPU")  # fmt: skip
 
-    def oneshot_rss(self, ways: serverless.Daemon) -> None:
+    def oneshot_rss(self, target: serverless.Target) -> None:
         """Idle RSS before and after the first POST /sql, both with no session open."""
         assert self.fresh is not None
         self.warm(self.fresh.target())
@@ -302,7 +302,7 @@ class Bench:
         if not self.fresh.wait_idle(POOL_DRAIN_S):
             raise RuntimeError("the serverless lane's daemon kept sessions after its warm-up")
         before = rss_kib(pid)
-        serverless.first_request(ways)
+        serverless.first_request(target)
         if not self.fresh.wait_idle(POOL_DRAIN_S):
             raise RuntimeError(f"POST /sql left a session open after {POOL_DRAIN_S:.0f} s")
         after = rss_kib(pid)

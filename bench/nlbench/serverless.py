@@ -42,7 +42,7 @@ class Way(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class Daemon:
+class Target:
     """Where the clients go, and who they are."""
 
     port: int
@@ -51,15 +51,15 @@ class Daemon:
     accounts: int  # rows in pgbench_accounts: the parameter is drawn from 1..accounts
 
 
-def sql_request(daemon: Daemon, aid: int) -> bytes:
+def sql_request(target: Target, aid: int) -> bytes:
     """The driver's request for ``sql.query(QUERY, [aid])`` as Node.js's fetch sends it."""
     query = urllib.parse.urlencode({"application_name": DRIVER_APPLICATION_NAME})
-    url = f"postgresql://{daemon.user}:local@localhost:{daemon.port}/{daemon.database}?{query}"
+    url = f"postgresql://{target.user}:local@localhost:{target.port}/{target.database}?{query}"
     # The driver sends every parameter as text (its prepareValue), in compact JSON.
     body = json.dumps({"query": QUERY, "params": [str(aid)]}, separators=(",", ":")).encode()
     head = (
         "POST /sql HTTP/1.1\r\n"
-        f"host: localhost:{daemon.port}\r\n"
+        f"host: localhost:{target.port}\r\n"
         "connection: keep-alive\r\n"
         f"Neon-Connection-String: {url}\r\n"
         "Neon-Raw-Text-Output: true\r\n"
@@ -97,16 +97,16 @@ def _query_message(aid: int) -> bytes:
 class Client:
     """One client of one way: ``ask(aid)`` runs the query once; ``close`` hangs up."""
 
-    def __init__(self, way: Way, daemon: Daemon) -> None:
+    def __init__(self, way: Way, target: Target) -> None:
         self.way = way
-        self.daemon = daemon
+        self.target = target
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
     async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.daemon.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.target.port)
         if self.way is not Way.HTTP:
-            writer.write(startup_packet(self.daemon.user, self.daemon.database))
+            writer.write(startup_packet(self.target.user, self.target.database))
             await read_until_ready(reader, "session")
         return reader, writer
 
@@ -120,7 +120,7 @@ class Client:
         if self._reader is None or self._writer is None:
             self._reader, self._writer = await self._connect()
         if self.way is Way.HTTP:
-            self._writer.write(sql_request(self.daemon, aid))
+            self._writer.write(sql_request(self.target, aid))
             await read_http_answer(self._reader)
         else:
             self._writer.write(_query_message(aid))
@@ -135,7 +135,7 @@ class Client:
 
 
 async def _latencies(client: Client, count: int, warm_up: int) -> list[float]:
-    accounts = client.daemon.accounts
+    accounts = client.target.accounts
     for _ in range(warm_up):
         await client.ask(random.randint(1, accounts))  # noqa: S311 (a benchmark's parameter)
     samples = []
@@ -148,11 +148,11 @@ async def _latencies(client: Client, count: int, warm_up: int) -> list[float]:
     return samples
 
 
-def latencies(way: Way, daemon: Daemon, count: int) -> list[float]:
+def latencies(way: Way, target: Target, count: int) -> list[float]:
     """ms per query, one client asking ``count`` times in a row (after a short warm-up)."""
 
     async def run() -> list[float]:
-        client = Client(way, daemon)
+        client = Client(way, target)
         try:
             return await _latencies(client, count, warm_up=min(20, count))
         finally:
@@ -161,16 +161,16 @@ def latencies(way: Way, daemon: Daemon, count: int) -> list[float]:
     return asyncio.run(run())
 
 
-def throughput(way: Way, daemon: Daemon, clients: int, seconds: float) -> tuple[int, float]:
+def throughput(way: Way, target: Target, clients: int, seconds: float) -> tuple[int, float]:
     """Queries answered by ``clients`` clients asking as fast as they can for about
     ``seconds``, and the seconds it took (until the last answer)."""
 
     async def one(until: float) -> int:
-        client = Client(way, daemon)
+        client = Client(way, target)
         done = 0
         try:
             while time.monotonic() < until:
-                await client.ask(random.randint(1, daemon.accounts))  # noqa: S311
+                await client.ask(random.randint(1, target.accounts))  # noqa: S311
                 done += 1
         finally:
             await client.close()
@@ -184,11 +184,11 @@ def throughput(way: Way, daemon: Daemon, clients: int, seconds: float) -> tuple[
     return asyncio.run(run())
 
 
-def first_request(daemon: Daemon) -> None:
+def first_request(target: Target) -> None:
     """One ``POST /sql`` on a connection of its own, closed after the answer."""
 
     async def run() -> None:
-        client = Client(Way.HTTP, daemon)
+        client = Client(Way.HTTP, target)
         try:
             await client.ask(1)
         finally:
