@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nlbench import report, workloads
+from nlbench import report, serverless, workloads
 from nlbench.net import free_port
 from nlbench.paths import (
     ClientTarget,
@@ -29,6 +29,7 @@ from nlbench.paths import (
     rss_kib,
     start_neonlocal,
     start_pgbouncer,
+    supports_serverless,
     supports_session_reuse,
 )
 from nlbench.report import Results
@@ -39,6 +40,10 @@ SERVER_ADDR = "127.0.0.9"
 RTT_DELAY_MS = 10  # each way: a 20 ms round trip
 IDLE_SESSIONS = 1000
 CONNECT_PAUSE_S = 0.1
+ONESHOT_CLIENTS = 8
+PGBENCH_ACCOUNTS_PER_SCALE = 100_000
+# Longer than the daemon's /sql link pool keeps an idle session (15 s).
+POOL_DRAIN_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,14 +55,15 @@ class Plan:
     round_trips: int
     connects: int  # time-to-first-query samples per repetition
     cli_runs: int
+    oneshots: int  # one-shot latency samples per way and repetition
 
     @staticmethod
     def of(quick: bool) -> Plan:
         if quick:
             return Plan(seconds=3, repetitions=3, scale=10, copy_mb=100, round_trips=2000,
-                        connects=4, cli_runs=5)  # fmt: skip
+                        connects=4, cli_runs=5, oneshots=300)  # fmt: skip
         return Plan(seconds=8, repetitions=7, scale=10, copy_mb=300, round_trips=10000,
-                    connects=10, cli_runs=15)  # fmt: skip
+                    connects=10, cli_runs=15, oneshots=1000)  # fmt: skip
 
 
 def say(message: str) -> None:
@@ -102,12 +108,16 @@ class Bench:
         reusing: NeonlocalDaemon | None,
         bouncer: PgBouncer | None,
         slow: tuple[str, int],
+        fresh: NeonlocalDaemon | None = None,
     ) -> None:
         self.plan = plan
         self.server = server
         self.daemon = daemon
         # A second daemon with [upstream] reuse_sessions = true, when this neonlocal has it.
         self.reusing = reusing
+        # A daemon with the default config that no HTTP request has reached: the serverless
+        # rows load its serverless side, so the other rows' daemon never has it loaded.
+        self.fresh = fresh
         self.bouncer = bouncer
         self.slow = slow
         self.results = Results()
@@ -260,10 +270,66 @@ class Bench:
         say(f"{IDLE_SESSIONS} idle sessions opened in {opened:.1f} s: RSS {before / 1024:.1f} "
             f"-> {rss / 1024:.1f} MiB")  # fmt: skip
 
+    def oneshot(self) -> None:
+        """One-shot queries: POST /sql beside the same query over the PostgreSQL port."""
+        if self.fresh is None:
+            return
+        target = serverless.Target(
+            self.fresh.port, ROLE, DATABASE, self.plan.scale * PGBENCH_ACCOUNTS_PER_SCALE
+        )
+        self.oneshot_rss(target)
+        for rep in range(self.plan.repetitions):
+            for way in serverless.Way:
+                samples = sorted(serverless.latencies(way, target, self.plan.oneshots))
+                p50, p99 = workloads.percentile(samples, 50), workloads.percentile(samples, 99)
+                self.results.add("oneshot_p50", way, p50)
+                self.results.add("oneshot_p99", way, p99)
+                before = cpu_seconds(self.fresh.pid)
+                count, elapsed = serverless.throughput(
+                    way, target, ONESHOT_CLIENTS, self.plan.seconds
+                )
+                cpu_us = 1e6 * (cpu_seconds(self.fresh.pid) - before) / count
+                self.results.add("oneshot_qps", way, count / elapsed)
+                self.results.add("oneshot_cpu_us", way, cpu_us)
+                say(f"one-shot #{rep + 1} {way}: p50 {p50:.3f} ms, p99 {p99:.3f} ms, "
+                    f"{count / elapsed:.0f} queries/s, {cpu_us:.0f} µs daemon CPU")  # fmt: skip
+
+    def oneshot_rss(self, target: serverless.Target) -> None:
+        """Idle RSS before and after the first POST /sql, both with no session open."""
+        assert self.fresh is not None
+        self.warm(self.fresh.target())
+        pid = self.fresh.pid
+        if not self.fresh.wait_idle(POOL_DRAIN_S):
+            raise RuntimeError("the serverless lane's daemon kept sessions after its warm-up")
+        before = rss_kib(pid)
+        serverless.first_request(target)
+        if not self.fresh.wait_idle(POOL_DRAIN_S):
+            raise RuntimeError(f"POST /sql left a session open after {POOL_DRAIN_S:.0f} s")
+        after = rss_kib(pid)
+        self.results.add("rss_http_before", PathName.NEONLOCAL, before / 1024)
+        self.results.add("rss_http_loaded", PathName.NEONLOCAL, after / 1024)
+        self.results.add("rss_http_added", PathName.NEONLOCAL, (after - before) / 1024)
+        say(f"RSS idle before the first POST /sql {before / 1024:.1f} MiB, "
+            f"after it (its pooled session closed) {after / 1024:.1f} MiB")  # fmt: skip
+
+    def warm(self, target: ClientTarget) -> None:
+        workloads.round_trips(target, 50)
+        workloads.copy_out(target, self.server.copy_bytes)
+
     def warm_up(self) -> None:
         for target in self.targets:
-            workloads.round_trips(target, 50)
-            workloads.copy_out(target, self.server.copy_bytes)
+            self.warm(target)
+
+
+STEPS: dict[str, Callable[[Bench], None]] = {
+    "pgbench": Bench.pgbench,
+    "copy": Bench.copy,
+    "latency": Bench.latency,
+    "connect": Bench.connect_latency,
+    "cli": Bench.cli,
+    "sessions": Bench.many_sessions,
+    "serverless": Bench.oneshot,
+}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,6 +346,8 @@ def run(args: argparse.Namespace) -> int:
     daemon: NeonlocalDaemon | None = None
     reusing: NeonlocalDaemon | None = None
     bouncer: PgBouncer | None = None
+    fresh: NeonlocalDaemon | None = None
+    steps = [step for step in STEPS if not args.only or step in args.only]
     results = Results()
     try:
         say(f"server: PostgreSQL on {SERVER_ADDR}, TLS + SCRAM, pgbench scale {plan.scale}, "
@@ -317,20 +385,27 @@ def run(args: argparse.Namespace) -> int:
                 info["pgbouncer"] = (
                     f"{bouncer.version()}, session mode, server_tls_sslmode={bouncer.tls_mode}"
                 )
-            bench = Bench(plan, server, daemon, reusing, bouncer, slow)
+            if "serverless" in steps and supports_serverless(args.neonlocal_src):
+                fresh = start_neonlocal(
+                    work / "neonlocal-serverless",
+                    server,
+                    slow=slow,
+                    max_sessions=4 * ONESHOT_CLIENTS,
+                    source=args.neonlocal_src,
+                    loop=args.loop,
+                )
+            elif "serverless" in steps:
+                say("this neonlocal does not serve POST /sql: serverless rows not measured")
+            bench = Bench(plan, server, daemon, reusing, bouncer, slow, fresh)
             bench.warm_up()
             bench.idle_rss()
-            bench.pgbench()
-            bench.copy()
-            bench.latency()
-            bench.connect_latency()
-            bench.cli()
-            bench.many_sessions()
+            for step in steps:
+                STEPS[step](bench)
             results = bench.results
     finally:
         if bouncer is not None:
             bouncer.stop()
-        for each in (daemon, reusing):
+        for each in (daemon, reusing, fresh):
             if each is not None:
                 each.stop()
         if server is not None:
@@ -358,6 +433,7 @@ def render(
         command += f" --neonlocal-src {args.neonlocal_src}"
     if args.loop is not None:
         command += f" --loop {args.loop}"
+    command += "".join(f" --only {step}" for step in args.only or ())
     lines = [
         f"## neonlocal benchmark, {started:%Y-%m-%d %H:%M}",
         "",
@@ -368,10 +444,27 @@ def render(
         "",
         *(f"- {key}: {value}" for key, value in info.items()),
         "",
-        report.table(results),
+        report.table(results, show_missing=not args.only),
         "",
     ]
+    if results.medians("oneshot_p50"):
+        lines += [*oneshot_note(plan), "", report.oneshot_table(results), ""]
     return "\n".join(lines)
+
+
+def oneshot_note(plan: Plan) -> list[str]:
+    return [
+        "### The serverless side: one-shot queries on the daemon's port",
+        "",
+        f"`{serverless.QUERY}` with a random aid, three ways, through a second daemon "
+        "(default config). `POST /sql`: the request @neondatabase/serverless sends for "
+        "`neon()`, on a kept-alive connection per client as fetch keeps one; "
+        "`new connection per query`: connect, startup, the query, Terminate (each a new "
+        "upstream login); `kept connection`: the query on one open session. "
+        f"{plan.oneshots} queries in a row from one client for the latencies, then "
+        f"{ONESHOT_CLIENTS} clients for {plan.seconds} s; {plan.repetitions} interleaved "
+        "rounds, medians. Ratios: POST /sql's median over the other way's.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +481,13 @@ def main(argv: list[str] | None = None) -> int:
         "--loop",
         choices=["asyncio"],
         help="run the daemon on the standard asyncio loop even when uvloop is installed",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(STEPS),
+        metavar="STEP",
+        help=f"run only this step (repeatable; the idle RSS row always runs): {', '.join(STEPS)}",
     )
     args = parser.parse_args(argv)
     # A terminated run still stops its servers and removes its files (the finally blocks).

@@ -141,6 +141,16 @@ class NeonlocalDaemon:
         subprocess.run(self.cli("use", branch), env=self.env, check=True, capture_output=True)
         return time.perf_counter() - began
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether the daemon has no session open (HTTP queries' pooled ones included)
+        within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not sum(self.status()["sessions"].values()):
+                return True
+            time.sleep(0.2)
+        return False
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -151,6 +161,17 @@ class NeonlocalDaemon:
                 self.proc.wait()
 
 
+def _probe(source: Path | None, code: str) -> bool:
+    """Whether ``code`` prints True in the daemon's neonlocal (``source``, or the installed one)."""
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    return out.stdout.strip() == "True"
+
+
 def supports_session_reuse(source: Path | None) -> bool:
     """Whether the daemon's neonlocal has ``[upstream] reuse_sessions`` (opt-in reuse)."""
     # The schema's class was UpstreamSettings before the daemon's values got that name.
@@ -159,13 +180,13 @@ def supports_session_reuse(source: Path | None) -> bool:
         "U = getattr(c, 'UpstreamSchema', c.UpstreamSettings);"
         "print('reuse_sessions' in U.model_fields)"
     )
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=False
-    )
-    return out.stdout.strip() == "True"
+    return _probe(source, probe)
+
+
+def supports_serverless(source: Path | None) -> bool:
+    """Whether the daemon's neonlocal serves the serverless driver (``POST /sql``)."""
+    probe = "import importlib.util as u; print(bool(u.find_spec('neonlocal.serverless.http')))"
+    return _probe(source, probe)
 
 
 def compile_bytecode(source: Path | None) -> str:

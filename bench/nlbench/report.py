@@ -1,4 +1,4 @@
-"""Medians, ratios to direct, targets, and the markdown table the run prints and saves."""
+"""Medians, ratios to direct, targets, and the markdown tables the run prints and saves."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nlbench.paths import PathName
+from nlbench.serverless import Way
 
 PATHS = (PathName.DIRECT, PathName.NEONLOCAL, PathName.PGBOUNCER)
 
@@ -20,25 +21,25 @@ class Metric:
     title: str
     unit: str
     # Whether the neonlocal value meets the issue's target, given the medians by path.
-    meets: Callable[[Mapping[PathName, float]], bool] | None = None
+    meets: Callable[[Mapping[str, float]], bool] | None = None
     target: str = ""
     # Shown instead of numbers when nothing was measured (a feature this neonlocal lacks).
     missing: str = ""
 
 
-def _ratio_at_least(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+def _ratio_at_least(bound: float) -> Callable[[Mapping[str, float]], bool]:
     return lambda m: m[PathName.NEONLOCAL] / m[PathName.DIRECT] >= bound
 
 
-def _ratio_at_most(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+def _ratio_at_most(bound: float) -> Callable[[Mapping[str, float]], bool]:
     return lambda m: m[PathName.NEONLOCAL] / m[PathName.DIRECT] <= bound
 
 
-def _value_at_most(bound: float) -> Callable[[Mapping[PathName, float]], bool]:
+def _value_at_most(bound: float) -> Callable[[Mapping[str, float]], bool]:
     return lambda m: m[PathName.NEONLOCAL] <= bound
 
 
-def _within_of_direct(delta: float) -> Callable[[Mapping[PathName, float]], bool]:
+def _within_of_direct(delta: float) -> Callable[[Mapping[str, float]], bool]:
     return lambda m: m[PathName.NEONLOCAL] - m[PathName.DIRECT] <= delta
 
 
@@ -75,6 +76,13 @@ METRICS = (
         missing="not implemented",
     ),
     Metric("rss_idle", "RSS idle", "MiB", _value_at_most(40), "<= 40 MiB"),
+    Metric("rss_http_before", "RSS idle, a second daemon before any HTTP request", "MiB"),
+    Metric(
+        "rss_http_loaded",
+        "RSS idle, that daemon after its first POST /sql (serverless side loaded)",
+        "MiB",
+    ),
+    Metric("rss_http_added", "RSS added by loading the serverless side", "MiB"),
     Metric("rss_load", "RSS peak under pgbench -S (8 clients)", "MiB"),
     Metric("rss_1000", "RSS with 1,000 idle sessions", "MiB"),
     Metric(
@@ -85,14 +93,27 @@ METRICS = (
 )
 
 
+# The serverless table: one-shot queries on the daemon's port, by way (columns), with the
+# ratios of POST /sql to the two PostgreSQL-protocol ways measured in the same run.
+ONESHOT_METRICS = (
+    Metric("oneshot_p50", "one query at a time, 1 client: latency p50", "ms"),
+    Metric("oneshot_p99", "one query at a time, 1 client: latency p99", "ms"),
+    Metric("oneshot_qps", "queries per second, 8 clients", "queries/s"),
+    Metric("oneshot_cpu_us", "daemon CPU per query, 8 clients (user + system)", "µs"),
+)
+WAYS = (Way.HTTP, Way.CONNECT, Way.KEPT)
+
+
 @dataclass
 class Results:
-    samples: dict[str, dict[PathName, list[float]]] = field(default_factory=dict)
+    """Samples by measurement and column: a path, or a way for the serverless table."""
 
-    def add(self, key: str, path: PathName, value: float) -> None:
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def add(self, key: str, path: str, value: float) -> None:
         self.samples.setdefault(key, {}).setdefault(path, []).append(value)
 
-    def medians(self, key: str) -> dict[PathName, float]:
+    def medians(self, key: str) -> dict[str, float]:
         return {p: statistics.median(v) for p, v in self.samples.get(key, {}).items() if v}
 
 
@@ -108,7 +129,9 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}"
 
 
-def table(results: Results) -> str:
+def table(results: Results, *, show_missing: bool = True) -> str:
+    """The main table; ``show_missing``: rows of features this neonlocal lacks say so (a run
+    of a few steps leaves them out instead)."""
     head = (
         "| measurement | unit | direct | neonlocal | pgbouncer | neonlocal/direct "
         "| pgbouncer/direct | target (neonlocal) | met |"
@@ -117,7 +140,7 @@ def table(results: Results) -> str:
     for metric in METRICS:
         medians = results.medians(metric.key)
         if not medians:
-            if metric.missing:
+            if metric.missing and show_missing:
                 lines.append(
                     f"| {metric.title} | {metric.unit} | | {metric.missing} | | | "
                     f"| {metric.target} | - |"
@@ -138,6 +161,26 @@ def table(results: Results) -> str:
         lines.append(
             f"| {metric.title} | {metric.unit} | {' | '.join(cells)} | {' | '.join(ratios)} "
             f"| {metric.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def oneshot_table(results: Results) -> str:
+    """The serverless rows: ``POST /sql`` beside the same query over the PostgreSQL port."""
+    head = f"| measurement | unit | {' | '.join(WAYS)} | /sql ÷ new connection | /sql ÷ kept |"
+    lines = [head, "|---|---|--:|--:|--:|--:|--:|"]
+    for metric in ONESHOT_METRICS:
+        medians = results.medians(metric.key)
+        if not medians:
+            continue
+        cells = [_fmt(medians[w]) if w in medians else "" for w in WAYS]
+        http = medians.get(Way.HTTP)
+        ratios = [
+            f"{http / medians[w]:.2f}x" if http is not None and medians.get(w) else ""
+            for w in (Way.CONNECT, Way.KEPT)
+        ]
+        lines.append(
+            f"| {metric.title} | {metric.unit} | {' | '.join(cells)} | {' | '.join(ratios)} |"
         )
     return "\n".join(lines)
 

@@ -84,10 +84,10 @@ def round_trips(target: ClientTarget, count: int) -> tuple[float, float]:
             cur.fetchone()
             samples.append((clock() - began) / 1e6)
     samples.sort()
-    return _percentile(samples, 50), _percentile(samples, 99)
+    return percentile(samples, 50), percentile(samples, 99)
 
 
-def _percentile(ordered: list[float], pct: float) -> float:
+def percentile(ordered: list[float], pct: float) -> float:
     index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))
     return ordered[index]
 
@@ -125,6 +125,25 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
+def startup_packet(user: str, database: str) -> bytes:
+    """A protocol 3.0 startup packet for ``user`` and ``database``, nothing else."""
+    body = b"\x00\x03\x00\x00" + b"user\x00" + user.encode() + b"\x00"
+    body += b"database\x00" + database.encode() + b"\x00\x00"
+    return (len(body) + 4).to_bytes(4, "big") + body
+
+
+async def read_until_ready(reader: asyncio.StreamReader, what: str) -> None:
+    """Read the server's messages up to ReadyForQuery; an ErrorResponse is ``what`` refused."""
+    while True:
+        kind = await reader.readexactly(1)
+        length = int.from_bytes(await reader.readexactly(4), "big")
+        payload = await reader.readexactly(length - 4)
+        if kind == b"E":
+            raise WorkloadError(f"{what} refused: {payload!r}")
+        if kind == b"Z":
+            return
+
+
 async def _open_idle_sessions(
     port: int, user: str, database: str, count: int
 ) -> list[asyncio.StreamWriter]:
@@ -132,9 +151,7 @@ async def _open_idle_sessions(
 
     A minimal client keeps the bench process light: a startup packet, then read to 'Z'.
     """
-    body = b"\x00\x03\x00\x00" + b"user\x00" + user.encode() + b"\x00"
-    body += b"database\x00" + database.encode() + b"\x00\x00"
-    startup = (len(body) + 4).to_bytes(4, "big") + body
+    startup = startup_packet(user, database)
     writers: list[asyncio.StreamWriter] = []
     gate = asyncio.Semaphore(16)
 
@@ -143,14 +160,7 @@ async def _open_idle_sessions(
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writers.append(writer)
             writer.write(startup)
-            while True:
-                kind = await reader.readexactly(1)
-                length = int.from_bytes(await reader.readexactly(4), "big")
-                payload = await reader.readexactly(length - 4)
-                if kind == b"E":
-                    raise WorkloadError(f"session refused: {payload!r}")
-                if kind == b"Z":
-                    return
+            await read_until_ready(reader, "session")
 
     await asyncio.gather(*(one() for _ in range(count)))
     return writers
