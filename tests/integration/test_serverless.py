@@ -2,6 +2,7 @@
 
 `neon()` queries over HTTP (`POST /sql`) and `Pool`/`Client` sessions over a WebSocket
 (`/v2`), driven through ``tests/node/serverless.js``; ``scripts/bootstrap`` installs it.
+Drizzle and Prisma (``@prisma/adapter-neon``) ride on the same driver.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, BytesMessage, Request, TextMessage
@@ -348,6 +350,82 @@ async def test_drizzle_inserts_and_selects_through_the_daemon(
         "inserted": [{"id": 1, "name": orm_driver}],
         "selected": [{"id": 1, "name": orm_driver}],
     }
+
+
+# --- Prisma -----------------------------------------------------------------------------------
+
+PRISMA_CLI = NODE_DIR / "node_modules" / "prisma" / "build" / "index.js"
+PRISMA_NODE = (20, 19)  # the oldest Node.js Prisma 7 runs on
+PRISMA_TABLE = "sls_prisma_items"  # the model's table in tests/node/prisma/schema.prisma
+# `prisma generate` with no network: no update check or telemetry, and the schema engine (a
+# native binary from Prisma's own server, run by migrate only) replaced by a failing stub.
+PRISMA_OFFLINE = {
+    "CHECKPOINT_DISABLE": "1",
+    "PRISMA_HIDE_UPDATE_MESSAGE": "1",
+    "PRISMA_SCHEMA_ENGINE_BINARY": str(NODE_DIR / "prisma" / "no-schema-engine"),
+}
+
+
+@pytest.fixture(scope="module")
+def prisma_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The client `prisma generate` writes for tests/node/prisma/schema.prisma, in a temp dir."""
+    if not PRISMA_CLI.is_file():
+        pytest.skip(f"prisma is not installed: run `npm ci` in {NODE_DIR}")
+    assert NODE is not None
+    version = subprocess.run([NODE, "-p", "process.versions.node"], capture_output=True, text=True)
+    if tuple(int(part) for part in version.stdout.split(".")[:2]) < PRISMA_NODE:
+        pytest.skip(f"Prisma 7 needs Node.js 20.19 or later, not {version.stdout.strip()}")
+    where = tmp_path_factory.mktemp("prisma")
+    shutil.copy(NODE_DIR / "prisma" / "schema.prisma", where)
+    # The generated client imports Prisma's runtime; Node looks for it in ../node_modules.
+    (where / "node_modules").symlink_to(NODE_DIR / "node_modules")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NODE_", "PRISMA_"))}
+    generate = subprocess.run(
+        [NODE, str(PRISMA_CLI), "generate", "--schema", "schema.prisma"],
+        cwd=where, env=env | PRISMA_OFFLINE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert generate.returncode == 0, generate.stdout + generate.stderr
+    return where / "generated"
+
+
+@contextlib.asynccontextmanager
+async def prisma_table(node: Driver) -> AsyncIterator[None]:
+    await node.result("sql", sql=f"DROP TABLE IF EXISTS {PRISMA_TABLE}")
+    await node.result("sql", sql=f"CREATE TABLE {PRISMA_TABLE} (id int PRIMARY KEY, name text)")
+    try:
+        yield
+    finally:
+        await node.result("sql", sql=f"DROP TABLE {PRISMA_TABLE}")
+
+
+@pytest.mark.parametrize("adapter", ["neon", "neon-http"])
+async def test_prisma_inserts_and_selects_through_the_daemon(
+    daemon: LocalDaemon, branch_urls: dict[str, str], prisma_client: Path, adapter: str
+) -> None:
+    """PrismaNeon (a Pool of WebSocket sessions) and PrismaNeonHttp; the row is on the branch."""
+    async with driver(daemon) as node, prisma_table(node):
+        await node.result("prisma", name="orm", adapter=adapter, client=str(prisma_client))
+        row = {"id": 1, "name": adapter}
+        created = await node.result("prismaRun", name="orm", action="create", data=row)
+        items = await node.result("prismaRun", name="orm", action="items")
+        async with await psycopg.AsyncConnection.connect(branch_urls["main"]) as direct:
+            cursor = await direct.execute("SELECT id, name FROM sls_prisma_items")
+            on_branch = await cursor.fetchall()
+    assert created == row
+    assert items == [row]
+    assert on_branch == [(1, adapter)]
+
+
+@pytest.mark.parametrize("adapter", ["neon", "neon-http"])
+async def test_use_moves_prismas_next_query(
+    daemon: LocalDaemon, prisma_client: Path, adapter: str
+) -> None:
+    async with driver(daemon) as node:
+        await node.result("prisma", name="orm", adapter=adapter, client=str(prisma_client))
+        assert await node.result("prismaRun", name="orm", action="branch") == [{"name": "main"}]
+        await daemon.use("dev")
+        await asyncio.sleep(0.2)
+        assert await node.result("prismaRun", name="orm", action="branch") == [{"name": "dev"}]
 
 
 # --- the PostgreSQL protocol in a WebSocket, byte for byte --------------------------------------

@@ -12,12 +12,17 @@
 //   {"op": "lastError", "name": "a"}   (an error the session had between queries)
 //   {"op": "end", "name": "a"}
 //   {"op": "drizzle", "driver": "neon-http" | "neon-serverless", "table": "t"}
+//   {"op": "prisma", "name": "a", "adapter": "neon" | "neon-http", "client": "<generated dir>"}
+//   {"op": "prismaRun", "name": "a", "action": "create" | "items" | "branch", "data": {..}}
 // Answers: {"result": ...} or {"error": {"message", "code", ...}}.
 'use strict'
 
 const readline = require('readline')
 const ws = require('ws')
 const { neon, neonConfig, Pool, Client } = require('@neondatabase/serverless')
+
+// Loaded by the first Prisma command, so the others work where Prisma is not installed.
+const prisma = () => require('./prisma')
 
 const ERROR_FIELDS = ['message', 'code', 'detail', 'hint', 'position', 'severity', 'where',
   'table', 'column', 'schema', 'dataType', 'constraint', 'routine', 'name']
@@ -112,6 +117,11 @@ async function run(command, sql, sessions, options) {
     }
     case 'drizzle':
       return await drizzleRoundTrip(command.driver, command.table, options.url)
+    case 'prisma':
+      sessions[command.name] = prisma().openPrisma(command.adapter, command.client, options.url)
+      return null
+    case 'prismaRun':
+      return await prisma().runPrisma(sessions[command.name], command.action, command.data)
     default:
       throw new Error(`unknown op ${command.op}`)
   }
