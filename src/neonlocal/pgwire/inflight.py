@@ -124,7 +124,11 @@ class InFlight:
                 elif self._copy_in:
                     self._awaiting.append(_COPY_END)
             pos += 1 + length
-        self._client_head, self._client_skip = _rest(data, pos, end)
+        # Inline rather than shared: this runs for every chunk a client sends.
+        if pos < end:
+            self._client_head, self._client_skip = data[pos:], 0
+        else:
+            self._client_head, self._client_skip = b"", pos - end
 
     def server_sent(self, data: bytes) -> bool:
         """Account for a server chunk; True when it answered the last request awaited."""
@@ -153,8 +157,20 @@ class InFlight:
                 elif self._copy_in:
                     self._copy_in_ended()
             pos += 1 + length
-        self._server_head, self._server_skip = _rest(data, pos, end)
-        return answered and self.idle
+        if pos < end:
+            self._server_head, self._server_skip = data[pos:], 0
+            return False
+        self._server_head, self._server_skip = b"", pos - end
+        # self.idle, spelt out: this runs for every chunk the server sends.
+        return (
+            answered
+            and pos == end
+            and not self._awaiting
+            and not self._unsynced
+            and not self._copy_in
+            and self._client_skip == 0
+            and not self._client_head
+        )
 
     def _copy_in_ended(self) -> None:
         # The Syncs that reached the server before the client's CopyDone were read in copy
@@ -172,9 +188,3 @@ class InFlight:
         kept.extend(awaiting)
         self._awaiting = kept
 
-
-def _rest(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
-    """What the next chunk continues: a cut-short header, or body bytes still to skip."""
-    if pos < end:
-        return data[pos:], 0
-    return b"", pos - end
