@@ -26,6 +26,7 @@ from fixtures import rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, running_daemon, write_config
 from fixtures.net import free_port
 from fixtures.pg import TEST_PASSWORD
+from neonlocal.localpg import LocalCompute
 
 NODE_DIR = Path(__file__).resolve().parents[1] / "node"
 NODE = shutil.which("node")
@@ -199,6 +200,36 @@ async def test_terminate_ends_websocket_sessions_on_the_old_branch(daemon: Local
         assert not [s for s in server.sessions if s.branch == "main"]
         assert told is not None
         assert told.get("code") == "57P01", told
+
+
+@pytest.fixture
+async def daemon_without_passwords(
+    workdir: Path, computes: dict[str, LocalCompute], ca_file: Path
+) -> AsyncIterator[LocalDaemon]:
+    """Branch URLs with no password: TCP clients' own logins are relayed to the server."""
+    urls = {name: c.url(ca_file=ca_file, password=False) for name, c in computes.items()}
+    config = write_config(workdir / "config.toml", urls, branch="main")
+    async with running_daemon(config, daemon_env(workdir)) as running:
+        yield running
+
+
+async def test_without_a_password_in_the_branch_url_the_drivers_own_logs_in(
+    daemon_without_passwords: LocalDaemon,
+) -> None:
+    """The driver can only give a cleartext password: the daemon logs in upstream with it,
+    over a WebSocket and over HTTP, and the server decides."""
+    daemon = daemon_without_passwords
+    async with driver(daemon) as node:
+        await node.result("connect", name="c", kind="client")
+        over_ws = await node.result("query", name="c", sql=SELECT_BRANCH)
+        assert over_ws["rows"] == [{"name": "main"}]
+        await node.result("end", name="c")
+        assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
+    async with driver(daemon, database_url(daemon, "not-the-password")) as node:
+        refused_http = await node.error("sql", sql=SELECT_BRANCH)
+        refused_ws = await node.error("connect", name="c", kind="client")
+    assert refused_http["code"] == refused_ws["code"] == "28P01"
+    assert "neondb_owner" in refused_http["message"]
 
 
 # --- SQL over HTTP (neon()) ----------------------------------------------------------------------

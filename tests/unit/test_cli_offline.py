@@ -327,3 +327,18 @@ def test_url_serverless_prints_the_driver_setup_for_this_port(
     assert "neonConfig.useSecureWebSocket = false;" in lines
     assert any("DATABASE_URL=postgresql://alice:x@localhost:6543/appdb" in line for line in lines)
     assert SECRET not in result.output
+
+
+def test_url_serverless_asks_for_the_roles_own_password_when_the_branch_url_has_none(
+    base_env: dict[str, str], config: Path
+) -> None:
+    text = config_text(branch="dev", port=6543)
+    with_password = branch_url("ep-dev-200002", user="alice", database="appdb")
+    without = with_password.replace(f":{SECRET}@", "@")
+    assert without != with_password
+    config.write_text(text.replace(with_password, without))
+    result = invoke("--config", str(config), "url", "--serverless")
+    assert result.exit_code == 0
+    (line,) = [line for line in result.stdout.splitlines() if "DATABASE_URL=" in line]
+    assert "postgresql://alice:PASSWORD@localhost:6543/appdb" in line
+    assert "the role's own password" in line

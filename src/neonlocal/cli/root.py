@@ -403,18 +403,24 @@ def url(obj: Context, via_socket: bool, pinned: int | None, serverless: bool) ->
     settings = obj.settings(missing_ok=True)
     user, database = "neondb_owner", "neondb"
     branch = settings.branch if pinned is None else branch_of_port(settings, pinned)
+    url_has_password = True
     if branch:
         target = target_for_use(obj, settings, branch).target
         user = target.user or user
         database = target.database or database
+        url_has_password = target.password is not None
     from urllib.parse import quote
 
     port = _port_served(obj, settings) if pinned is None else pinned
     if serverless:
-        from neonlocal.serverless.snippet import driver_setup
+        from neonlocal.serverless.snippet import PasswordSource, driver_setup
 
-        local_password = settings.local.password is not None
-        click.echo(driver_setup(port, user, database, local_password=local_password))
+        source: PasswordSource = "any"
+        if not url_has_password:
+            source = "own"
+        elif settings.local.password is not None:
+            source = "local"
+        click.echo(driver_setup(port, user, database, password=source))
         return
     if via_socket:
         click.echo(_socket_url(obj, settings, quote(user, safe=""), quote(database, safe="")))

@@ -13,7 +13,7 @@ pooled connection would, and the caller warns that PgBouncer does not apply them
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from neonlocal.neon.edge import (
     MAX_STARTUP_PACKET_BYTES,
@@ -94,13 +94,23 @@ def plan_login(
         _check_edge_limits(params)
     credentials = None
     if target.password is not None and (target.user is None or target.user == user):
-        credentials = Credentials(
-            user,
-            target.password,
-            ChannelBindingPolicy(target.channel_binding),
-            neon_endpoint=_endpoint_id(target.host),
-        )
+        credentials = _credentials(target, user, target.password)
     return Plan(target, user, database, params, credentials, ignored)
+
+
+def with_client_password(plan: Plan, password: str) -> Plan:
+    """``plan`` logging in with a password the client gave us in clear (the serverless
+    driver's way), where the branch URL has none for its role: the server checks it."""
+    return replace(plan, credentials=_credentials(plan.target, plan.user, password))
+
+
+def _credentials(target: Target, user: str, password: str) -> Credentials:
+    return Credentials(
+        user,
+        password,
+        ChannelBindingPolicy(target.channel_binding),
+        neon_endpoint=_endpoint_id(target.host),
+    )
 
 
 def _only_libpq_default(user: str, target: Target, os_user: str | None) -> bool:

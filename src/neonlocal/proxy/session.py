@@ -425,7 +425,7 @@ class Session:
             except UpstreamRejected as exc:
                 upstream.endpoint.close()
                 self.upstream = None
-                if may_refresh and is_stale_password(login, exc):
+                if may_refresh and self._holds_password and is_stale_password(login, exc):
                     # A reset branch or a changed password: fetch the credentials again,
                     # once, before the client sees an error.
                     may_refresh = False

@@ -5,19 +5,29 @@ Plain text only, so the CLI can print it without loading the serverless side.
 
 from __future__ import annotations
 
+from typing import Literal
 from urllib.parse import quote
 
 
-def driver_setup(port: int, user: str, database: str, *, local_password: bool) -> str:
+# Which password the app's DATABASE_URL must carry: the config's [local] password, any at
+# all (neonlocal logs in with the branch URL's), or the role's own (the URL holds none).
+PasswordSource = Literal["local", "any", "own"]
+
+_PLACEHOLDERS: dict[PasswordSource, tuple[str, str]] = {
+    "local": ("LOCAL_PASSWORD", "the [local] password of the config"),
+    "any": ("x", "any password: neonlocal logs in with the branch's own"),
+    "own": (
+        "PASSWORD",
+        "the role's own password: the branch URL has none, so neonlocal logs in with yours",
+    ),
+}
+
+
+def driver_setup(port: int, user: str, database: str, *, password: PasswordSource) -> str:
     """JavaScript lines that point ``@neondatabase/serverless`` at the daemon on ``port``."""
-    password = "LOCAL_PASSWORD" if local_password else "x"
+    placeholder, why = _PLACEHOLDERS[password]
     role, db = quote(user, safe=""), quote(database, safe="")
-    url = f"postgresql://{role}:{password}@localhost:{port}/{db}"
-    why = (
-        "the [local] password of the config"
-        if local_password
-        else "any password: neonlocal logs in with the branch's own"
-    )
+    url = f"postgresql://{role}:{placeholder}@localhost:{port}/{db}"
     return "\n".join(
         [
             "// @neondatabase/serverless through neonlocal: neon() over HTTP, Pool over WebSocket",
