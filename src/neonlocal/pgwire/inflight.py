@@ -187,4 +187,3 @@ class InFlight:
                 kept.append(kind)
         kept.extend(awaiting)
         self._awaiting = kept
-

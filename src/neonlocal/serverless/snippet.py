@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import quote
 
-
 # Which password the app's DATABASE_URL must carry: the config's [local] password, any at
 # all (neonlocal logs in with the branch URL's), or the role's own (the URL holds none).
 PasswordSource = Literal["local", "any", "own"]
