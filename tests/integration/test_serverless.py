@@ -227,7 +227,9 @@ async def test_without_a_password_in_the_branch_url_the_drivers_own_logs_in(
         assert await node.result("sql", sql=SELECT_BRANCH) == [{"name": "main"}]
     async with driver(daemon, database_url(daemon, "not-the-password")) as node:
         refused_http = await node.error("sql", sql=SELECT_BRANCH)
-        refused_ws = await node.error("connect", name="c", kind="client")
+        # The driver pipelines its login: connect() returns, the first query hears the refusal.
+        await node.result("connect", name="c", kind="client")
+        refused_ws = await node.error("query", name="c", sql=SELECT_BRANCH)
     assert refused_http["code"] == refused_ws["code"] == "28P01"
     assert "neondb_owner" in refused_http["message"]
 
