@@ -44,8 +44,10 @@ _READY: Final = ord("Z")
 _COPY_IN_STARTS: Final = frozenset(b"GW")
 # CommandComplete, ErrorResponse: what ends a COPY FROM on the server's side.
 _COPY_IN_ENDS: Final = frozenset(b"CE")
-# The server messages that change anything here; row data is none of them.
-_NOTABLE_FROM_SERVER: Final = frozenset((_READY, *_COPY_IN_STARTS, *_COPY_IN_ENDS))
+# The server messages that change anything here, outside and inside COPY FROM; row data is
+# none of them.
+_NOTABLE_FROM_SERVER: Final = frozenset((_READY, *_COPY_IN_STARTS))
+_NOTABLE_IN_COPY_IN: Final = _NOTABLE_FROM_SERVER | _COPY_IN_ENDS
 
 
 class InFlight:
@@ -104,6 +106,13 @@ class InFlight:
 
     def client_sent(self, data: bytes) -> None:
         pos, end = self._client_skip, len(data)
+        if not pos and not self._client_head and end >= _HEADER_SIZE:
+            kind, length = _HEADER(data, 0)
+            if length + 1 == end:
+                # One whole message, as most requests come: no loop, nothing left over.
+                if kind in _NOTABLE_FROM_CLIENT:
+                    self._client_message(kind)
+                return
         if pos >= end:
             self._client_skip = pos - end
             return
@@ -115,20 +124,23 @@ class InFlight:
         while pos <= last:
             kind, length = header(data, pos)
             if kind in notable:
-                if kind in _SYNC_POINTS:
-                    self._awaiting.append(kind)
-                    if kind == _SYNC:
-                        self._unsynced = False
-                elif kind in _EXTENDED:
-                    self._unsynced = True
-                elif self._copy_in:
-                    self._awaiting.append(_COPY_END)
+                self._client_message(kind)
             pos += 1 + length
         # Inline rather than shared: this runs for every chunk a client sends.
         if pos < end:
             self._client_head, self._client_skip = data[pos:], 0
         else:
             self._client_head, self._client_skip = b"", pos - end
+
+    def _client_message(self, kind: int) -> None:
+        if kind in _SYNC_POINTS:
+            self._awaiting.append(kind)
+            if kind == _SYNC:
+                self._unsynced = False
+        elif kind in _EXTENDED:
+            self._unsynced = True
+        elif self._copy_in:
+            self._awaiting.append(_COPY_END)
 
     def server_sent(self, data: bytes) -> bool:
         """Account for a server chunk; True when it answered the last request awaited."""
@@ -141,7 +153,8 @@ class InFlight:
             end = len(data)
         answered = False
         last = end - _HEADER_SIZE
-        header, notable = _HEADER, _NOTABLE_FROM_SERVER  # locals: this loop runs per message
+        header = _HEADER  # a local: this loop runs per message
+        notable = _NOTABLE_IN_COPY_IN if self._copy_in else _NOTABLE_FROM_SERVER
         while pos <= last:
             kind, length = header(data, pos)
             if kind in notable:
@@ -154,8 +167,10 @@ class InFlight:
                     answered = True
                 elif kind in _COPY_IN_STARTS:
                     self._copy_in = True
-                elif self._copy_in:
+                    notable = _NOTABLE_IN_COPY_IN
+                else:
                     self._copy_in_ended()
+                    notable = _NOTABLE_FROM_SERVER
             pos += 1 + length
         if pos < end:
             self._server_head, self._server_skip = data[pos:], 0
