@@ -28,6 +28,9 @@ class Relay:
         self.client = client
         self.upstream = upstream
         self._flight = InFlight()
+        # Bound once: the hot path is one call per chunk each way.
+        self._client_sent = self._flight.client_sent
+        self._server_sent = self._flight.server_sent
         self.close_reason = "client closed"
         # We are ending the session ourselves; keep the reason we gave.
         self._ending = False
@@ -77,7 +80,7 @@ class Relay:
 
     def _from_client(self, data: bytes) -> None:
         self._to_upstream(data)
-        self._flight.client_sent(data)
+        self._client_sent(data)
 
     def _from_client_reusable(self, data: bytes) -> None:
         # A client's Terminate would end the server session we want to keep: hold it back,
@@ -89,7 +92,7 @@ class Relay:
 
     def _from_upstream(self, data: bytes) -> None:
         self._to_client(data)
-        if self._flight.server_sent(data) and self._on_idle is not None:
+        if self._server_sent(data) and self._on_idle is not None:
             self._on_idle()
 
     # --- ends ------------------------------------------------------------------------------
