@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import select
 import shutil
 import struct
 import subprocess
@@ -31,7 +30,7 @@ import pytest
 from psycopg import pq
 from psycopg.pq.abc import PGconn
 
-from fixtures import rawpg
+from fixtures import libpq, rawpg
 from fixtures.daemon import LocalDaemon, daemon_env, private_dir, running_daemon, write_config
 from fixtures.pg import TEST_PASSWORD, MakeCompute
 from neonlocal.localpg import LocalCompute
@@ -870,7 +869,7 @@ def _pipeline_two_syncs_then_cancel(conninfo: str) -> list[str]:
         for sql in (b"SELECT 'first'", b"SELECT pg_sleep(10)"):
             pg.send_query_params(sql, None)
             pg.pipeline_sync()
-        _flush(pg)
+        libpq.flush(pg)
 
         def on_sync() -> None:
             if seen.count("sync") == 1:
@@ -883,17 +882,11 @@ def _pipeline_two_syncs_then_cancel(conninfo: str) -> list[str]:
     return seen
 
 
-def _flush(pg: PGconn) -> None:
-    while pg.flush():
-        select.select([], [pg.socket], [], rawpg.READ_TIMEOUT_S)
-
-
 def _read_pipeline(pg: PGconn, syncs: int, seen: list[str], on_sync: Callable[[], None]) -> None:
     deadline = time.monotonic() + 3 * rawpg.READ_TIMEOUT_S
     while syncs and time.monotonic() < deadline:
         if pg.is_busy():
-            select.select([pg.socket], [], [], rawpg.READ_TIMEOUT_S)
-            pg.consume_input()
+            libpq.wait_readable(pg)
             continue
         result = pg.get_result()
         if result is None:

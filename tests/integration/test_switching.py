@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import select
 from typing import Any
 
 import asyncpg
 import psycopg
 import pytest
 from psycopg import pq
-from psycopg.pq.abc import PGconn, PGresult
 
+from fixtures import libpq
 from fixtures.daemon import LocalDaemon, branch_of
 
 pytestmark = pytest.mark.pg
@@ -93,29 +92,15 @@ def _copy_in_with_the_extended_protocol(conninfo: str) -> psycopg.Connection[Any
     conn.execute("CREATE TEMP TABLE copied (n int)")
     pg = conn.pgconn
     pg.send_query_params(b"COPY copied FROM STDIN", None)
-    _flush(pg)
-    assert _next_result(pg).status == pq.ExecStatus.COPY_IN
+    libpq.flush(pg)
+    assert libpq.next_result(pg).status == pq.ExecStatus.COPY_IN
     pg.put_copy_data(b"1\n2\n")
     pg.put_copy_end()
-    _flush(pg)
-    assert _next_result(pg).status == pq.ExecStatus.COMMAND_OK
+    libpq.flush(pg)
+    assert libpq.next_result(pg).status == pq.ExecStatus.COMMAND_OK
     assert pg.get_result() is None
     assert conn.execute("SELECT count(*) FROM copied").fetchone() == (2,)
     return conn
-
-
-def _flush(pg: PGconn) -> None:
-    while pg.flush():
-        select.select([], [pg.socket], [], 10)
-
-
-def _next_result(pg: PGconn) -> PGresult:
-    while pg.is_busy():
-        select.select([pg.socket], [], [], 10)
-        pg.consume_input()
-    result = pg.get_result()
-    assert result is not None
-    return result
 
 
 async def test_terminate_ends_a_session_at_once_after_an_extended_protocol_copy(
